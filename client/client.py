@@ -1,0 +1,268 @@
+"""The typed Python client of the ModelRegistry service.
+
+Every failed call raises an error class of :mod:`aqimodels.client.errors` (by status code, one
+table shared with the server); streaming calls raise mid-stream errors the same way.
+
+Example::
+
+    from aqimodels.client import RegistryClient
+
+    with RegistryClient("127.0.0.1:50051") as registry:
+        status = registry.status()
+        registry.promote("aqi_predictor_lstm", 7, expected_current_version=6)
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.api.registry.v1 import registry_pb2_grpc
+from aqimodels.api.training.v1 import worker_pb2 as wpb
+from aqimodels.client.errors import InvalidArgumentError, error_from_rpc
+
+T = TypeVar("T")
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+STAGES: dict[str, int] = {
+    "none": pb.STAGE_NONE,
+    "staging": pb.STAGE_STAGING,
+    "production": pb.STAGE_PRODUCTION,
+    "archived": pb.STAGE_ARCHIVED,
+}
+MODEL_TYPES: dict[str, int] = {
+    "xgboost": wpb.MODEL_TYPE_XGBOOST,
+    "lstm": wpb.MODEL_TYPE_LSTM,
+    "gnn": wpb.MODEL_TYPE_GNN,
+    "ensemble": wpb.MODEL_TYPE_ENSEMBLE,
+}
+
+
+def stage_value(stage: str | int | None) -> int:
+    """The proto enum number of a stage given by name ("production") or number."""
+    if stage is None or stage == "":
+        return pb.STAGE_UNSPECIFIED
+    if isinstance(stage, int):
+        return stage
+    try:
+        return STAGES[stage.strip().lower()]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}",
+                                   field="stage") from None
+
+
+def stage_name(value: int) -> str:
+    return {v: k for k, v in STAGES.items()}.get(value, "unspecified")
+
+
+def model_type_value(model_type: str | int) -> int:
+    if isinstance(model_type, int):
+        return model_type
+    try:
+        return MODEL_TYPES[model_type.strip().lower()]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown model type {model_type!r}; use one of {', '.join(MODEL_TYPES)}",
+                                   field="model_types") from None
+
+
+def model_type_name(value: int) -> str:
+    return {v: k for k, v in MODEL_TYPES.items()}.get(value, "unspecified")
+
+
+def _channel_credentials(ca_cert: str | None, client_cert: str | None,
+                         client_key: str | None) -> grpc.ChannelCredentials | None:
+    if not (ca_cert or client_cert):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    return grpc.ssl_channel_credentials(read(ca_cert), read(client_key), read(client_cert))
+
+
+class RegistryClient:
+    """A typed wrapper over the ModelRegistry stub.
+
+    Args:
+        target: ``host:port`` of the registry.
+        token: bearer token sent in the ``authorization`` metadata.
+        timeout: deadline in seconds of unary calls (streams take their own).
+        ca_cert, client_cert, client_key: PEM files for TLS and mutual TLS.
+        channel: an existing channel to use instead of opening one.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, timeout: float = 30.0,
+                 ca_cert: str | None = None, client_cert: str | None = None, client_key: str | None = None,
+                 channel: grpc.Channel | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._token = token
+        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        creds = _channel_credentials(ca_cert, client_cert, client_key)
+        if channel is not None:
+            self._channel = channel
+        elif creds is not None:
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ---- plumbing ----
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _metadata(self, request_id: str | None = None) -> list[tuple[str, str]]:
+        md = [("x-request-id", request_id or uuid.uuid4().hex)]
+        if self._token:
+            md.append(("authorization", f"Bearer {self._token}"))
+        return md
+
+    def _unary(self, method: Callable[..., T], request: Any, timeout: float | None = None,
+               request_id: str | None = None) -> T:
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata(request_id))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def _stream(self, method: Callable[..., Iterable[T]], request: Any, timeout: float | None) -> Iterator[T]:
+        call = method(request, timeout=timeout, metadata=self._metadata())
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
+
+    @staticmethod
+    def _pages(fetch: Callable[[str], Any], items: str) -> Iterator[Any]:
+        token = ""
+        while True:
+            page = fetch(token)
+            yield from getattr(page, items)
+            token = page.next_page_token
+            if not token:
+                return
+
+    # ---- health ----
+
+    def health(self, service: str = "", timeout: float = 5.0) -> str:
+        """The grpc.health.v1 status name of the server (SERVING, NOT_SERVING...)."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    # ---- status and listing ----
+
+    def status(self) -> pb.GetStatusResponse:
+        return self._unary(self._stub.GetStatus, pb.GetStatusRequest())
+
+    def list_models(self, page_size: int = 0, page_token: str = "") -> pb.ListModelsResponse:
+        return self._unary(self._stub.ListModels, pb.ListModelsRequest(page_size=page_size, page_token=page_token))
+
+    def iter_models(self, page_size: int = 100) -> Iterator[pb.RegisteredModel]:
+        return self._pages(lambda t: self.list_models(page_size, t), "models")
+
+    def list_versions(self, name: str, *, stage: str | int | None = None, order_by: str = "",
+                      page_size: int = 0, page_token: str = "") -> pb.ListModelVersionsResponse:
+        return self._unary(self._stub.ListModelVersions, pb.ListModelVersionsRequest(
+            name=name, stage=stage_value(stage), order_by=order_by, page_size=page_size, page_token=page_token))
+
+    def iter_versions(self, name: str, *, stage: str | int | None = None, order_by: str = "",
+                      page_size: int = 100) -> Iterator[pb.ModelVersion]:
+        return self._pages(lambda t: self.list_versions(name, stage=stage, order_by=order_by,
+                                                        page_size=page_size, page_token=t), "versions")
+
+    def get_version(self, name: str, version: int) -> pb.ModelVersion:
+        return self._unary(self._stub.GetModelVersion,
+                           pb.GetModelVersionRequest(name=name, version=version)).version
+
+    def compare(self, name: str, versions: Sequence[int] = (), metric: str = "") -> pb.CompareModelVersionsResponse:
+        return self._unary(self._stub.CompareModelVersions,
+                           pb.CompareModelVersionsRequest(name=name, versions=list(versions), metric=metric))
+
+    # ---- lifecycle ----
+
+    def promote(self, name: str, version: int = 0, stage: str | int = "production", *,
+                expected_current_version: int | None = None, select_best_by: str = "",
+                request_id: str = "", reason: str = "") -> pb.PromoteModelVersionResponse:
+        request = pb.PromoteModelVersionRequest(name=name, version=version, stage=stage_value(stage),
+                                                select_best_by=select_best_by, request_id=request_id,
+                                                reason=reason)
+        if expected_current_version is not None:
+            request.expected_current_version = expected_current_version
+        return self._unary(self._stub.PromoteModelVersion, request, request_id=request_id or None)
+
+    def rollback(self, name: str, *, expected_current_version: int | None = None, request_id: str = "",
+                 reason: str = "") -> pb.RollbackModelResponse:
+        request = pb.RollbackModelRequest(name=name, request_id=request_id, reason=reason)
+        if expected_current_version is not None:
+            request.expected_current_version = expected_current_version
+        return self._unary(self._stub.RollbackModel, request, request_id=request_id or None)
+
+    def cleanup(self, name: str, keep_last: int = 0, *, versions: Sequence[int] = (), dry_run: bool = False,
+                request_id: str = "") -> pb.CleanupModelVersionsResponse:
+        return self._unary(self._stub.CleanupModelVersions, pb.CleanupModelVersionsRequest(
+            name=name, keep_last=keep_last, versions=list(versions), dry_run=dry_run, request_id=request_id),
+            request_id=request_id or None)
+
+    def audit_events(self, *, model_name: str = "", actor: str = "", page_size: int = 0,
+                     page_token: str = "") -> pb.ListAuditEventsResponse:
+        return self._unary(self._stub.ListAuditEvents, pb.ListAuditEventsRequest(
+            model_name=model_name, actor=actor, page_size=page_size, page_token=page_token))
+
+    def iter_audit_events(self, *, model_name: str = "", actor: str = "",
+                          page_size: int = 200) -> Iterator[pb.AuditEvent]:
+        return self._pages(lambda t: self.audit_events(model_name=model_name, actor=actor, page_size=page_size,
+                                                       page_token=t), "events")
+
+    # ---- retrain and jobs ----
+
+    def retrain(self, model_types: Sequence[str | int] = (), *, dataset: str = "", auto_promote: bool = False,
+                params: wpb.TrainParams | None = None, promotion_metric: str = "", promotion_margin: float = 0.0,
+                request_id: str = "", timeout: float | None = None) -> Iterator[pb.RetrainEvent]:
+        """Starts one job per model type and yields their events until all have ended."""
+        request = pb.RetrainRequest(
+            model_types=[model_type_value(t) for t in model_types], dataset=wpb.DatasetSpec(spec=dataset),
+            auto_promote=auto_promote, promotion_metric=promotion_metric, promotion_margin=promotion_margin,
+            request_id=request_id)
+        if params is not None:
+            request.params.CopyFrom(params)
+        return self._stream(self._stub.Retrain, request, timeout)
+
+    def get_job(self, job_id: str) -> pb.RetrainJob:
+        return self._unary(self._stub.GetRetrainJob, pb.GetRetrainJobRequest(job_id=job_id)).job
+
+    def list_jobs(self, *, state: int = 0, model_name: str = "", page_size: int = 0,
+                  page_token: str = "") -> pb.ListRetrainJobsResponse:
+        return self._unary(self._stub.ListRetrainJobs, pb.ListRetrainJobsRequest(
+            state=state, model_name=model_name, page_size=page_size, page_token=page_token))
+
+    def watch_job(self, job_id: str, after_sequence: int = 0,
+                  timeout: float | None = None) -> Iterator[pb.RetrainEvent]:
+        return self._stream(self._stub.WatchRetrainJob,
+                            pb.WatchRetrainJobRequest(job_id=job_id, after_sequence=after_sequence), timeout)
+
+    def cancel_job(self, job_id: str, reason: str = "") -> pb.RetrainJob:
+        return self._unary(self._stub.CancelRetrainJob,
+                           pb.CancelRetrainJobRequest(job_id=job_id, reason=reason)).job

@@ -1,0 +1,106 @@
+"""Converters between domain dataclasses and protobuf messages (``x_to_proto`` / ``x_from_proto``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.server.domain import AuditRecord, BackendHealth, ModelVersion, RegisteredModel, Stage
+from aqimodels.server.service import Comparison, ModelStatusView
+
+
+def ts_from_ms(ms: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    if ms:
+        ts.FromMilliseconds(ms)
+    return ts
+
+
+def ms_from_ts(ts: timestamp_pb2.Timestamp) -> int:
+    return int(ts.ToMilliseconds())
+
+
+def stage_to_proto(stage: Stage) -> pb.Stage.ValueType:
+    return pb.Stage.ValueType(stage.value)
+
+
+def stage_from_proto(value: int) -> Stage | None:
+    """None for STAGE_UNSPECIFIED (no filter); unknown numbers map to None too and are checked by callers."""
+    try:
+        return Stage(value)
+    except ValueError:
+        return None
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def model_version_to_proto(v: ModelVersion) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        name=v.name, version=v.version, stage=stage_to_proto(v.stage), aliases=list(v.aliases),
+        run_id=v.run_id, model_uri=v.model_uri, source=v.source,
+        create_time=ts_from_ms(v.create_time_ms), update_time=ts_from_ms(v.update_time_ms),
+        metrics=_finite(v.metrics), tags=v.tags, description=v.description, job_id=v.job_id)
+
+
+def registered_model_to_proto(m: RegisteredModel) -> pb.RegisteredModel:
+    return pb.RegisteredModel(
+        name=m.name, description=m.description, create_time=ts_from_ms(m.create_time_ms),
+        update_time=ts_from_ms(m.update_time_ms), version_count=m.version_count,
+        latest_version=m.latest_version, production_version=m.production_version,
+        staging_version=m.staging_version)
+
+
+def backend_to_proto(h: BackendHealth) -> pb.BackendStatus:
+    return pb.BackendStatus(healthy=h.healthy, tracking_uri=h.tracking_uri, message=h.message,
+                            latency_ms=h.latency_ms)
+
+
+def model_status_to_proto(view: ModelStatusView) -> pb.ModelStatus:
+    snap = view.snapshot
+    prod, staging = snap.alias("production"), snap.alias("staging")
+    latest = snap.versions[0] if snap.versions else None
+    if view.degraded:
+        health = pb.MODEL_HEALTH_DEGRADED
+    elif prod is None:
+        health = pb.MODEL_HEALTH_NO_PRODUCTION
+    else:
+        health = pb.MODEL_HEALTH_HEALTHY
+    status = pb.ModelStatus(model=registered_model_to_proto(snap.model), health=health,
+                            running_jobs=list(view.running_jobs))
+    if prod is not None:
+        status.production.CopyFrom(model_version_to_proto(prod))
+    if staging is not None:
+        status.staging.CopyFrom(model_version_to_proto(staging))
+    if latest is not None:
+        status.latest.CopyFrom(model_version_to_proto(latest))
+        status.last_training_time.CopyFrom(ts_from_ms(latest.create_time_ms))
+    return status
+
+
+def comparison_to_proto(c: Comparison) -> pb.CompareModelVersionsResponse:
+    return pb.CompareModelVersionsResponse(
+        versions=[pb.VersionComparison(version=model_version_to_proto(v), rank=rank, value=value,
+                                       delta_to_best=delta) for v, rank, value, delta in c.rows],
+        metric=c.metric,
+        direction=(pb.METRIC_DIRECTION_HIGHER_IS_BETTER if c.higher_is_better
+                   else pb.METRIC_DIRECTION_LOWER_IS_BETTER),
+        best_version=c.best_version, metric_names=c.metric_names)
+
+
+def struct_from_dict(data: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()})
+    return s
+
+
+def audit_to_proto(r: AuditRecord) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        id=r.id, time=ts_from_ms(r.time_ms), actor=r.actor, role=r.role, action=r.action,
+        model_name=r.model_name, version=r.version, before=struct_from_dict(r.before),
+        after=struct_from_dict(r.after), outcome=r.outcome, request_id=r.request_id, message=r.message,
+        sequence=r.sequence)

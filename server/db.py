@@ -1,0 +1,239 @@
+"""aqimodels' own tables (audit, idempotency, jobs and their events) and the per-model lock.
+
+They live in the same database as MLflow's tables when MLflow runs on a database, so that
+several registry replicas share them. The per-model lock is held at database level across
+processes: a PostgreSQL advisory lock, or an exclusive file lock beside a SQLite database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError, InterfaceError
+
+from aqimodels.client.errors import BackendUnavailableError
+from aqimodels.server.config import sqlite_path
+from aqimodels.server.domain import AuditRecord
+
+metadata = sa.MetaData()
+
+audit_table = sa.Table(
+    "aqimodels_audit",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(32), nullable=False, unique=True),
+    sa.Column("time_ms", sa.BigInteger, nullable=False, index=True),
+    sa.Column("actor", sa.String(200), nullable=False, index=True),
+    sa.Column("role", sa.String(50), nullable=False),
+    sa.Column("action", sa.String(100), nullable=False),
+    sa.Column("model_name", sa.String(500), nullable=False, index=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("before", sa.Text, nullable=False),
+    sa.Column("after", sa.Text, nullable=False),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("request_id", sa.String(200), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+)
+
+idempotency_table = sa.Table(
+    "aqimodels_idempotency",
+    metadata,
+    sa.Column("action", sa.String(100), primary_key=True),
+    sa.Column("request_id", sa.String(200), primary_key=True),
+    sa.Column("time_ms", sa.BigInteger, nullable=False),
+    sa.Column("response", sa.LargeBinary, nullable=False),
+)
+
+jobs_table = sa.Table(
+    "aqimodels_jobs",
+    metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("model_type", sa.String(32), nullable=False),
+    sa.Column("model_name", sa.String(500), nullable=False, index=True),
+    sa.Column("state", sa.Integer, nullable=False, index=True),
+    sa.Column("create_ms", sa.BigInteger, nullable=False, index=True),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    sa.Column("request_id", sa.String(200), nullable=False, index=True),
+    sa.Column("owner", sa.String(200), nullable=False),
+    sa.Column("job", sa.LargeBinary, nullable=False),  # the RetrainJob message
+    sa.Column("request", sa.LargeBinary, nullable=False),  # the TrainRequest to dispatch
+)
+
+job_events_table = sa.Table(
+    "aqimodels_job_events",
+    metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, primary_key=True),
+    sa.Column("event", sa.LargeBinary, nullable=False),  # the RetrainEvent message
+)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Database:
+    """The engine over aqimodels' tables, with translation of connection failures."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.is_postgres = url.startswith("postgresql")
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            path = sqlite_path(url)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_recycle=300)
+        self.engine = sa.create_engine(url, **kwargs)
+        if self.is_sqlite:
+            @sa.event.listens_for(self.engine, "connect")
+            def _pragma(conn: Any, _record: Any) -> None:
+                cur = conn.cursor()
+                cur.execute("PRAGMA busy_timeout = 30000")
+                cur.close()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._created = False
+
+    def create_tables(self) -> None:
+        with self.guard():
+            metadata.create_all(self.engine, checkfirst=True)
+        self._created = True
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turns a database that does not answer into BackendUnavailableError."""
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            raise BackendUnavailableError(f"aqimodels database unavailable: {str(exc.orig)[:200]}") from exc
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[sa.Connection]:
+        with self.guard(), self.engine.begin() as conn:
+            yield conn
+
+    # ---- the per-model lock ----
+
+    @contextlib.contextmanager
+    def model_lock(self, name: str) -> Iterator[None]:
+        """Serialises changes to one model across threads, processes and replicas."""
+        with self._locks_guard:
+            local = self._locks.setdefault(name, threading.Lock())
+        with local:
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            if self.is_postgres:
+                with self.guard(), self.engine.connect() as conn:
+                    conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                    try:
+                        yield
+                    finally:
+                        with contextlib.suppress(Exception):
+                            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                            conn.commit()
+            elif self.is_sqlite and sqlite_path(self.url) is not None:
+                lock_dir = Path(str(sqlite_path(self.url)) + ".locks")
+                lock_dir.mkdir(parents=True, exist_ok=True)
+                with open(lock_dir / f"{key & 0xFFFFFFFFFFFF:x}.lock", "a+") as fh:
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+                    try:
+                        yield
+                    finally:
+                        fcntl.flock(fh, fcntl.LOCK_UN)
+            else:
+                yield
+
+    # ---- audit ----
+
+    def audit_begin(self, *, actor: str, role: str, action: str, model_name: str, version: int,
+                    before: dict[str, Any], request_id: str, message: str = "") -> str:
+        """Writes the record of a change before it is made (outcome ``pending``); returns its id."""
+        audit_id = uuid.uuid4().hex
+        with self.begin() as conn:
+            conn.execute(audit_table.insert().values(
+                id=audit_id, time_ms=_now_ms(), actor=actor, role=role, action=action,
+                model_name=model_name, version=version, before=json.dumps(before, sort_keys=True),
+                after="{}", outcome="pending", request_id=request_id, message=message))
+        return audit_id
+
+    def audit_finish(self, audit_id: str, *, outcome: str, after: dict[str, Any] | None = None,
+                     message: str | None = None, version: int | None = None) -> None:
+        values: dict[str, Any] = {"outcome": outcome}
+        if after is not None:
+            values["after"] = json.dumps(after, sort_keys=True)
+        if message is not None:
+            values["message"] = message
+        if version is not None:
+            values["version"] = version
+        with self.begin() as conn:
+            conn.execute(audit_table.update().where(audit_table.c.id == audit_id).values(**values))
+
+    def audit_record(self, *, actor: str, role: str, action: str, model_name: str, version: int,
+                     before: dict[str, Any], after: dict[str, Any], outcome: str, request_id: str,
+                     message: str = "") -> str:
+        """Writes a complete record in one statement (denials, dry runs, job events)."""
+        audit_id = uuid.uuid4().hex
+        with self.begin() as conn:
+            conn.execute(audit_table.insert().values(
+                id=audit_id, time_ms=_now_ms(), actor=actor, role=role, action=action,
+                model_name=model_name, version=version, before=json.dumps(before, sort_keys=True),
+                after=json.dumps(after, sort_keys=True), outcome=outcome, request_id=request_id,
+                message=message))
+        return audit_id
+
+    def audit_page(self, *, limit: int, before_seq: int | None, model_name: str = "", actor: str = "",
+                   start_ms: int | None = None, end_ms: int | None = None) -> list[AuditRecord]:
+        """Audit records newest first, below ``before_seq`` when given."""
+        t = audit_table
+        q = sa.select(t).order_by(t.c.seq.desc()).limit(limit)
+        if before_seq is not None:
+            q = q.where(t.c.seq < before_seq)
+        if model_name:
+            q = q.where(t.c.model_name == model_name)
+        if actor:
+            q = q.where(t.c.actor == actor)
+        if start_ms is not None:
+            q = q.where(t.c.time_ms >= start_ms)
+        if end_ms is not None:
+            q = q.where(t.c.time_ms < end_ms)
+        with self.begin() as conn:
+            rows = conn.execute(q).mappings().all()
+        return [AuditRecord(id=r["id"], sequence=r["seq"], time_ms=r["time_ms"], actor=r["actor"],
+                            role=r["role"], action=r["action"], model_name=r["model_name"],
+                            version=r["version"], before=json.loads(r["before"]),
+                            after=json.loads(r["after"]), outcome=r["outcome"],
+                            request_id=r["request_id"], message=r["message"]) for r in rows]
+
+    # ---- idempotency ----
+
+    def remembered(self, action: str, request_id: str) -> bytes | None:
+        if not request_id:
+            return None
+        t = idempotency_table
+        with self.begin() as conn:
+            row = conn.execute(sa.select(t.c.response).where(
+                t.c.action == action, t.c.request_id == request_id)).first()
+        return bytes(row[0]) if row else None
+
+    def remember(self, action: str, request_id: str, response: bytes) -> None:
+        if not request_id:
+            return
+        try:
+            with self.begin() as conn:
+                conn.execute(idempotency_table.insert().values(
+                    action=action, request_id=request_id, time_ms=_now_ms(), response=response))
+        except IntegrityError:
+            pass  # a concurrent identical request stored it first

@@ -1,0 +1,289 @@
+"""The MLflow adapter: the only module of the registry that imports mlflow.
+
+It turns MLflow entities into the domain dataclasses and MLflow failures into domain errors:
+``RESOURCE_DOES_NOT_EXIST`` -> not found, ``INVALID_PARAMETER_VALUE`` -> invalid argument,
+``RESOURCE_ALREADY_EXISTS`` -> already exists, and a store that does not answer (database
+down, file unreadable, tracking server unreachable) -> BackendUnavailableError.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from aqimodels.client.errors import (
+    AlreadyExistsError,
+    BackendUnavailableError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    VersionNotFoundError,
+)
+from aqimodels.server.domain import BackendHealth, ModelVersion, RegisteredModel
+
+T = TypeVar("T")
+
+_UNAVAILABLE_HINTS = (
+    "operationalerror",
+    "could not connect",
+    "connection refused",
+    "unable to open database",
+    "database is locked",
+    "server closed the connection",
+    "connection to server",
+    "max retries exceeded",
+    "failed to establish a new connection",
+    "readonly database",
+    "disk i/o error",
+    "no such table",
+    "timed out",
+)
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        kind = type(cur).__module__ + "." + type(cur).__name__
+        if any(k in kind for k in ("sqlalchemy.exc.OperationalError", "sqlalchemy.exc.InterfaceError",
+                                   "psycopg.OperationalError", "requests.exceptions.ConnectionError",
+                                   "sqlite3.OperationalError", "urllib3.exceptions")):
+            return True
+        text = str(cur).lower()
+        if any(h in text for h in _UNAVAILABLE_HINTS):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _redact(uri: str) -> str:
+    """The URI with any password replaced by ***."""
+    if "://" in uri and "@" in uri.split("://", 1)[1]:
+        scheme, rest = uri.split("://", 1)
+        creds, host = rest.split("@", 1)
+        if ":" in creds:
+            creds = creds.split(":", 1)[0] + ":***"
+        return f"{scheme}://{creds}@{host}"
+    return uri
+
+
+class MlflowModelStore:
+    """Registry operations over one MLflow tracking store and model registry."""
+
+    def __init__(self, tracking_uri: str, registry_uri: str | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+        # Metrics of finished runs never change: cache them by run id.
+        self._run_metrics: dict[str, dict[str, float]] = {}
+        self._metrics_lock = threading.Lock()
+        self.call_count = 0
+
+    # ---- error translation ----
+
+    def _call(self, fn: Callable[[], T], *, name: str = "", version: int = 0) -> T:
+        self.call_count += 1
+        try:
+            return fn()
+        except MlflowException as exc:
+            code = exc.error_code
+            if code == "RESOURCE_DOES_NOT_EXIST":
+                if version:
+                    raise VersionNotFoundError(f"model {name!r} has no version {version}") from None
+                if name:
+                    raise ModelNotFoundError(f"model {name!r} is not registered") from None
+                raise ModelNotFoundError(exc.message) from None
+            if code == "RESOURCE_ALREADY_EXISTS":
+                raise AlreadyExistsError(exc.message) from None
+            if _is_unavailable(exc):
+                raise BackendUnavailableError(f"MLflow store unavailable: {_short(exc)}") from exc
+            if code == "INVALID_PARAMETER_VALUE":
+                raise InvalidArgumentError(exc.message) from None
+            raise
+        except (AlreadyExistsError, ModelNotFoundError, VersionNotFoundError):
+            raise
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise BackendUnavailableError(f"MLflow store unavailable: {_short(exc)}") from exc
+            raise
+
+    # ---- reads ----
+
+    def ping(self) -> BackendHealth:
+        """Asks the store for one model; reports health and round-trip time."""
+        start = time.perf_counter()
+        try:
+            self._call(lambda: self._client.search_registered_models(max_results=1))
+        except BackendUnavailableError as exc:
+            return BackendHealth(False, _redact(self.tracking_uri), exc.message,
+                                 (time.perf_counter() - start) * 1000)
+        except Exception as exc:  # an unexpected failure still means "not healthy"
+            return BackendHealth(False, _redact(self.tracking_uri), _short(exc),
+                                 (time.perf_counter() - start) * 1000)
+        return BackendHealth(True, _redact(self.tracking_uri), "", (time.perf_counter() - start) * 1000)
+
+    def list_models(self) -> list[RegisteredModel]:
+        """Every registered model, by name, with aliases (no version counts)."""
+        out: list[RegisteredModel] = []
+        token: str | None = None
+        while True:
+            page = self._call(lambda: self._client.search_registered_models(
+                max_results=1000, order_by=["name ASC"], page_token=token))
+            out.extend(_model(m) for m in page)
+            token = page.token
+            if not token:
+                return out
+
+    def get_model(self, name: str) -> RegisteredModel:
+        return _model(self._call(lambda: self._client.get_registered_model(name), name=name))
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        """All versions of a model with aliases and run metrics, newest first."""
+        model = self.get_model(name)
+        by_version: dict[int, list[str]] = {}
+        for alias, v in model.aliases.items():
+            by_version.setdefault(v, []).append(alias)
+        raw: list[Any] = []
+        token: str | None = None
+        escaped = name.replace("'", "\\'")
+        while True:
+            page = self._call(lambda: self._client.search_model_versions(
+                filter_string=f"name='{escaped}'", max_results=10000,
+                order_by=["version_number DESC"], page_token=token), name=name)
+            raw.extend(page)
+            token = page.token
+            if not token:
+                break
+        metrics = self.run_metrics([mv.run_id for mv in raw if mv.run_id])
+        return [_version(mv, tuple(sorted(by_version.get(int(mv.version), ()))), metrics.get(mv.run_id, {}))
+                for mv in raw]
+
+    def get_version(self, name: str, version: int) -> ModelVersion:
+        model = self.get_model(name)
+        mv = self._call(lambda: self._client.get_model_version(name, str(version)), name=name, version=version)
+        aliases = tuple(sorted(a for a, v in model.aliases.items() if v == version))
+        metrics = self.run_metrics([mv.run_id] if mv.run_id else [])
+        return _version(mv, aliases, metrics.get(mv.run_id, {}))
+
+    def run_metrics(self, run_ids: Iterable[str]) -> dict[str, dict[str, float]]:
+        """Latest metric values by run id; finished runs are cached for good."""
+        wanted = [r for r in dict.fromkeys(run_ids) if r]
+        live: dict[str, dict[str, float]] = {}
+        with self._metrics_lock:
+            missing = [r for r in wanted if r not in self._run_metrics]
+        for chunk_start in range(0, len(missing), 100):
+            chunk = missing[chunk_start:chunk_start + 100]
+            found = {r.info.run_id: r for r in self._search_runs(chunk)}
+            for run_id in chunk:
+                run = found.get(run_id)
+                if run is None:
+                    try:
+                        run = self._call(lambda: self._client.get_run(run_id))
+                    except ModelNotFoundError:
+                        continue
+                metrics = {k: float(v) for k, v in run.data.metrics.items()}
+                if run.info.status in ("FINISHED", "FAILED", "KILLED"):
+                    with self._metrics_lock:
+                        self._run_metrics[run_id] = metrics
+                else:
+                    live[run_id] = metrics
+        with self._metrics_lock:
+            return {r: dict(self._run_metrics.get(r, live.get(r, {}))) for r in wanted}
+
+    def _search_runs(self, run_ids: list[str]) -> list[Any]:
+        experiments = self._call(lambda: self._client.search_experiments(max_results=1000))
+        ids = [e.experiment_id for e in experiments]
+        if not ids:
+            return []
+        quoted = ", ".join(f"'{r}'" for r in run_ids)
+        return list(self._call(lambda: self._client.search_runs(
+            experiment_ids=ids, filter_string=f"attributes.run_id IN ({quoted})",
+            max_results=len(run_ids) + 10)))
+
+    # ---- writes ----
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self._call(lambda: self._client.set_registered_model_alias(name, alias, str(version)),
+                   name=name, version=version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call(lambda: self._client.delete_registered_model_alias(name, alias), name=name)
+
+    def set_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self._call(lambda: self._client.set_model_version_tag(name, str(version), key, value),
+                   name=name, version=version)
+
+    def delete_tag(self, name: str, version: int, key: str) -> None:
+        try:
+            self._call(lambda: self._client.delete_model_version_tag(name, str(version), key),
+                       name=name, version=version)
+        except (ModelNotFoundError, VersionNotFoundError):
+            pass  # the tag was not there: nothing to delete
+
+    def delete_version(self, name: str, version: int) -> None:
+        self._call(lambda: self._client.delete_model_version(name, str(version)), name=name, version=version)
+
+    # ---- used by tests and benchmarks to build registries ----
+
+    def create_version(self, name: str, metrics: dict[str, float], tags: dict[str, str] | None = None,
+                       experiment_name: str = "aqi-predictor") -> int:
+        """Creates a finished run with ``metrics`` and registers it as a new version of ``name``."""
+        exp = self._client.get_experiment_by_name(experiment_name)
+        exp_id = exp.experiment_id if exp else self._client.create_experiment(experiment_name)
+        run = self._client.create_run(exp_id)
+        now = int(time.time() * 1000)
+        self._client.log_batch(run.info.run_id, metrics=[
+            mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self._client.set_terminated(run.info.run_id, "FINISHED")
+        try:
+            self._client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = self._client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id,
+                                               tags=tags or {})
+        return int(mv.version)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _model(m: Any) -> RegisteredModel:
+    aliases = {a: int(v) for a, v in (getattr(m, "aliases", None) or {}).items()}
+    latest = max((int(v.version) for v in (m.latest_versions or [])), default=0)
+    return RegisteredModel(
+        name=m.name,
+        description=m.description or "",
+        create_time_ms=int(m.creation_timestamp or 0),
+        update_time_ms=int(m.last_updated_timestamp or 0),
+        aliases=aliases,
+        latest_version=latest,
+    )
+
+
+def _version(mv: Any, aliases: tuple[str, ...], metrics: dict[str, float]) -> ModelVersion:
+    return ModelVersion(
+        name=mv.name,
+        version=int(mv.version),
+        run_id=mv.run_id or "",
+        source=mv.source or "",
+        create_time_ms=int(mv.creation_timestamp or 0),
+        update_time_ms=int(mv.last_updated_timestamp or 0),
+        aliases=aliases,
+        tags=dict(mv.tags or {}),
+        metrics=metrics,
+        description=mv.description or "",
+    )
+
+
+@functools.cache
+def mlflow_version() -> str:
+    return str(mlflow.__version__)

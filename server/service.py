@@ -1,0 +1,546 @@
+"""The registry's rules: lifecycle transitions, comparison, cleanup, audit.
+
+It works on domain dataclasses through a :class:`ModelStore` and never imports mlflow or grpc.
+Reads go through a small read model (per-model snapshots of versions with their metrics) that is
+invalidated on every write made here and refreshed after ``cache_ttl_seconds`` so that changes
+by other writers (workers, replicas, plain MLflow clients) show within that bound. Every change
+takes the model's lock (database level), reads the current state fresh from the store, writes
+an audit record before acting and completes it after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from aqimodels.client.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    StaleVersionError,
+    VersionNotFoundError,
+)
+from aqimodels.server.db import Database
+from aqimodels.server.domain import (
+    ARCHIVED_TAG,
+    ARCHIVED_TIME_TAG,
+    PREVIOUS_PRODUCTION_TAG,
+    PRODUCTION_ALIAS,
+    PROMOTED_TIME_TAG,
+    STAGING_ALIAS,
+    AuditRecord,
+    BackendHealth,
+    ModelVersion,
+    Page,
+    RegisteredModel,
+    Stage,
+    higher_is_better,
+)
+from aqimodels.server.paging import decode_token, encode_token, paginate, page_size
+
+log = structlog.get_logger(__name__)
+
+MAX_NAME_LENGTH = 256
+_METRIC_RE = re.compile(r"^[A-Za-z0-9_.\-/ ]{1,250}$")
+
+
+class ModelStore(Protocol):
+    """What the service needs of MLflow (implemented by ``MlflowModelStore``)."""
+
+    tracking_uri: str
+
+    def ping(self) -> BackendHealth: ...
+    def list_models(self) -> list[RegisteredModel]: ...
+    def get_model(self, name: str) -> RegisteredModel: ...
+    def list_versions(self, name: str) -> list[ModelVersion]: ...
+    def set_alias(self, name: str, alias: str, version: int) -> None: ...
+    def delete_alias(self, name: str, alias: str) -> None: ...
+    def set_tag(self, name: str, version: int, key: str, value: str) -> None: ...
+    def delete_tag(self, name: str, version: int, key: str) -> None: ...
+    def delete_version(self, name: str, version: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the token's name and role ("anonymous" without authentication)."""
+
+    name: str = "anonymous"
+    role: str = "admin"
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    model: RegisteredModel
+    versions: list[ModelVersion]  # newest first
+    loaded_at: float
+
+    def version(self, number: int) -> ModelVersion:
+        for v in self.versions:
+            if v.version == number:
+                return v
+        raise VersionNotFoundError(f"model {self.model.name!r} has no version {number}")
+
+    def alias(self, alias: str) -> ModelVersion | None:
+        number = self.model.aliases.get(alias)
+        return next((v for v in self.versions if v.version == number), None) if number else None
+
+
+@dataclass(frozen=True)
+class ModelStatusView:
+    snapshot: ModelSnapshot
+    running_jobs: list[Any]
+    degraded: bool = False
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    metric: str
+    higher_is_better: bool
+    rows: list[tuple[ModelVersion, int, float, float]]  # version, rank, value, delta to best
+    best_version: int
+    metric_names: list[str]
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    version: ModelVersion
+    previous_version: int
+    archived_versions: list[int]
+    audit_event_id: str
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    deleted: list[int]
+    kept: list[int]
+    protected: list[int]
+    dry_run: bool
+    audit_event_id: str
+
+
+@dataclass
+class _Cache:
+    models: tuple[float, list[RegisteredModel]] | None = None
+    snapshots: dict[str, ModelSnapshot] = field(default_factory=dict)
+
+
+def validate_name(name: str, field_name: str = "name") -> str:
+    if not name or not name.strip():
+        raise InvalidArgumentError(f"{field_name} is required", field=field_name)
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgumentError(f"{field_name} is longer than {MAX_NAME_LENGTH} characters",
+                                   field=field_name)
+    if any(ord(c) < 32 for c in name):
+        raise InvalidArgumentError(f"{field_name} contains control characters", field=field_name)
+    return name
+
+
+def validate_version(version: int, field_name: str = "version") -> int:
+    if version <= 0:
+        raise InvalidArgumentError(f"{field_name} must be a positive integer, got {version}", field=field_name)
+    return version
+
+
+def validate_metric(metric: str, field_name: str = "metric") -> str:
+    metric = metric or "rmse"
+    if not _METRIC_RE.match(metric):
+        raise InvalidArgumentError(f"{field_name} {metric[:50]!r} is not a valid metric name", field=field_name)
+    return metric
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RegistryService:
+    """Status, listing, comparison, promotion, rollback, cleanup and audit over a ModelStore."""
+
+    def __init__(self, store: ModelStore, db: Database, *, cache_ttl_seconds: float = 2.0,
+                 running_jobs: Callable[[], dict[str, list[Any]]] | None = None) -> None:
+        self.store = store
+        self.db = db
+        self.cache_ttl = cache_ttl_seconds
+        self._cache = _Cache()
+        self._cache_lock = threading.Lock()
+        self._running_jobs = running_jobs or (lambda: {})
+        self._degraded: set[str] = set()
+
+    # ---- read model ----
+
+    def invalidate(self, name: str | None = None) -> None:
+        """Drops cached state (one model, or everything) after a write."""
+        with self._cache_lock:
+            self._cache.models = None
+            if name is None:
+                self._cache.snapshots.clear()
+            else:
+                self._cache.snapshots.pop(name, None)
+
+    def _models(self) -> list[RegisteredModel]:
+        now = time.monotonic()
+        with self._cache_lock:
+            cached = self._cache.models
+        if cached and now - cached[0] < self.cache_ttl:
+            return cached[1]
+        models = self.store.list_models()
+        with self._cache_lock:
+            self._cache.models = (now, models)
+        return models
+
+    def snapshot(self, name: str, *, fresh: bool = False) -> ModelSnapshot:
+        validate_name(name)
+        now = time.monotonic()
+        if not fresh:
+            with self._cache_lock:
+                snap = self._cache.snapshots.get(name)
+            if snap and now - snap.loaded_at < self.cache_ttl:
+                return snap
+        model = self.store.get_model(name)
+        versions = self.store.list_versions(name)
+        snap = ModelSnapshot(model=_with_counts(model, versions), versions=versions, loaded_at=now)
+        with self._cache_lock:
+            self._cache.snapshots[name] = snap
+        return snap
+
+    # ---- status and listing ----
+
+    def backend_health(self) -> BackendHealth:
+        return self.store.ping()
+
+    def status(self) -> tuple[list[ModelStatusView], BackendHealth]:
+        health = self.store.ping()
+        if not health.healthy:
+            return [], health
+        jobs = self._running_jobs()
+        views = [ModelStatusView(self.snapshot(m.name), jobs.get(m.name, []), m.name in self._degraded)
+                 for m in self._models()]
+        return views, health
+
+    def list_models(self, size: int, token: str) -> Page:
+        size = page_size(size)
+        models = [self.snapshot(m.name).model for m in self._models()]
+        page, next_token = paginate(models, lambda m: (m.name,), size, token, ("models",))
+        return Page(page, next_token, len(models))
+
+    def list_versions(self, name: str, size: int, token: str, stage: Stage | None, order_by: str) -> Page:
+        size = page_size(size)
+        field_name, descending = _parse_order_by(order_by)
+        snap = self.snapshot(name)
+        versions = [v for v in snap.versions if stage is None or v.stage == stage]
+        key = _version_sort_key(field_name, descending)
+        page, next_token = paginate(versions, key, size, token, ("versions", name, stage and stage.value,
+                                                                  field_name, descending))
+        return Page(page, next_token, len(versions))
+
+    def get_version(self, name: str, version: int) -> ModelVersion:
+        validate_version(version)
+        snap = self.snapshot(name)
+        try:
+            return snap.version(version)
+        except VersionNotFoundError:
+            # A version registered since the snapshot was taken: look once more, fresh.
+            return self.snapshot(name, fresh=True).version(version)
+
+    def compare(self, name: str, versions: Iterable[int], metric: str) -> Comparison:
+        metric = validate_metric(metric)
+        snap = self.snapshot(name)
+        wanted = list(dict.fromkeys(validate_version(v, "versions") for v in versions))
+        chosen = [snap.version(v) for v in wanted] if wanted else list(snap.versions)
+        names = sorted({k for v in chosen for k in v.metrics})
+        if chosen and names and metric not in names:
+            raise InvalidArgumentError(
+                f"metric {metric!r} is not logged for any compared version of {name!r}; "
+                f"known metrics: {', '.join(names[:20])}", field="metric")
+        hib = higher_is_better(metric)
+        scored = [(v, v.metrics.get(metric, math.nan)) for v in chosen]
+        with_value = sorted((s for s in scored if not math.isnan(s[1])),
+                            key=lambda s: ((-s[1] if hib else s[1]), -s[0].version))
+        without = [s for s in scored if math.isnan(s[1])]
+        best = with_value[0][1] if with_value else math.nan
+        rows = []
+        for rank, (v, value) in enumerate(with_value, start=1):
+            delta = 0.0 if best == 0 else (value - best) / abs(best)
+            rows.append((v, rank, value, -delta if hib else delta))
+        rows += [(v, 0, math.nan, math.nan) for v, _ in without]
+        return Comparison(name, metric, hib, rows, with_value[0][0].version if with_value else 0, names)
+
+    # ---- mutations ----
+
+    def _state(self, snap: ModelSnapshot) -> dict[str, Any]:
+        return {"production": snap.model.aliases.get(PRODUCTION_ALIAS),
+                "staging": snap.model.aliases.get(STAGING_ALIAS)}
+
+    def promote(self, caller: Caller, name: str, version: int, stage: Stage | None,
+                expected_current: int | None, select_best_by: str = "", reason: str = "") -> PromotionResult:
+        validate_name(name)
+        if stage not in (Stage.STAGING, Stage.PRODUCTION, Stage.ARCHIVED):
+            raise InvalidArgumentError("stage must be staging, production or archived", field="stage")
+        if select_best_by:
+            if version:
+                raise InvalidArgumentError("give either version or select_best_by, not both", field="version")
+            validate_metric(select_best_by, "select_best_by")
+        else:
+            validate_version(version)
+        if expected_current is not None and expected_current < 0:
+            raise InvalidArgumentError("expected_current_version must not be negative",
+                                       field="expected_current_version")
+        if expected_current is not None and stage == Stage.ARCHIVED:
+            raise InvalidArgumentError("expected_current_version applies to production and staging only",
+                                       field="expected_current_version")
+        with self.db.model_lock(name):
+            replay = self._replay("PromoteModelVersion", caller.request_id, name)
+            if replay is not None:
+                return replay
+            snap = self.snapshot(name, fresh=True)
+            if select_best_by:
+                comparison = self.compare(name, [], select_best_by)
+                if not comparison.best_version:
+                    raise FailedPreconditionError(f"no version of {name!r} has metric {select_best_by!r}")
+                version = comparison.best_version
+            target = snap.version(version)
+            before = self._state(snap)
+            alias = {Stage.PRODUCTION: PRODUCTION_ALIAS, Stage.STAGING: STAGING_ALIAS}.get(stage)
+            current = snap.model.aliases.get(alias, 0) if alias else 0
+            if expected_current is not None and expected_current != current:
+                raise StaleVersionError(
+                    f"{stage.name.lower()} of {name!r} is "
+                    f"{'version ' + str(current) if current else 'empty'}, not the expected "
+                    f"{'version ' + str(expected_current) if expected_current else 'empty'}; "
+                    "read the status again and retry")
+            if target.stage == stage:
+                raise FailedPreconditionError(f"version {version} of {name!r} is already {stage.name.lower()}")
+            if target.stage == Stage.PRODUCTION:
+                raise FailedPreconditionError(
+                    f"version {version} of {name!r} is in production; promote another version to "
+                    "production or roll back first")
+            audit_id = self.db.audit_begin(
+                actor=caller.name, role=caller.role, action="PromoteModelVersion", model_name=name,
+                version=version, before=before, request_id=caller.request_id,
+                message=f"{stage.name.lower()}" + (f": {reason}" if reason else ""))
+            archived: list[int] = []
+            try:
+                now = str(_now_ms())
+                if stage == Stage.PRODUCTION:
+                    self.store.set_alias(name, PRODUCTION_ALIAS, version)
+                    if current and current != version:
+                        self.store.set_tag(name, current, ARCHIVED_TAG, "true")
+                        self.store.set_tag(name, current, ARCHIVED_TIME_TAG, now)
+                        self.store.set_tag(name, version, PREVIOUS_PRODUCTION_TAG, str(current))
+                        archived.append(current)
+                    if snap.model.aliases.get(STAGING_ALIAS) == version:
+                        self.store.delete_alias(name, STAGING_ALIAS)
+                    self.store.set_tag(name, version, PROMOTED_TIME_TAG, now)
+                    if target.stage == Stage.ARCHIVED:
+                        self.store.delete_tag(name, version, ARCHIVED_TAG)
+                elif stage == Stage.STAGING:
+                    self.store.set_alias(name, STAGING_ALIAS, version)
+                    if target.stage == Stage.ARCHIVED:
+                        self.store.delete_tag(name, version, ARCHIVED_TAG)
+                else:
+                    if target.stage == Stage.STAGING:
+                        self.store.delete_alias(name, STAGING_ALIAS)
+                    self.store.set_tag(name, version, ARCHIVED_TAG, "true")
+                    self.store.set_tag(name, version, ARCHIVED_TIME_TAG, now)
+            except Exception as exc:
+                self.invalidate(name)
+                after_fail = self._state(self.snapshot(name, fresh=True))
+                self.db.audit_finish(audit_id, outcome="failed", after=after_fail, message=str(exc)[:500])
+                raise
+            self.invalidate(name)
+            after_snap = self.snapshot(name, fresh=True)
+            self.db.audit_finish(audit_id, outcome="ok", after=self._state(after_snap))
+            result = PromotionResult(after_snap.version(version), current, archived, audit_id)
+            self._remember("PromoteModelVersion", caller.request_id, result)
+        log.info("model_version_promoted", model=name, version=version, stage=stage.name.lower(),
+                 previous=current or None, archived=archived)
+        return result
+
+    def rollback(self, caller: Caller, name: str, expected_current: int | None, reason: str = "") -> PromotionResult:
+        validate_name(name)
+        with self.db.model_lock(name):
+            replay = self._replay("RollbackModel", caller.request_id, name)
+            if replay is not None:
+                return replay
+            snap = self.snapshot(name, fresh=True)
+            current = snap.model.aliases.get(PRODUCTION_ALIAS, 0)
+            if expected_current is not None and expected_current != current:
+                raise StaleVersionError(f"production of {name!r} is version {current or 'none'}, "
+                                        f"not the expected {expected_current}")
+            if not current:
+                raise FailedPreconditionError(f"{name!r} has no production version to roll back")
+            prod = snap.version(current)
+            previous_raw = prod.tags.get(PREVIOUS_PRODUCTION_TAG, "")
+            if not previous_raw.isdigit():
+                raise FailedPreconditionError(
+                    f"version {current} of {name!r} replaced no earlier production version; "
+                    "nothing to roll back to")
+            previous = int(previous_raw)
+            if previous not in {v.version for v in snap.versions}:
+                raise FailedPreconditionError(
+                    f"the previous production version {previous} of {name!r} was deleted; "
+                    "promote a version explicitly instead")
+            before = self._state(snap)
+            audit_id = self.db.audit_begin(
+                actor=caller.name, role=caller.role, action="RollbackModel", model_name=name,
+                version=previous, before=before, request_id=caller.request_id,
+                message=f"rollback {current} -> {previous}" + (f": {reason}" if reason else ""))
+            try:
+                now = str(_now_ms())
+                self.store.set_alias(name, PRODUCTION_ALIAS, previous)
+                self.store.delete_tag(name, previous, ARCHIVED_TAG)
+                self.store.set_tag(name, previous, PROMOTED_TIME_TAG, now)
+                if snap.model.aliases.get(STAGING_ALIAS) == previous:
+                    self.store.delete_alias(name, STAGING_ALIAS)
+                self.store.set_tag(name, current, ARCHIVED_TAG, "true")
+                self.store.set_tag(name, current, ARCHIVED_TIME_TAG, now)
+            except Exception as exc:
+                self.invalidate(name)
+                self.db.audit_finish(audit_id, outcome="failed",
+                                     after=self._state(self.snapshot(name, fresh=True)), message=str(exc)[:500])
+                raise
+            self.invalidate(name)
+            after_snap = self.snapshot(name, fresh=True)
+            self.db.audit_finish(audit_id, outcome="ok", after=self._state(after_snap))
+            result = PromotionResult(after_snap.version(previous), current, [current], audit_id)
+            self._remember("RollbackModel", caller.request_id, result)
+        log.info("model_rolled_back", model=name, version=previous, replaced=current)
+        return result
+
+    def cleanup(self, caller: Caller, name: str, keep_last: int, versions: list[int], dry_run: bool) -> CleanupResult:
+        validate_name(name)
+        if keep_last < 0:
+            raise InvalidArgumentError(f"keep_last must not be negative, got {keep_last}", field="keep_last")
+        if versions and keep_last:
+            raise InvalidArgumentError("give either keep_last or versions, not both", field="versions")
+        if not versions and keep_last == 0:
+            raise InvalidArgumentError("keep_last must be at least 1 (or name the versions to delete)",
+                                       field="keep_last")
+        with self.db.model_lock(name):
+            snap = self.snapshot(name, fresh=True)
+            aliased = {v.version for v in snap.versions if v.aliases}
+            if versions:
+                chosen = [snap.version(validate_version(v, "versions")) for v in dict.fromkeys(versions)]
+                blocked = sorted(v.version for v in chosen if v.aliases)
+                if blocked:
+                    names = ", ".join(f"{v} ({'/'.join(snap.version(v).aliases)})" for v in blocked)
+                    raise FailedPreconditionError(
+                        f"cannot delete aliased version(s) {names} of {name!r}; promote or archive "
+                        "other versions first")
+                delete = sorted(v.version for v in chosen)
+            else:
+                newest = {v.version for v in snap.versions[:keep_last]}
+                delete = sorted(v.version for v in snap.versions
+                                if v.version not in newest and v.version not in aliased)
+            kept = sorted(v.version for v in snap.versions if v.version not in delete)
+            protected = sorted(aliased)
+            before = {"versions": sorted(v.version for v in snap.versions), **self._state(snap)}
+            if dry_run or not delete:
+                audit_id = self.db.audit_record(
+                    actor=caller.name, role=caller.role, action="CleanupModelVersions", model_name=name,
+                    version=0, before=before, after={**before, "would_delete": delete},
+                    outcome="dry_run" if dry_run else "ok", request_id=caller.request_id,
+                    message=f"{'dry run: ' if dry_run else ''}{len(delete)} version(s) to delete")
+                return CleanupResult(delete, kept, protected, dry_run, audit_id)
+            audit_id = self.db.audit_begin(
+                actor=caller.name, role=caller.role, action="CleanupModelVersions", model_name=name,
+                version=0, before=before, request_id=caller.request_id,
+                message=f"delete {len(delete)} version(s): {delete}")
+            done: list[int] = []
+            try:
+                for v in delete:
+                    self.store.delete_version(name, v)
+                    done.append(v)
+            except Exception as exc:
+                self.invalidate(name)
+                self.db.audit_finish(audit_id, outcome="failed", message=f"deleted {done} then failed: {exc}"[:500],
+                                     after={"versions": sorted(set(before["versions"]) - set(done))})
+                raise
+            self.invalidate(name)
+            self.db.audit_finish(audit_id, outcome="ok", after={"versions": kept, **self._state(snap)})
+        log.info("model_versions_deleted", model=name, versions=delete)
+        return CleanupResult(delete, kept, protected, False, audit_id)
+
+    # ---- idempotency: a repeated request id returns the first result ----
+
+    def _replay(self, action: str, request_id: str, name: str) -> PromotionResult | None:
+        raw = self.db.remembered(action, request_id)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        if data.get("name") != name:
+            raise InvalidArgumentError(f"request_id {request_id!r} was already used for another request",
+                                       field="request_id")
+        snap = self.snapshot(name, fresh=True)
+        return PromotionResult(snap.version(data["version"]), data["previous"], data["archived"], data["audit"])
+
+    def _remember(self, action: str, request_id: str, result: PromotionResult) -> None:
+        self.db.remember(action, request_id, json.dumps({
+            "name": result.version.name, "version": result.version.version, "previous": result.previous_version,
+            "archived": result.archived_versions, "audit": result.audit_event_id}).encode())
+
+    # ---- audit ----
+
+    def audit_events(self, size: int, token: str, model_name: str, actor: str,
+                     start_ms: int | None, end_ms: int | None) -> Page:
+        size = page_size(size)
+        query = ("audit", model_name, actor, start_ms, end_ms)
+        last = decode_token(token, query)
+        if last is not None and (len(last) != 1 or not isinstance(last[0], int)):
+            raise InvalidArgumentError("page_token is invalid", field="page_token")
+        rows: list[AuditRecord] = self.db.audit_page(
+            limit=size + 1, before_seq=last[0] if last else None, model_name=model_name, actor=actor,
+            start_ms=start_ms, end_ms=end_ms)
+        page = rows[:size]
+        next_token = encode_token([page[-1].sequence], query) if len(rows) > size else ""
+        return Page(page, next_token, -1)
+
+
+def _with_counts(model: RegisteredModel, versions: list[ModelVersion]) -> RegisteredModel:
+    return RegisteredModel(model.name, model.description, model.create_time_ms, model.update_time_ms,
+                           model.aliases, len(versions), max((v.version for v in versions), default=0))
+
+
+def _parse_order_by(order_by: str) -> tuple[str, bool | None]:
+    """(field, descending); descending None means the field's natural order."""
+    text = " ".join(order_by.split()).lower() if order_by else "version"
+    parts = text.split(" ")
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] not in ("asc", "desc")):
+        raise InvalidArgumentError(f"order_by {order_by[:60]!r} must be '<field> [asc|desc]'", field="order_by")
+    field_name = parts[0]
+    if field_name not in ("version", "create_time") and not (
+            field_name.startswith("metric.") and _METRIC_RE.match(field_name[len("metric."):] or "-")):
+        raise InvalidArgumentError(
+            f"order_by field {field_name[:60]!r} is unknown; use version, create_time or metric.<name>",
+            field="order_by")
+    descending = None if len(parts) == 1 else parts[1] == "desc"
+    return field_name, descending
+
+
+def _version_sort_key(field_name: str, descending: bool | None) -> Callable[[ModelVersion], tuple[Any, ...]]:
+    if field_name == "version":
+        desc = True if descending is None else descending
+        return lambda v: ((-v.version if desc else v.version),)
+    if field_name == "create_time":
+        desc = True if descending is None else descending
+        sign = -1 if desc else 1
+        return lambda v: (sign * v.create_time_ms, sign * v.version)
+    metric = field_name[len("metric."):]
+    desc = higher_is_better(metric) if descending is None else descending
+    sign = -1.0 if desc else 1.0
+
+    def key(v: ModelVersion) -> tuple[Any, ...]:
+        value = v.metrics.get(metric, math.nan)
+        if math.isnan(value):
+            return (1, 0.0, -v.version)  # versions without the metric come last
+        return (0, sign * value, -v.version)
+
+    return key

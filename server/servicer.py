@@ -1,0 +1,160 @@
+"""ModelRegistry servicer: translation only. Unpack the request, call the service, pack the answer.
+
+Errors are raised as domain errors and mapped to status codes by the interceptor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.api.registry.v1 import registry_pb2_grpc
+from aqimodels.client.errors import InvalidArgumentError, UnimplementedError
+from aqimodels.server import convert
+from aqimodels.server.domain import Stage
+from aqimodels.server.interceptors import current_caller, current_request_id
+from aqimodels.server.service import Caller, RegistryService
+
+SERVER_VERSION = "0.1.0"
+
+
+def _caller() -> Caller:
+    caller = current_caller()
+    if isinstance(caller, Caller):
+        return Caller(caller.name, caller.role, current_request_id())
+    return Caller(request_id=current_request_id())
+
+
+def _stage_filter(value: int, field: str) -> Stage | None:
+    if value == pb.STAGE_UNSPECIFIED:
+        return None
+    stage = convert.stage_from_proto(value)
+    if stage is None:
+        raise InvalidArgumentError(f"{field} {value} is not a known stage", field=field)
+    return stage
+
+
+class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
+    """The ModelRegistry RPCs over a RegistryService (and, once wired, a job manager)."""
+
+    def __init__(self, service: RegistryService, jobs: Any = None, workers: Any = None) -> None:
+        self._service = service
+        self._jobs = jobs
+        self._workers = workers
+
+    # ---- status and listing ----
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+        views, health = self._service.status()
+        response = pb.GetStatusResponse(
+            models=[convert.model_status_to_proto(v) for v in views],
+            backend=convert.backend_to_proto(health), server_version=SERVER_VERSION,
+            workers=self._workers.status() if self._workers is not None else [])
+        response.time.GetCurrentTime()
+        return response
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        page = self._service.list_models(request.page_size, request.page_token)
+        return pb.ListModelsResponse(models=[convert.registered_model_to_proto(m) for m in page.items],
+                                     next_page_token=page.next_page_token, total_size=page.total_size)
+
+    def ListModelVersions(self, request: pb.ListModelVersionsRequest,
+                          context: grpc.ServicerContext) -> pb.ListModelVersionsResponse:
+        page = self._service.list_versions(request.name, request.page_size, request.page_token,
+                                           _stage_filter(request.stage, "stage"), request.order_by)
+        return pb.ListModelVersionsResponse(versions=[convert.model_version_to_proto(v) for v in page.items],
+                                            next_page_token=page.next_page_token, total_size=page.total_size)
+
+    def GetModelVersion(self, request: pb.GetModelVersionRequest,
+                        context: grpc.ServicerContext) -> pb.GetModelVersionResponse:
+        version = self._service.get_version(request.name, request.version)
+        return pb.GetModelVersionResponse(version=convert.model_version_to_proto(version))
+
+    def CompareModelVersions(self, request: pb.CompareModelVersionsRequest,
+                             context: grpc.ServicerContext) -> pb.CompareModelVersionsResponse:
+        comparison = self._service.compare(request.name, list(request.versions), request.metric)
+        return convert.comparison_to_proto(comparison)
+
+    # ---- lifecycle ----
+
+    def PromoteModelVersion(self, request: pb.PromoteModelVersionRequest,
+                            context: grpc.ServicerContext) -> pb.PromoteModelVersionResponse:
+        stage = convert.stage_from_proto(request.stage) if request.stage else None
+        expected = request.expected_current_version if request.HasField("expected_current_version") else None
+        result = self._service.promote(_caller(), request.name, request.version, stage, expected,
+                                       request.select_best_by, request.reason)
+        return pb.PromoteModelVersionResponse(
+            version=convert.model_version_to_proto(result.version), previous_version=result.previous_version,
+            archived_versions=result.archived_versions, audit_event_id=result.audit_event_id)
+
+    def RollbackModel(self, request: pb.RollbackModelRequest,
+                      context: grpc.ServicerContext) -> pb.RollbackModelResponse:
+        expected = request.expected_current_version if request.HasField("expected_current_version") else None
+        result = self._service.rollback(_caller(), request.name, expected, request.reason)
+        return pb.RollbackModelResponse(version=convert.model_version_to_proto(result.version),
+                                        replaced_version=result.previous_version,
+                                        audit_event_id=result.audit_event_id)
+
+    def CleanupModelVersions(self, request: pb.CleanupModelVersionsRequest,
+                             context: grpc.ServicerContext) -> pb.CleanupModelVersionsResponse:
+        result = self._service.cleanup(_caller(), request.name, request.keep_last, list(request.versions),
+                                       request.dry_run)
+        return pb.CleanupModelVersionsResponse(
+            deleted_versions=result.deleted, kept_versions=result.kept, protected_versions=result.protected,
+            dry_run=result.dry_run, audit_event_id=result.audit_event_id)
+
+    def ListAuditEvents(self, request: pb.ListAuditEventsRequest,
+                        context: grpc.ServicerContext) -> pb.ListAuditEventsResponse:
+        page = self._service.audit_events(
+            request.page_size, request.page_token, request.model_name, request.actor,
+            convert.ms_from_ts(request.start_time) if request.HasField("start_time") else None,
+            convert.ms_from_ts(request.end_time) if request.HasField("end_time") else None)
+        return pb.ListAuditEventsResponse(events=[convert.audit_to_proto(r) for r in page.items],
+                                          next_page_token=page.next_page_token)
+
+    # ---- retrain and jobs ----
+
+    def _job_manager(self) -> Any:
+        if self._jobs is None:
+            raise UnimplementedError("retraining is not available on this server: it was started without "
+                                     "a job manager")
+        return self._jobs
+
+    def Retrain(self, request: pb.RetrainRequest, context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
+        yield from self._job_manager().retrain(request, _caller(), context)
+
+    def GetRetrainJob(self, request: pb.GetRetrainJobRequest,
+                      context: grpc.ServicerContext) -> pb.GetRetrainJobResponse:
+        return pb.GetRetrainJobResponse(job=self._job_manager().get(request.job_id))
+
+    def ListRetrainJobs(self, request: pb.ListRetrainJobsRequest,
+                        context: grpc.ServicerContext) -> pb.ListRetrainJobsResponse:
+        jobs, token = self._job_manager().list(request.page_size, request.page_token,
+                                               request.state, request.model_name)
+        return pb.ListRetrainJobsResponse(jobs=jobs, next_page_token=token)
+
+    def WatchRetrainJob(self, request: pb.WatchRetrainJobRequest,
+                        context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
+        yield from self._job_manager().watch(request.job_id, request.after_sequence, context)
+
+    def CancelRetrainJob(self, request: pb.CancelRetrainJobRequest,
+                         context: grpc.ServicerContext) -> pb.CancelRetrainJobResponse:
+        return pb.CancelRetrainJobResponse(job=self._job_manager().cancel(request.job_id, request.reason,
+                                                                          _caller()))
+
+    # ---- monitoring (issue 7) ----
+
+    def GetModelHistory(self, request: pb.GetModelHistoryRequest,
+                        context: grpc.ServicerContext) -> pb.GetModelHistoryResponse:
+        raise UnimplementedError("GetModelHistory is not implemented yet (model monitoring has not landed)")
+
+    def ReportPerformance(self, request: pb.ReportPerformanceRequest,
+                          context: grpc.ServicerContext) -> pb.ReportPerformanceResponse:
+        raise UnimplementedError("ReportPerformance is not implemented yet (model monitoring has not landed)")
+
+    def WatchAlerts(self, request: pb.WatchAlertsRequest, context: grpc.ServicerContext) -> Iterator[pb.Alert]:
+        raise UnimplementedError("WatchAlerts is not implemented yet (model monitoring has not landed)")
+        yield  # pragma: no cover - makes this a generator like the other streaming handlers

@@ -1,0 +1,175 @@
+"""Graph forecaster: the LSTM's per-station encoder, then two graph convolutions over stations.
+
+Stations are nodes. Edges join each station to its ``k`` nearest neighbours by great-circle
+(haversine) distance, made symmetric (an edge exists if either end is among the other's ``k``
+nearest), with inverse-distance weights normalised to ``(0, 1]`` (``w = d_min / d``, so the
+closest pair weighs 1, the same as the self-loops ``GCNConv`` adds). The network is
+
+    per-station LSTM encoder (shared weights, station embedding)   -- identical to the LSTM's
+    -> 2 x [h = h + dropout(relu(GCNConv(LayerNorm(h), edge_weight)))]
+    -> linear head on [h, last input step] -> 24 scaled horizons  -- identical to the LSTM's
+
+so the only difference from :class:`aqimodels.training.trainers.lstm.LSTMNet` is that a node's
+forecast can use its neighbours' states. A batch of B samples is one disjoint graph of ``B * S``
+nodes; the offset ``edge_index`` is precomputed once per batch size.
+
+``TrainConfig.extra`` keys: ``k_neighbors`` (default 3) besides the shared ones of
+:mod:`aqimodels.training.trainers._torch_loop`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch_geometric.nn import GCNConv
+
+from aqimodels.training.core import EpochFinished, FeatureSet, Forecaster, TrainConfig
+from aqimodels.training.trainers._torch_loop import (
+    ForecastHead,
+    LoopSettings,
+    StationEncoder,
+    extra_float,
+    extra_int,
+    seed_everything,
+    train_loop,
+)
+
+DEFAULT_HIDDEN_SIZE = 64
+DEFAULT_K_NEIGHBORS = 3
+EARTH_RADIUS_KM = 6371.0088
+
+
+def haversine_km(coords: np.ndarray) -> np.ndarray:
+    """Pairwise great-circle distances ``[S, S]`` in km from ``[S, 2]`` latitude/longitude degrees."""
+    lat, lon = np.radians(coords[:, 0])[:, None], np.radians(coords[:, 1])[:, None]
+    a = np.sin((lat - lat.T) / 2) ** 2 + np.cos(lat) * np.cos(lat.T) * np.sin((lon - lon.T) / 2) ** 2
+    return np.asarray(2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0))))
+
+
+def knn_graph(coords: np.ndarray, k: int = DEFAULT_K_NEIGHBORS) -> tuple[np.ndarray, np.ndarray]:
+    """The symmetric k-nearest-neighbour station graph.
+
+    Args:
+        coords: ``[S, 2]`` latitude and longitude in degrees.
+        k: neighbours per station (capped at ``S - 1``).
+
+    Returns:
+        ``edge_index`` int64 ``[2, E]`` (both directions of every undirected edge, no self-loops,
+        sorted) and ``edge_weight`` float32 ``[E]`` = ``d_min / d`` in ``(0, 1]``. Co-located
+        stations (distance 0) get weight 1.
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    s = coords.shape[0]
+    k = min(int(k), s - 1)
+    if k <= 0:
+        return np.zeros((2, 0), dtype=np.int64), np.zeros(0, dtype=np.float32)
+    dist = haversine_km(coords)
+    np.fill_diagonal(dist, np.inf)
+    adjacent = np.zeros((s, s), dtype=bool)
+    nearest = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    adjacent[np.repeat(np.arange(s), k), nearest.ravel()] = True
+    adjacent |= adjacent.T
+    src, dst = np.nonzero(adjacent)
+    d = dist[src, dst]
+    positive = d[d > 0]
+    d_min = positive.min() if positive.size else 1.0
+    weight = np.where(d > 0, d_min / np.maximum(d, 1e-12), 1.0)
+    return np.stack([src, dst]).astype(np.int64), weight.astype(np.float32)
+
+
+class GNNNet(nn.Module):
+    """``[B, window, S, F]`` scaled windows -> ``[B, S, H]`` scaled PM2.5 over the station graph."""
+
+    def __init__(
+        self,
+        n_features: int,
+        n_stations: int,
+        horizon: int,
+        edge_index: np.ndarray,
+        edge_weight: np.ndarray,
+        hidden_size: int = DEFAULT_HIDDEN_SIZE,
+        embedding_dim: int = 4,
+        dropout: float = 0.1,
+        n_layers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.n_stations = n_stations
+        self.encoder = StationEncoder(n_features, n_stations, hidden_size, embedding_dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(n_layers))
+        self.convs = nn.ModuleList(GCNConv(hidden_size, hidden_size) for _ in range(n_layers))
+        self.dropout = nn.Dropout(dropout)
+        self.head = ForecastHead(hidden_size, n_features, horizon, dropout)
+        self.register_buffer("edge_index", torch.as_tensor(edge_index, dtype=torch.long))
+        self.register_buffer("edge_weight", torch.as_tensor(edge_weight, dtype=torch.float32))
+        self._batched: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def batched_graph(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` copies of the station graph as one disjoint graph (node ``b * S + s``)."""
+        cached = self._batched.get(batch)
+        if cached is None:
+            ei: torch.Tensor = self.edge_index
+            ew: torch.Tensor = self.edge_weight
+            offsets = torch.arange(batch, dtype=torch.long) * self.n_stations
+            edge_index = (ei[:, None, :] + offsets[None, :, None]).reshape(2, -1)
+            cached = (edge_index, ew.repeat(batch))
+            self._batched[batch] = cached
+        return cached
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        edge_index, edge_weight = self.batched_graph(x.shape[0])
+        for norm, conv in zip(self.norms, self.convs):
+            h = h + self.dropout(torch.relu(conv(norm(h), edge_index, edge_weight)))
+        return self.head(h, x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The per-batch-size graphs are a cache: keep pickles small, rebuild on demand.
+        state = dict(super().__getstate__())
+        state["_batched"] = {}
+        return state
+
+
+class GNNTrainer:
+    """Trains :class:`GNNNet`; implements :class:`aqimodels.training.core.Trainer`.
+
+    Defaults: k=3 neighbours, 2 GCN layers, 30 epochs, Adam lr 2e-3, batch 64, patience 5,
+    hidden 64, station embedding 4, dropout 0.1, gradient clip 1.0, at most 8192 training
+    windows per epoch. After ``fit``, ``edge_index``/``edge_weight`` hold the station graph.
+    """
+
+    name = "gnn"
+
+    def __init__(self) -> None:
+        self.forecaster: Forecaster | None = None
+        self.convergence: dict[str, float] = {}
+        self.edge_index: np.ndarray | None = None
+        self.edge_weight: np.ndarray | None = None
+
+    def fit(self, features: FeatureSet, config: TrainConfig, stop: threading.Event) -> Iterator[EpochFinished]:
+        """Yields one ``EpochFinished`` per epoch; fills ``forecaster`` and ``convergence`` at the end."""
+        settings = LoopSettings.from_config(config)
+        n_stations = features.train.x.shape[2]
+        if np.asarray(features.coords).shape != (n_stations, 2):
+            raise ValueError(f"coords must be [{n_stations}, 2], got {np.asarray(features.coords).shape}")
+        self.edge_index, self.edge_weight = knn_graph(
+            features.coords, extra_int(config, "k_neighbors", DEFAULT_K_NEIGHBORS)
+        )
+        seed_everything(settings.seed)
+        module = GNNNet(
+            n_features=features.train.x.shape[3],
+            n_stations=n_stations,
+            horizon=features.horizon,
+            edge_index=self.edge_index,
+            edge_weight=self.edge_weight,
+            hidden_size=config.hidden_size or DEFAULT_HIDDEN_SIZE,
+            embedding_dim=extra_int(config, "station_embedding_dim", 4),
+            dropout=extra_float(config, "dropout", 0.1),
+        )
+        result = yield from train_loop(module, features, settings, stop)
+        self.forecaster = result.forecaster
+        self.convergence = result.convergence

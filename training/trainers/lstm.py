@@ -1,0 +1,81 @@
+"""LSTM forecaster: one sequence model shared by all stations, blind to the other stations.
+
+Each station's window ``x[:, :, s, :]`` plus a learned station embedding goes through one LSTM;
+a linear head maps the last hidden state (and the last input step) to the 24 scaled horizons.
+The GNN (:mod:`aqimodels.training.trainers.gnn`) uses the very same encoder and head and only
+adds graph layers in between, so comparing the two measures what the station graph is worth.
+
+Training (batching, masked loss, early stopping, events, cancellation) is the shared loop in
+:mod:`aqimodels.training.trainers._torch_loop`; its docstring lists the ``extra`` keys.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from aqimodels.training.core import EpochFinished, FeatureSet, Forecaster, TrainConfig
+from aqimodels.training.trainers._torch_loop import (
+    ForecastHead,
+    LoopSettings,
+    StationEncoder,
+    extra_float,
+    extra_int,
+    seed_everything,
+    train_loop,
+)
+
+DEFAULT_HIDDEN_SIZE = 64
+
+
+class LSTMNet(nn.Module):
+    """``[B, window, S, F]`` scaled windows -> ``[B, S, H]`` scaled PM2.5, station by station."""
+
+    def __init__(
+        self,
+        n_features: int,
+        n_stations: int,
+        horizon: int,
+        hidden_size: int = DEFAULT_HIDDEN_SIZE,
+        embedding_dim: int = 4,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.encoder = StationEncoder(n_features, n_stations, hidden_size, embedding_dim)
+        self.head = ForecastHead(hidden_size, n_features, horizon, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x), x)
+
+
+class LSTMTrainer:
+    """Trains :class:`LSTMNet`; implements :class:`aqimodels.training.core.Trainer`.
+
+    Defaults: 30 epochs, Adam lr 2e-3, batch 64, patience 5, hidden 64, station embedding 4,
+    dropout 0.1, gradient clip 1.0, at most 8192 training windows per epoch.
+    """
+
+    name = "lstm"
+
+    def __init__(self) -> None:
+        self.forecaster: Forecaster | None = None
+        self.convergence: dict[str, float] = {}
+
+    def fit(self, features: FeatureSet, config: TrainConfig, stop: threading.Event) -> Iterator[EpochFinished]:
+        """Yields one ``EpochFinished`` per epoch; fills ``forecaster`` and ``convergence`` at the end."""
+        settings = LoopSettings.from_config(config)
+        seed_everything(settings.seed)
+        module = LSTMNet(
+            n_features=features.train.x.shape[3],
+            n_stations=features.train.x.shape[2],
+            horizon=features.horizon,
+            hidden_size=config.hidden_size or DEFAULT_HIDDEN_SIZE,
+            embedding_dim=extra_int(config, "station_embedding_dim", 4),
+            dropout=extra_float(config, "dropout", 0.1),
+        )
+        result = yield from train_loop(module, features, settings, stop)
+        self.forecaster = result.forecaster
+        self.convergence = result.convergence
