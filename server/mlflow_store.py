@@ -229,6 +229,12 @@ class MlflowModelStore:
     def delete_version(self, name: str, version: int) -> None:
         self._call(lambda: self._client.delete_model_version(name, str(version)), name=name, version=version)
 
+    def terminate_run(self, run_id: str, status: str) -> None:
+        """Ends a run that its worker could not end (the worker died): FAILED or KILLED."""
+        run = self._call(lambda: self._client.get_run(run_id))
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            self._call(lambda: self._client.set_terminated(run_id, status))
+
     # ---- used by tests and benchmarks to build registries ----
 
     def create_version(self, name: str, metrics: dict[str, float], tags: dict[str, str] | None = None,

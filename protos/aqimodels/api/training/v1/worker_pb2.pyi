@@ -723,3 +723,73 @@ class GetWorkerInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetWorkerInfoResponse: _TypeAlias = GetWorkerInfoResponse  # noqa: Y015
+
+@_typing.final
+class ValidateDatasetRequest(_message.Message):
+    """Request for TrainingWorker.ValidateDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    WINDOW_HOURS_FIELD_NUMBER: _builtins.int
+    window_hours: _builtins.int
+    """Hours of history per input window (0: the default, 24)."""
+    @_builtins.property
+    def dataset(self) -> Global___DatasetSpec:
+        """The dataset to check."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___DatasetSpec | None = ...,
+        window_hours: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "window_hours", b"window_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateDatasetRequest: _TypeAlias = ValidateDatasetRequest  # noqa: Y015
+
+@_typing.final
+class ValidateDatasetResponse(_message.Message):
+    """What the dataset holds, once it passed validation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATIONS_FIELD_NUMBER: _builtins.int
+    HOURS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    stations: _builtins.int
+    """Stations in the data."""
+    hours: _builtins.int
+    """Hours in the data."""
+    fingerprint: _builtins.str
+    """SHA-256 fingerprint of the data."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """First hour."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Last hour."""
+
+    def __init__(
+        self,
+        *,
+        stations: _builtins.int = ...,
+        hours: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        fingerprint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "fingerprint", b"fingerprint", "hours", b"hours", "start_time", b"start_time", "stations", b"stations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateDatasetResponse: _TypeAlias = ValidateDatasetResponse  # noqa: Y015

@@ -46,6 +46,11 @@ class TrainingWorkerStub:
                 request_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.GetWorkerInfoRequest.SerializeToString,
                 response_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.GetWorkerInfoResponse.FromString,
                 _registered_method=True)
+        self.ValidateDataset = channel.unary_unary(
+                '/aqimodels.api.training.v1.TrainingWorker/ValidateDataset',
+                request_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.ValidateDatasetRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.ValidateDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingWorkerServicer:
@@ -71,6 +76,15 @@ class TrainingWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ValidateDataset(self, request, context):
+        """Loads and validates a dataset without training: the registry asks this
+        before it creates jobs, so that bad data is answered INVALID_ARGUMENT
+        (naming the problem) before any training starts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +97,11 @@ def add_TrainingWorkerServicer_to_server(servicer, server):
                     servicer.GetWorkerInfo,
                     request_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.GetWorkerInfoRequest.FromString,
                     response_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.GetWorkerInfoResponse.SerializeToString,
+            ),
+            'ValidateDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateDataset,
+                    request_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.ValidateDatasetRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.ValidateDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +160,33 @@ class TrainingWorker:
             '/aqimodels.api.training.v1.TrainingWorker/GetWorkerInfo',
             aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.GetWorkerInfoRequest.SerializeToString,
             aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.GetWorkerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.training.v1.TrainingWorker/ValidateDataset',
+            aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.ValidateDatasetRequest.SerializeToString,
+            aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.ValidateDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

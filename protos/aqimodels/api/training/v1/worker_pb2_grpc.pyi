@@ -48,6 +48,11 @@ class TrainingWorkerStub:
     """Describes the worker: the model types it trains, its capacity and what
     it is running now, and the versions of its main libraries.
     """
+    ValidateDataset: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ValidateDatasetRequest, _worker_pb2.ValidateDatasetResponse]
+    """Loads and validates a dataset without training: the registry asks this
+    before it creates jobs, so that bad data is answered INVALID_ARGUMENT
+    (naming the problem) before any training starts.
+    """
 
 @_typing.type_check_only
 class TrainingWorkerAsyncStub(TrainingWorkerStub):
@@ -65,6 +70,11 @@ class TrainingWorkerAsyncStub(TrainingWorkerStub):
     GetWorkerInfo: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetWorkerInfoRequest, _worker_pb2.GetWorkerInfoResponse]  # type: ignore[assignment]
     """Describes the worker: the model types it trains, its capacity and what
     it is running now, and the versions of its main libraries.
+    """
+    ValidateDataset: _aio.UnaryUnaryMultiCallable[_worker_pb2.ValidateDatasetRequest, _worker_pb2.ValidateDatasetResponse]  # type: ignore[assignment]
+    """Loads and validates a dataset without training: the registry asks this
+    before it creates jobs, so that bad data is answered INVALID_ARGUMENT
+    (naming the problem) before any training starts.
     """
 
 class TrainingWorkerServicer(metaclass=_abc_1.ABCMeta):
@@ -92,6 +102,17 @@ class TrainingWorkerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_worker_pb2.GetWorkerInfoResponse, _abc.Awaitable[_worker_pb2.GetWorkerInfoResponse]]:
         """Describes the worker: the model types it trains, its capacity and what
         it is running now, and the versions of its main libraries.
+        """
+
+    @_abc_1.abstractmethod
+    def ValidateDataset(
+        self,
+        request: _worker_pb2.ValidateDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.ValidateDatasetResponse, _abc.Awaitable[_worker_pb2.ValidateDatasetResponse]]:
+        """Loads and validates a dataset without training: the registry asks this
+        before it creates jobs, so that bad data is answered INVALID_ARGUMENT
+        (naming the problem) before any training starts.
         """
 
 def add_TrainingWorkerServicer_to_server(servicer: TrainingWorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

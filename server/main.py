@@ -1,0 +1,35 @@
+"""``aqimodels serve``: reads the configuration once, configures logging, runs the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from aqimodels.client import logs
+from aqimodels.server.config import ConfigError, ServerConfig
+
+
+def main(host: str | None = None, port: int | None = None) -> int:
+    """Starts the registry (and a local worker unless AQIMODELS_WORKERS says otherwise)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        config = ServerConfig.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    overrides: dict[str, object] = {}
+    if host:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    config = dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
+    logs.configure(json=config.log_json, level=config.log_level)
+    from aqimodels.server.app import serve
+    from aqimodels.server.jobs import jobs_factory
+
+    return serve(config, jobs_factory=jobs_factory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The registry's view of its training workers: targets, health, capacity, and dispatch slots.
+
+``local`` in the target list starts a worker subprocess (``python -m aqimodels.training.main``)
+on an ephemeral port sharing the registry's MLflow store, so ``make run`` is a complete system.
+A probe thread asks every worker for ``GetWorkerInfo`` every few seconds; only healthy workers
+with a free slot (registry-side count below the capacity they report) receive jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.api.training.v1 import worker_pb2, worker_pb2_grpc
+from aqimodels.client.errors import error_from_rpc
+from aqimodels.server.config import LOCAL_WORKER, ServerConfig
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class WorkerHandle:
+    target: str
+    channel: grpc.Channel | None = None
+    stub: Any = None
+    capacity: int = 1
+    running: int = 0
+    healthy: bool = False
+    message: str = "not probed yet"
+    process: subprocess.Popen[bytes] | None = None
+    info: Any = None
+    job_ids: set[str] = field(default_factory=set)
+
+    def connect(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 16 << 20)])
+        self.stub = worker_pb2_grpc.TrainingWorkerStub(self.channel)
+
+
+class WorkerPool:
+    """Dispatch slots over the configured workers."""
+
+    def __init__(self, config: ServerConfig, *, probe_interval: float = 2.0) -> None:
+        self.config = config
+        self.probe_interval = probe_interval
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self.workers: list[WorkerHandle] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="aqimodels-worker-")
+        for target in config.workers:
+            handle = WorkerHandle(target=target)
+            if target != LOCAL_WORKER:
+                handle.connect(target)
+            self.workers.append(handle)
+        self._probe_thread: threading.Thread | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.workers)
+
+    def start(self) -> None:
+        for i, handle in enumerate(self.workers):
+            if handle.target == LOCAL_WORKER:
+                threading.Thread(target=self._spawn_local, args=(handle, i), daemon=True,
+                                 name="local-worker-start").start()
+        self._probe_thread = threading.Thread(target=self._probe_loop, daemon=True, name="worker-probe")
+        self._probe_thread.start()
+
+    def _spawn_local(self, handle: WorkerHandle, index: int) -> None:
+        port_file = Path(self._tmp.name) / f"worker-{index}.port"
+        env = dict(os.environ)
+        env.update({"MLFLOW_TRACKING_URI": self.config.tracking_uri,
+                    "MLFLOW_EXPERIMENT_NAME": self.config.experiment_name,
+                    "MLFLOW_DISABLE_TELEMETRY": env.get("MLFLOW_DISABLE_TELEMETRY", "true")})
+        if self.config.artifact_location:
+            env["AQIMODELS_ARTIFACT_LOCATION"] = self.config.artifact_location
+        cmd = [sys.executable, "-m", "aqimodels.training.main", "--host", "127.0.0.1", "--port", "0",
+               "--port-file", str(port_file)]
+        handle.message = "starting local worker"
+        handle.process = subprocess.Popen(cmd, env=env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if handle.process.poll() is not None:
+                handle.message = f"local worker exited with code {handle.process.returncode}"
+                log.error("local_worker_failed", code=handle.process.returncode)
+                return
+            if port_file.exists() and port_file.read_text().strip():
+                port = int(port_file.read_text().strip())
+                handle.connect(f"127.0.0.1:{port}")
+                log.info("local_worker_started", target=handle.target, pid=handle.process.pid)
+                self.probe_once()
+                return
+            time.sleep(0.1)
+        handle.message = "local worker did not start within 180 s"
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.probe_interval):
+            self.probe_once()
+
+    def probe_once(self) -> None:
+        for handle in list(self.workers):
+            if handle.stub is None:
+                continue
+            try:
+                info = handle.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), timeout=3)
+            except grpc.RpcError as exc:
+                self._set_health(handle, False, f"{exc.code().name}: {exc.details()}")
+                continue
+            handle.info = info
+            handle.capacity = max(1, info.capacity)
+            self._set_health(handle, True, "")
+
+    def _set_health(self, handle: WorkerHandle, healthy: bool, message: str) -> None:
+        with self._cond:
+            if handle.healthy != healthy:
+                log.info("worker_health_changed", worker=handle.target, healthy=healthy, message=message)
+            handle.healthy = healthy
+            handle.message = message
+            self._cond.notify_all()
+
+    def mark_unhealthy(self, handle: WorkerHandle, message: str) -> None:
+        self._set_health(handle, False, message)
+
+    def acquire(self, job_id: str, timeout: float) -> WorkerHandle | None:
+        """A healthy worker with a free slot (least loaded first), or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                free = [w for w in self.workers if w.healthy and w.stub is not None and w.running < w.capacity]
+                if free:
+                    handle = min(free, key=lambda w: w.running / w.capacity)
+                    handle.running += 1
+                    handle.job_ids.add(job_id)
+                    return handle
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def release(self, handle: WorkerHandle, job_id: str) -> None:
+        with self._cond:
+            handle.running = max(0, handle.running - 1)
+            handle.job_ids.discard(job_id)
+            self._cond.notify_all()
+
+    def waiting_reason(self) -> str:
+        if not self.workers:
+            return ("no training worker is configured (AQIMODELS_WORKERS=none); the job waits until the "
+                    "registry is started with workers")
+        if not any(w.healthy for w in self.workers):
+            return "no training worker is available yet: " + "; ".join(
+                f"{w.target}: {w.message}" for w in self.workers)
+        return "all training workers are busy"
+
+    def validate(self, dataset: worker_pb2.DatasetSpec, window_hours: int) -> worker_pb2.ValidateDatasetResponse | None:
+        """Asks a healthy worker to validate a dataset; None when no worker is available to ask."""
+        for handle in [w for w in self.workers if w.healthy and w.stub is not None]:
+            try:
+                return handle.stub.ValidateDataset(
+                    worker_pb2.ValidateDatasetRequest(dataset=dataset, window_hours=window_hours), timeout=300)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.mark_unhealthy(handle, f"{exc.code().name}: {exc.details()}")
+                    continue
+                raise error_from_rpc(exc) from None
+        return None
+
+    def status(self) -> list[pb.WorkerStatus]:
+        with self._cond:
+            return [pb.WorkerStatus(target=w.target, healthy=w.healthy, capacity=w.capacity, running=w.running,
+                                    message=w.message) for w in self.workers]
+
+    def close(self) -> None:
+        self._stop.set()
+        for handle in self.workers:
+            if handle.channel is not None:
+                handle.channel.close()
+            if handle.process is not None and handle.process.poll() is None:
+                handle.process.terminate()
+                try:
+                    handle.process.wait(15)
+                except subprocess.TimeoutExpired:
+                    handle.process.kill()
+        self._tmp.cleanup()
+

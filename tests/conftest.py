@@ -1,0 +1,152 @@
+"""Shared fixtures: real MLflow stores (SQLite in a temp dir, or a fresh PostgreSQL database) and
+real registry servers on ephemeral loopback ports, reached through the real client."""
+
+from __future__ import annotations
+
+import os
+
+# Telemetry is decided once at mlflow's import: set this before anything imports it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beijing-multisite"
+
+
+def _must_not_skip() -> bool:
+    return bool(os.environ.get("CI") or os.environ.get("AQIMODELS_REQUIRE_POSTGRES"))
+
+
+def postgres_available() -> str | None:
+    """None when the local PostgreSQL answers, else why not."""
+    try:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3):
+            return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        return str(exc).splitlines()[0]
+
+
+@pytest.fixture(scope="session")
+def shared_beijing() -> Path:
+    """The shared Beijing data folder; skips cleanly when absent, except in CI."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"the shared Beijing data is missing in CI: {SHARED_DATA}")
+        pytest.skip(f"shared Beijing data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def create_postgres_database() -> str:
+    """Creates a fresh database on the local server and returns its SQLAlchemy URL."""
+    import psycopg
+
+    name = f"aqimodels_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh MLflow store URI: SQLite file in tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/mlflow.db"
+        return
+    why = postgres_available()
+    if why is not None:
+        if _must_not_skip():
+            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required in CI but does not answer: {why}")
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 does not answer: {why}")
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@dataclass
+class Registry:
+    """A running registry server and a client connected to it."""
+
+    server: object
+    port: int
+    tracking_uri: str
+    client: object
+    store: object
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def seed(self, name: str, metrics_list: list[dict[str, float]], tags: dict[str, str] | None = None) -> list[int]:
+        """Registers one version per metrics dict (a finished run with those metrics)."""
+        return [self.store.create_version(name, m, tags) for m in metrics_list]  # type: ignore[attr-defined]
+
+
+def realistic_metrics(i: int, seed: int = 0) -> dict[str, float]:
+    """Metrics shaped like a real training run's (rmse in µg/m³ and so on), varying with i."""
+    import random
+
+    rng = random.Random(seed * 100_003 + i)
+    rmse = 18.0 + rng.random() * 12.0
+    return {
+        "rmse": rmse, "mae": rmse * 0.68, "r2": max(0.0, 0.92 - rmse / 100), "accuracy": 0.5 + rng.random() * 0.3,
+        "aqi_accuracy": 0.6 + rng.random() * 0.3, "rmse_h1": rmse * 0.45, "rmse_h6": rmse * 0.9,
+        "rmse_h24": rmse * 1.3, "baseline_rmse": 33.0, "training_seconds": 20 + rng.random() * 40,
+    }
+
+
+def start_registry(tracking_uri: str, **overrides: object) -> Registry:
+    from aqimodels.client import RegistryClient
+    from aqimodels.server.app import create_server
+    from aqimodels.server.config import ServerConfig
+
+    jobs_factory = overrides.pop("jobs_factory", None)
+    config = replace(ServerConfig(tracking_uri=tracking_uri, workers=(), log_json=True,
+                                  health_interval_seconds=0.5, shutdown_grace_seconds=2.0), **overrides)  # type: ignore[arg-type]
+    rs = create_server(config, "127.0.0.1:0", jobs_factory=jobs_factory)
+    client = RegistryClient(f"127.0.0.1:{rs.port}", timeout=60)
+    return Registry(rs, rs.port, tracking_uri, client, rs.service.store)
+
+
+@pytest.fixture
+def registry(store_uri: str) -> Iterator[Registry]:
+    """A registry on each backend (SQLite, then PostgreSQL)."""
+    reg = start_registry(store_uri)
+    try:
+        yield reg
+    finally:
+        reg.client.close()  # type: ignore[attr-defined]
+        reg.server.stop(1)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def sqlite_registry(sqlite_uri: str) -> Iterator[Registry]:
+    """A registry on a SQLite store only (for tests that do not depend on the backend)."""
+    reg = start_registry(sqlite_uri)
+    try:
+        yield reg
+    finally:
+        reg.client.close()  # type: ignore[attr-defined]
+        reg.server.stop(1)  # type: ignore[attr-defined]

@@ -1,0 +1,105 @@
+"""``aqimodels worker``: the training worker process (TrainingWorker service, health, reflection)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aqimodels.api.training.v1 import worker_pb2, worker_pb2_grpc
+from aqimodels.client import logs
+from aqimodels.server.config import DEFAULT_TRACKING_URI, ConfigError, _int, absolute_sqlite_uri
+from aqimodels.server.interceptors import ServerInterceptor
+from aqimodels.training.servicer import TrainingWorkerServicer, WorkerConfig
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["TrainingWorker"].full_name
+
+
+def config_from_env(env: Mapping[str, str] = os.environ) -> WorkerConfig:
+    """The worker's configuration; a bad value raises ConfigError naming the variable."""
+    return WorkerConfig(
+        tracking_uri=absolute_sqlite_uri(env.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI),
+        experiment_name=env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or "aqi-predictor",
+        artifact_location=env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip() or None,
+        capacity=_int(env, "AQIMODELS_WORKER_CAPACITY", 1, 1, 64),
+        host=env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1",
+        port=_int(env, "AQIMODELS_WORKER_PORT", 50052, 0, 65535),
+    )
+
+
+def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.Server, int, TrainingWorkerServicer]:
+    """Builds and starts a worker server without blocking; returns it with its bound port."""
+    servicer = TrainingWorkerServicer(config)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="worker-rpc"),
+                         interceptors=[ServerInterceptor()],
+                         options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
+    worker_pb2_grpc.add_TrainingWorkerServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    port = server.add_insecure_port(bind or f"{host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {bind or f'{host}:{config.port}'}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, servicer
+
+
+def main(host: str | None = None, port: int | None = None, port_file: str | None = None) -> int:
+    """Runs the worker until SIGTERM/SIGINT; running trainings are stopped (runs end KILLED)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        config = config_from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if host:
+        config = WorkerConfig(**{**config.__dict__, "host": host})
+    if port is not None:
+        config = WorkerConfig(**{**config.__dict__, "port": port})
+    logs.configure(json=(os.environ.get("AQIMODELS_LOG_FORMAT", "") == "json") or not sys.stderr.isatty())
+    server, bound, servicer = create_worker(config)
+    if port_file:
+        Path(port_file).write_text(str(bound))
+    log.info("worker_started", address=f"{config.host}:{bound}", capacity=config.capacity,
+             tracking_uri=config.tracking_uri)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    servicer.stop_all()
+    server.stop(10).wait()
+    log.info("worker_stopped")
+    return 0
+
+
+def _cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aqimodels-worker", description=__doc__)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--port-file", help="write the bound port here (used by a registry's local worker)")
+    args = parser.parse_args(argv)
+    return main(args.host, args.port, args.port_file)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())
