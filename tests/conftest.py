@@ -8,6 +8,10 @@ import os
 # Telemetry is decided once at mlflow's import: set this before anything imports it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import atexit
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -44,13 +48,40 @@ def shared_beijing() -> Path:
     return SHARED_DATA
 
 
+def _migrate(uri: str) -> None:
+    """Creates MLflow's and aqimodels' tables in a subprocess (so no connection stays open)."""
+    code = ("from mlflow.tracking import MlflowClient; import sys; "
+            "MlflowClient(tracking_uri=sys.argv[1]).search_experiments(); "
+            "from aqimodels.server.db import Database; d = Database(sys.argv[1]); d.create_tables(); "
+            "d.engine.dispose()")
+    subprocess.run([sys.executable, "-c", code, uri], check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite store, copied for each test (migrations take seconds, a copy milliseconds)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    _migrate(f"sqlite:///{path}")
+    return path
+
+
+_PG_TEMPLATE: list[str] = []
+
+
 def create_postgres_database() -> str:
-    """Creates a fresh database on the local server and returns its SQLAlchemy URL."""
+    """Creates a fresh, migrated database on the local server and returns its SQLAlchemy URL."""
     import psycopg
 
+    if not _PG_TEMPLATE:
+        template = f"aqimodels_tmpl_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{template}"')
+        _migrate(f"postgresql+psycopg://postgres@127.0.0.1:5432/{template}")
+        _PG_TEMPLATE.append(template)
+        atexit.register(drop_postgres_database, f"postgresql+psycopg://postgres@127.0.0.1:5432/{template}")
     name = f"aqimodels_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_PG_TEMPLATE[0]}"')
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
@@ -62,17 +93,33 @@ def drop_postgres_database(url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh MLflow store URI: SQLite file in tmp_path, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/mlflow.db"
-        return
+def postgres_or_skip() -> None:
     why = postgres_available()
     if why is not None:
         if _must_not_skip():
             pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required in CI but does not answer: {why}")
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 does not answer: {why}")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database (skipped when no server answers, never in CI)."""
+    postgres_or_skip()
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path, _sqlite_template: Path) -> Iterator[str]:
+    """A fresh MLflow store URI: SQLite file in tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        shutil.copy(_sqlite_template, tmp_path / "mlflow.db")
+        yield f"sqlite:///{tmp_path}/mlflow.db"
+        return
+    postgres_or_skip()
     url = create_postgres_database()
     try:
         yield url
@@ -81,7 +128,9 @@ def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def sqlite_uri(tmp_path: Path) -> str:
+def sqlite_uri(tmp_path: Path, _sqlite_template: Path) -> str:
+    """A fresh, migrated SQLite store in tmp_path."""
+    shutil.copy(_sqlite_template, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 

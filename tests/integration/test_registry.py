@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import shutil
 import threading
 
 import grpc
@@ -302,8 +303,10 @@ ERROR_CASES = [
 
 
 @pytest.fixture(scope="module")
-def error_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    reg = start_registry(f"sqlite:///{tmp_path_factory.mktemp('errors')}/mlflow.db")
+def error_registry(tmp_path_factory: pytest.TempPathFactory, _sqlite_template) -> Registry:
+    folder = tmp_path_factory.mktemp("errors")
+    shutil.copy(_sqlite_template, folder / "mlflow.db")
+    reg = start_registry(f"sqlite:///{folder}/mlflow.db")
     reg.seed(LSTM, [realistic_metrics(i) for i in range(3)])
     reg.client.promote(LSTM, 1, "production")  # type: ignore[attr-defined]
     yield reg
