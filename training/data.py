@@ -59,7 +59,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-
 from aqimodels.client.errors import InvalidArgumentError
 
 POLLUTANTS: tuple[str, ...] = ("pm25", "pm10", "so2", "no2", "co", "o3")
@@ -285,7 +284,7 @@ def _parse_synthetic(text: str) -> dict[str, int]:
 
 def _read_table(path: str) -> pd.DataFrame:
     try:
-        if path.endswith(".parquet") or path.endswith(".pq"):
+        if path.endswith((".parquet", ".pq")):
             return pd.read_parquet(path)
         return pd.read_csv(path, na_values=["NA"], keep_default_na=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is the caller's bad file
@@ -378,8 +377,8 @@ def synthetic_data(stations: int = 6, days: int = 90, seed: int = 7) -> AirQuali
     start = pd.Timestamp("2023-01-01") + pd.Timedelta(days=int(rng.integers(0, 365)))
     times = pd.date_range(start, periods=T, freq="h")
     hour = times.hour.to_numpy()
-    dow = times.dayofweek.to_numpy()
-    doy = times.dayofyear.to_numpy()
+    dow = times.day_of_week.to_numpy()
+    doy = times.day_of_year.to_numpy()
 
     def ar1(phi: float, sigma: float) -> np.ndarray:
         e = rng.normal(0.0, sigma, T)
@@ -390,7 +389,7 @@ def synthetic_data(stations: int = 6, days: int = 90, seed: int = 7) -> AirQuali
             out[i] = acc
         return out
 
-    season = np.cos(2 * np.pi * (doy - 15) / 365.25)  # +1 mid-January (winter)
+    season = 0.5 * np.cos(2 * np.pi * (doy - 15) / 365.25)  # +0.5 mid-January (winter)
     temp = 12 - 12 * season + 5 * np.sin(2 * np.pi * (hour - 9) / 24) + ar1(0.97, 0.6)
     pres = 1015 + 8 * season + ar1(0.995, 0.35)
     dewp = temp - np.abs(6 + ar1(0.95, 0.8))
@@ -406,25 +405,32 @@ def synthetic_data(stations: int = 6, days: int = 90, seed: int = 7) -> AirQuali
             rain[i:i + length] = rng.gamma(1.5, 1.2, size=len(rain[i:i + length]))
             i += length
         i += 1
-    # regional background with episodic build-ups (stagnation episodes) in [T]
+    # regional background with episodic build-ups (stagnation episodes) in [T]; an episode
+    # ends with a clean-air front (wind picks up from the north-west)
     episode = np.zeros(T)
-    i = 0
+    i = 48
     while i < T:
-        if rng.random() < 0.006:
-            length = int(rng.integers(36, 120))
-            ramp = np.linspace(0, 1, length) ** 1.5 * rng.uniform(60, 160)
-            episode[i:i + length] = ramp[: len(episode[i:i + length])]
-            wspeed[i:i + length] *= 0.5  # stagnant air
-            i += length
+        if rng.random() < 0.01:
+            length = int(rng.integers(36, 96))
+            seg = slice(i, min(i + length, T))
+            n = seg.stop - seg.start
+            episode[seg] = np.linspace(0, 1, n) * rng.uniform(30, 80)
+            wspeed[seg] *= 0.6  # stagnant air
+            front = slice(seg.stop, min(seg.stop + 12, T))
+            wspeed[front] += 3.0
+            wdir[front] = 315.0 + rng.normal(0, 10, front.stop - front.start)
+            i += length + 24
         i += 1
-    background = 15 + 10 * season + episode
+    background = 12 + 6 * season + episode
 
     # emissions per station [T, S]: traffic peaks, weekday effect, heating season
-    traffic = 1 + 0.6 * np.exp(-((hour - 8) ** 2) / 4) + 0.7 * np.exp(-((hour - 19) ** 2) / 6)
-    weekday = np.where(dow < 5, 1.0, 0.75)
-    heating = 1 + 0.6 * np.clip(season, 0, None)
-    emis = (1.5 + 4.0 * urban[None, :]) * (traffic * weekday * heating)[:, None]
-    emis *= np.exp(rng.normal(0, 0.15, size=(T, S)))
+    traffic = 1 + 0.8 * np.exp(-((hour - 8) ** 2) / 4) + 0.9 * np.exp(-((hour - 19) ** 2) / 6)
+    weekday = np.where(dow < 5, 1.0, 0.7)
+    heating = 1 + 0.4 * np.clip(season, 0, None)
+    emis = (2.0 + 6.0 * urban[None, :]) * (traffic * weekday * heating)[:, None]
+    emis *= np.exp(rng.normal(0, 0.1, size=(T, S)))
+    # boundary layer: strong daytime mixing (ventilation), shallow night-time layer
+    mixing = 0.6 + 0.8 * np.clip(np.sin(2 * np.pi * (hour - 7) / 24), 0, None)
 
     # transport: wind blowing TO direction (wdir + 180); unit vector in km axes (x east, y north)
     to = np.radians(wdir + 180.0)
@@ -437,17 +443,17 @@ def synthetic_data(stations: int = 6, days: int = 90, seed: int = 7) -> AirQuali
     for t in range(1, T):
         speed_kmh = wspeed[t] * 3.6
         align = unit @ wvec[t]  # [S, S]: how much i -> j is downwind
-        wgt = np.clip(align, 0, None) ** 2 * np.exp(-dist / 25.0)
+        wgt = np.clip(align, 0, None) ** 2 * np.exp(-dist / 30.0)
         np.fill_diagonal(wgt, 0.0)
         lag = np.clip(np.rint(dist / max(speed_kmh, 1.0)), 1, 12).astype(int)
         src = c[np.clip(t - lag, 0, None), np.arange(S)[:, None]]  # src[i, j] = c_i(t - lag_ij)
         wsum = wgt.sum(axis=0)
         upwind = (wgt * src).sum(axis=0) / np.maximum(wsum, 1e-9)
-        mix = np.clip(0.08 * wspeed[t], 0.02, 0.5)
+        mix = np.clip(0.12 * wspeed[t], 0.05, 0.6)
         frac_up = np.clip(wsum, 0, 1)
         inflow = frac_up * upwind + (1 - frac_up) * background[t]
-        keep = np.exp(-(0.03 + 0.02 * wspeed[t] + 0.25 * rain[t]))
-        local = keep * c[t - 1] + emis[t]
+        keep = np.exp(-(0.04 + 0.04 * wspeed[t] * mixing[t] + 0.3 * rain[t]))
+        local = keep * c[t - 1] + emis[t] / mixing[t]
         c[t] = (1 - mix) * local + mix * inflow
     pm25 = np.clip(c * np.exp(rng.normal(0, 0.05, size=(T, S))), 1.0, None)
     pm10 = pm25 * rng.uniform(1.3, 1.8, S) + 10 * wspeed[:, None] * (rain[:, None] == 0) + rng.normal(0, 3, (T, S))
@@ -465,8 +471,8 @@ def synthetic_data(stations: int = 6, days: int = 90, seed: int = 7) -> AirQuali
         values[k] = np.repeat(v[:, None], S, axis=1) + noise
     values["wind_speed"] = np.clip(values["wind_speed"], 0.1, None)
     values["rain"] = np.round(values["rain"], 1)
-    for k in values:
-        values[k] = np.round(values[k], 1 if k != "co" else 0)
+    for k, v in values.items():
+        values[k] = np.round(v, 1 if k != "co" else 0)
     # missing values: isolated hours and a few instrument outages
     for k in POLLUTANTS:
         values[k][rng.random((T, S)) < 0.01] = np.nan

@@ -24,7 +24,6 @@ would need the forecast history; this is the usual simplification).
 from __future__ import annotations
 
 import numpy as np
-
 from aqimodels.training.core import REPORT_HORIZONS
 
 # (C_low, C_high, I_low, I_high)

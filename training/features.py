@@ -37,11 +37,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.lib.stride_tricks import sliding_window_view
-
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.core import HORIZON_HOURS, FeatureSet, Split
 from aqimodels.training.data import POLLUTANTS, AirQualityData
+from numpy.lib.stride_tricks import sliding_window_view
 
 PIPELINE_VERSION = 1
 FFILL_LIMIT_HOURS = 6
@@ -81,7 +80,7 @@ def _raw_columns(data: AirQualityData, stations: list[str] | None = None) -> tup
 
 def _calendar(times: np.ndarray) -> dict[str, np.ndarray]:
     t = pd.DatetimeIndex(times)
-    hour, dow, doy = t.hour.to_numpy(), t.dayofweek.to_numpy(), t.dayofyear.to_numpy()
+    hour, dow, doy = t.hour.to_numpy(), t.day_of_week.to_numpy(), t.day_of_year.to_numpy()
     return {
         "hour_sin": np.sin(2 * np.pi * hour / 24), "hour_cos": np.cos(2 * np.pi * hour / 24),
         "dow_sin": np.sin(2 * np.pi * dow / 7), "dow_cos": np.cos(2 * np.pi * dow / 7),
@@ -229,8 +228,8 @@ def build_features(
         )
     cols, times = _raw_columns(data)
     n = T - window - horizon + 1
-    n_test = max(1, int(round(n * test_fraction)))
-    n_val = max(1, int(round(n * val_fraction)))
+    n_test = max(1, round(n * test_fraction))
+    n_val = max(1, round(n * val_fraction))
     n_train = n - n_test - n_val
     origins = np.arange(window - 1, window - 1 + n)
     train_end = int(origins[n_train - 1]) + 1  # training hours: [0, train_end)
@@ -283,7 +282,7 @@ def build_features(
 
     estimated = n * window * S * len(names) * 4 / stride
     if estimated > COPY_LIMIT_BYTES:
-        def split(sel: np.ndarray) -> Split:  # noqa: F811 - views instead of copies
+        def split(sel: np.ndarray) -> Split:
             a, b = int(sel[0]) - window + 1, int(sel[-1]) - window + 2
             return Split(x=w[a:b:stride], y=y_all[sel[::stride]], last_pm25=last[sel[::stride]],
                          times=times[sel[::stride]])

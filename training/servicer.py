@@ -212,7 +212,7 @@ class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
     def ValidateDataset(self, request: wpb.ValidateDatasetRequest,
                         context: grpc.ServicerContext) -> wpb.ValidateDatasetResponse:
         from aqimodels.training.data import load_dataset
-        from aqimodels.training.features import min_hours
+        from aqimodels.training.features import build_features, min_hours
 
         window = request.window_hours or 24
         data = load_dataset(request.dataset.spec or "synthetic",
@@ -223,6 +223,7 @@ class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
             raise InvalidArgumentError(
                 f"dataset {request.dataset.spec or 'synthetic'!r} has {data.n_hours} hours; a {window}-hour window "
                 f"and the 24-hour horizon need at least {need}", field="dataset")
+        build_features(data, window=window, stride=24)  # every check of training, at 1/24 of the memory
         times = data.times
         out = wpb.ValidateDatasetResponse(stations=len(data.station_names), hours=data.n_hours,
                                           fingerprint=data.fingerprint())

@@ -9,34 +9,40 @@ stop checks, the convergence summary and the picklable :class:`TorchForecaster`.
 ``TrainConfig.extra`` keys read here (all strings, all optional):
 
 * ``max_train_samples``: at most this many training windows per epoch, drawn afresh every
-  epoch without replacement (default 8192, ``0`` = all). Hourly origins overlap heavily, so
+  epoch without replacement (default 4096, ``0`` = all). Hourly origins overlap heavily, so
   a fresh random subset per epoch keeps an epoch's cost bounded on the full Beijing data
   (about 24,500 origins) while every origin is still seen over the run; the default
   synthetic data (about 1,500 origins) is never subsampled.
 * ``max_val_samples``: evaluate early stopping on at most this many validation windows,
-  evenly spaced in time and fixed for the whole run (default 4096, ``0`` = all).
+  evenly spaced in time and fixed for the whole run (default 2048, ``0`` = all).
 * ``grad_clip`` (default 1.0, total L2 norm), ``weight_decay`` (default 0),
   ``dropout`` (default 0.1), ``station_embedding_dim`` (default 4),
-  ``num_threads`` (default 2, never above 2), ``stop_check_every`` (batches, default 8).
+  ``num_threads`` (default 1, never above 2), ``stop_check_every`` (batches, default 8).
+
+Threads: the networks are small (hidden 64, a few hundred sequences per batch), so a second
+intra-op thread gains little on an idle machine, while on a busy 2-core worker (the registry,
+MLflow and tests share it) two OpenMP threads were measured 3-5x *slower* than one. Hence one
+thread by default; ``num_threads=2`` is allowed for a dedicated machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
-
 from aqimodels.training.core import EpochFinished, FeatureSet, TrainConfig, TrainingCancelled
+from torch import nn
 
 MAX_THREADS = 2
 """The worker machines have 2 cores; torch never gets more threads than this."""
+DEFAULT_THREADS = 1
 
 
 # ---- settings ----
@@ -65,9 +71,9 @@ class LoopSettings:
     seed: int = 42
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    max_train_samples: int = 8192
-    max_val_samples: int = 4096
-    num_threads: int = MAX_THREADS
+    max_train_samples: int = 4096
+    max_val_samples: int = 2048
+    num_threads: int = DEFAULT_THREADS
     stop_check_every: int = 8
 
     @classmethod
@@ -92,6 +98,17 @@ class LoopSettings:
         if settings.max_epochs < 1 or settings.batch_size < 1 or settings.learning_rate <= 0:
             raise ValueError(f"invalid training settings: {settings}")
         return settings
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Runs the block with torch on ``n`` intra-op threads (1..2), restoring the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, MAX_THREADS)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -121,7 +138,8 @@ class StationEncoder(nn.Module):
         seq = x.permute(0, 2, 1, 3).reshape(b * s, w, f)
         emb = self.embedding.weight[None, :, None, :].expand(b, s, w, -1).reshape(b * s, w, -1)
         _, (h_n, _) = self.lstm(torch.cat([seq, emb], dim=-1))
-        return h_n[-1]
+        last_hidden: torch.Tensor = h_n[-1]
+        return last_hidden
 
 
 class ForecastHead(nn.Module):
@@ -139,7 +157,8 @@ class ForecastHead(nn.Module):
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         b, _, s, f = x.shape
         last = x[:, -1].reshape(b * s, f)
-        return self.linear(torch.cat([self.dropout(h), last], dim=-1)).view(b, s, -1)
+        out: torch.Tensor = self.linear(torch.cat([self.dropout(h), last], dim=-1))
+        return out.view(b, s, -1)
 
 
 # ---- loss and prediction ----
@@ -175,20 +194,31 @@ class TorchForecaster:
     """A fitted PyTorch network plus the PM2.5 scaling; picklable (cloudpickle or pickle).
 
     ``predict`` runs in eval mode on CPU without gradients, in batches, and returns µg/m³.
+    It runs torch on ``num_threads`` threads (default 1, restored afterwards): on a busy
+    2-core machine a 2-thread predict of a few hundred windows was measured 10-25x slower.
     """
 
-    def __init__(self, module: nn.Module, target_mean: float, target_std: float, batch_size: int = 512) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        target_mean: float,
+        target_std: float,
+        batch_size: int = 512,
+        num_threads: int = DEFAULT_THREADS,
+    ) -> None:
         self.module = module.cpu().eval()
         self.target_mean = float(target_mean)
         self.target_std = float(target_std)
         self.batch_size = int(batch_size)
+        self.num_threads = int(num_threads)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Forecast from scaled windows ``x`` ``[N, window, S, F]`` to PM2.5 µg/m³ ``[N, S, H]``."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 4:
             raise ValueError(f"expected x of shape [N, window, S, F], got {x.shape}")
-        scaled = _predict_scaled(self.module, x, self.batch_size)
+        with torch_threads(self.num_threads):
+            scaled = _predict_scaled(self.module, x, self.batch_size)
         return (scaled * self.target_std + self.target_mean).astype(np.float32)
 
 
@@ -214,10 +244,13 @@ def _check(stop: threading.Event) -> None:
         raise TrainingCancelled("training cancelled")
 
 
-def _evenly_spaced(n: int, cap: int) -> np.ndarray:
+def _evenly_spaced(x: np.ndarray, y: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``cap`` samples of ``(x, y)``, evenly spaced in time (no copy when under the cap)."""
+    n = x.shape[0]
     if cap <= 0 or n <= cap:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))
+        return x, y
+    idx = np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))
+    return x[idx], y[idx]
 
 
 def train_loop(
@@ -237,12 +270,8 @@ def train_loop(
     validation data it falls back to the training loss. Training stops after ``patience``
     epochs without improvement (``patience <= 0`` disables early stopping).
     """
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(settings.num_threads, previous_threads, MAX_THREADS)))
-    try:
+    with torch_threads(settings.num_threads):
         return (yield from _train(module, features, settings, stop))
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(
@@ -261,9 +290,8 @@ def _train(
     if n_train == 0:
         raise ValueError("no training samples")
 
-    val_idx = _evenly_spaced(len(features.val), settings.max_val_samples)
-    val_x, val_y = features.val.x[val_idx], features.val.y[val_idx]
-    has_val = bool(len(val_idx)) and bool((~np.isnan(val_y)).any())
+    val_x, val_y = _evenly_spaced(features.val.x, features.val.y, settings.max_val_samples)
+    has_val = val_x.shape[0] > 0 and bool((~np.isnan(val_y)).any())
 
     gen = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.Adam(
@@ -293,7 +321,7 @@ def _train(
                 continue
             loss = masked_mse(module(_as_input(train_x[idx])), train_y[idx], mask)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             if settings.grad_clip > 0:
                 nn.utils.clip_grad_norm_(module.parameters(), settings.grad_clip)
             optimizer.step()
@@ -332,4 +360,4 @@ def _train(
         "early_stopped": 1 if early_stopped else 0,
         "best_validation_rmse": float(math.sqrt(best_score) * std) if has_val else math.nan,
     }
-    return LoopResult(TorchForecaster(module, mean, std), convergence)
+    return LoopResult(TorchForecaster(module, mean, std, num_threads=settings.num_threads), convergence)

@@ -25,9 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch_geometric.nn import GCNConv
-
 from aqimodels.training.core import EpochFinished, FeatureSet, Forecaster, TrainConfig
 from aqimodels.training.trainers._torch_loop import (
     ForecastHead,
@@ -38,6 +35,8 @@ from aqimodels.training.trainers._torch_loop import (
     seed_everything,
     train_loop,
 )
+from torch import nn
+from torch_geometric.nn import GCNConv
 
 DEFAULT_HIDDEN_SIZE = 64
 DEFAULT_K_NEIGHBORS = 3
@@ -85,6 +84,9 @@ def knn_graph(coords: np.ndarray, k: int = DEFAULT_K_NEIGHBORS) -> tuple[np.ndar
 class GNNNet(nn.Module):
     """``[B, window, S, F]`` scaled windows -> ``[B, S, H]`` scaled PM2.5 over the station graph."""
 
+    edge_index: torch.Tensor
+    edge_weight: torch.Tensor
+
     def __init__(
         self,
         n_features: int,
@@ -112,11 +114,9 @@ class GNNNet(nn.Module):
         """``batch`` copies of the station graph as one disjoint graph (node ``b * S + s``)."""
         cached = self._batched.get(batch)
         if cached is None:
-            ei: torch.Tensor = self.edge_index
-            ew: torch.Tensor = self.edge_weight
             offsets = torch.arange(batch, dtype=torch.long) * self.n_stations
-            edge_index = (ei[:, None, :] + offsets[None, :, None]).reshape(2, -1)
-            cached = (edge_index, ew.repeat(batch))
+            edge_index = (self.edge_index[:, None, :] + offsets[None, :, None]).reshape(2, -1)
+            cached = (edge_index, self.edge_weight.repeat(batch))
             self._batched[batch] = cached
         return cached
 
@@ -125,11 +125,12 @@ class GNNNet(nn.Module):
         edge_index, edge_weight = self.batched_graph(x.shape[0])
         for norm, conv in zip(self.norms, self.convs):
             h = h + self.dropout(torch.relu(conv(norm(h), edge_index, edge_weight)))
-        return self.head(h, x)
+        out: torch.Tensor = self.head(h, x)
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         # The per-batch-size graphs are a cache: keep pickles small, rebuild on demand.
-        state = dict(super().__getstate__())
+        state = self.__dict__.copy()
         state["_batched"] = {}
         return state
 
@@ -138,7 +139,7 @@ class GNNTrainer:
     """Trains :class:`GNNNet`; implements :class:`aqimodels.training.core.Trainer`.
 
     Defaults: k=3 neighbours, 2 GCN layers, 30 epochs, Adam lr 2e-3, batch 64, patience 5,
-    hidden 64, station embedding 4, dropout 0.1, gradient clip 1.0, at most 8192 training
+    hidden 64, station embedding 4, dropout 0.1, gradient clip 1.0, at most 4096 training
     windows per epoch. After ``fit``, ``edge_index``/``edge_weight`` hold the station graph.
     """
 
@@ -150,7 +151,9 @@ class GNNTrainer:
         self.edge_index: np.ndarray | None = None
         self.edge_weight: np.ndarray | None = None
 
-    def fit(self, features: FeatureSet, config: TrainConfig, stop: threading.Event) -> Iterator[EpochFinished]:
+    def fit(
+        self, features: FeatureSet, config: TrainConfig, stop: threading.Event
+    ) -> Iterator[EpochFinished]:
         """Yields one ``EpochFinished`` per epoch; fills ``forecaster`` and ``convergence`` at the end."""
         settings = LoopSettings.from_config(config)
         n_stations = features.train.x.shape[2]

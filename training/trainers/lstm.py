@@ -15,8 +15,6 @@ import threading
 from collections.abc import Iterator
 
 import torch
-from torch import nn
-
 from aqimodels.training.core import EpochFinished, FeatureSet, Forecaster, TrainConfig
 from aqimodels.training.trainers._torch_loop import (
     ForecastHead,
@@ -27,6 +25,7 @@ from aqimodels.training.trainers._torch_loop import (
     seed_everything,
     train_loop,
 )
+from torch import nn
 
 DEFAULT_HIDDEN_SIZE = 64
 
@@ -48,14 +47,15 @@ class LSTMNet(nn.Module):
         self.head = ForecastHead(hidden_size, n_features, horizon, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x), x)
+        out: torch.Tensor = self.head(self.encoder(x), x)
+        return out
 
 
 class LSTMTrainer:
     """Trains :class:`LSTMNet`; implements :class:`aqimodels.training.core.Trainer`.
 
     Defaults: 30 epochs, Adam lr 2e-3, batch 64, patience 5, hidden 64, station embedding 4,
-    dropout 0.1, gradient clip 1.0, at most 8192 training windows per epoch.
+    dropout 0.1, gradient clip 1.0, at most 4096 training windows per epoch.
     """
 
     name = "lstm"
@@ -64,7 +64,9 @@ class LSTMTrainer:
         self.forecaster: Forecaster | None = None
         self.convergence: dict[str, float] = {}
 
-    def fit(self, features: FeatureSet, config: TrainConfig, stop: threading.Event) -> Iterator[EpochFinished]:
+    def fit(
+        self, features: FeatureSet, config: TrainConfig, stop: threading.Event
+    ) -> Iterator[EpochFinished]:
         """Yields one ``EpochFinished`` per epoch; fills ``forecaster`` and ``convergence`` at the end."""
         settings = LoopSettings.from_config(config)
         seed_everything(settings.seed)

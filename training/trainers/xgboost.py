@@ -27,20 +27,19 @@ from typing import Any
 
 import numpy as np
 import xgboost as xgb
-
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.core import EpochFinished, FeatureSet, TrainConfig, TrainingCancelled
 
 DEFAULTS: dict[str, Any] = {
     "max_epochs": 300,
-    "learning_rate": 0.08,
-    "early_stopping_patience": 25,
+    "learning_rate": 0.1,
+    "early_stopping_patience": 15,
     "max_depth": 5,
     "min_child_weight": 3.0,
     "subsample": 0.8,
     "colsample_bytree": 0.8,
     "reg_lambda": 1.0,
-    "max_bin": 128,
+    "max_bin": 64,
 }
 
 PM_LAGS = (0, 1, 2, 3, 5, 11, 23)
@@ -51,7 +50,7 @@ METRIC = "val_rmse_ugm3"
 def derive_features(x: np.ndarray, feature_names: list[str], target_mean: float, target_std: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Tabular rows ``[N*S, D]`` from windows ``x [N, W, S, F]``, plus the raw PM2.5 at each
     origin ``[N*S]`` and the column names. Rows are ordered sample-major (n, s)."""
-    N, W, S, F = x.shape
+    N, W, S, _ = x.shape
     p = feature_names.index("pm25")
     pm = np.asarray(x[..., p], dtype=np.float32)  # [N, W, S], scaled
     cols: list[np.ndarray] = []  # each [N, S]

@@ -1,0 +1,571 @@
+"""``aqimodels``: the operator's command line over the ModelRegistry API.
+
+Every command talks to the registry through :class:`aqimodels.client.RegistryClient`. Read commands
+take ``--json`` and then print JSON only on stdout. A failed call prints ``<STATUS>: <message>`` on
+stderr and exits 1. ``serve`` and ``worker`` import the server and training packages lazily: the base
+install is the client alone.
+
+Examples::
+
+    aqimodels status
+    aqimodels compare aqi_predictor_lstm --metric rmse
+    aqimodels promote aqi_predictor_lstm 7 --expect-current 6 --reason "better rmse"
+    aqimodels retrain lstm gnn --epochs 20 --auto-promote
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn
+
+import grpc
+import typer
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.api.training.v1 import worker_pb2 as wpb
+from aqimodels.client import render
+from aqimodels.client.client import (
+    DEFAULT_TARGET,
+    MODEL_TYPES,
+    RegistryClient,
+    model_type_value,
+    stage_name,
+    stage_value,
+)
+from aqimodels.client.errors import AqiModelsError, InvalidArgumentError
+from rich.console import Console, RenderableType
+from rich.markup import escape
+
+app = typer.Typer(
+    name="aqimodels",
+    help="Operate the aqimodels registry: status, list, compare, promote, rollback, retrain, jobs, audit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+jobs_app = typer.Typer(help="Retrain jobs: list them (default), watch one live, cancel one.")
+app.add_typer(jobs_app, name="jobs")
+
+# Substrings of the transport's own UNAVAILABLE messages (as opposed to the server reporting that
+# its MLflow backend is down, which is also UNAVAILABLE but comes with the server's own words).
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "dns resolution failed", "connect failed",
+                     "name resolution", "no route to host", "network is unreachable", "socket closed",
+                     "handshake failed", "connection reset")
+
+
+@dataclass(frozen=True)
+class _Settings:
+    target: str
+    token: str | None
+    ca_cert: str | None
+    client_cert: str | None
+    client_key: str | None
+    timeout: float
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else.")]
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Option(envvar="AQIMODELS_TARGET", help="host:port of the registry.")]
+    = DEFAULT_TARGET,
+    token: Annotated[str | None, typer.Option(envvar="AQIMODELS_TOKEN", help="Bearer token.",
+                                              show_default=False)] = None,
+    ca_cert: Annotated[str | None, typer.Option(envvar="AQIMODELS_CA_CERT",
+                                                help="PEM CA bundle: use TLS.")] = None,
+    client_cert: Annotated[str | None, typer.Option(envvar="AQIMODELS_CLIENT_CERT",
+                                                    help="PEM client certificate (mutual TLS).")] = None,
+    client_key: Annotated[str | None, typer.Option(envvar="AQIMODELS_CLIENT_KEY",
+                                                   help="PEM client key (mutual TLS).")] = None,
+    timeout: Annotated[float, typer.Option(envvar="AQIMODELS_TIMEOUT",
+                                           help="Deadline of each unary call, seconds.")] = 30.0,
+) -> None:
+    ctx.obj = _Settings(target, token, ca_cert, client_cert, client_key, timeout)
+
+
+# ---- plumbing ----
+
+def _settings(ctx: typer.Context) -> _Settings:
+    obj = ctx.find_root().obj
+    if isinstance(obj, _Settings):
+        return obj
+    return _Settings(DEFAULT_TARGET, None, None, None, None, 30.0)
+
+
+def _console() -> Console:
+    # Built per command so that it writes to the sys.stdout of the moment (tests swap it).
+    return Console(highlight=False)
+
+
+def _print(renderable: RenderableType) -> None:
+    _console().print(renderable)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(render.to_json(data) + "\n")
+    sys.stdout.flush()
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def _is_connect_failure(exc: AqiModelsError) -> bool:
+    text = exc.message.lower()
+    return exc.code == grpc.StatusCode.UNAVAILABLE and any(s in text for s in _CONNECT_FAILURES)
+
+
+def _fail(exc: AqiModelsError, settings: _Settings) -> NoReturn:
+    name = exc.code.name if isinstance(exc.code, grpc.StatusCode) else str(exc.code)
+    if _is_connect_failure(exc) or (exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                                    and exc.message.strip().lower() == "deadline exceeded"):
+        _err(f"{name}: the registry server at {settings.target} does not answer ({exc.message}).\n"
+             f"Start one with `make run` or `aqimodels serve`, or point --target / AQIMODELS_TARGET at a running "
+             f"registry.")
+    else:
+        _err(f"{name}: {exc.message}")
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _registry(ctx: typer.Context) -> Iterator[RegistryClient]:
+    """A connected client; any AqiModelsError inside the block becomes ``STATUS: message`` and exit 1."""
+    s = _settings(ctx)
+    try:
+        with RegistryClient(s.target, token=s.token, timeout=s.timeout, ca_cert=s.ca_cert,
+                            client_cert=s.client_cert, client_key=s.client_key) as client:
+            yield client
+    except AqiModelsError as exc:
+        _fail(exc, s)
+    except OSError as exc:  # unreadable TLS files
+        _err(f"INVALID_ARGUMENT: {exc}")
+        raise typer.Exit(1) from None
+
+
+# ---- processes ----
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (default: AQIMODELS_HOST or the config's).",
+                                             show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default: AQIMODELS_PORT or 50051).",
+                                             show_default=False)] = None,
+) -> None:
+    """Run the registry server (and a local training worker unless AQIMODELS_WORKERS is set)."""
+    try:
+        from aqimodels.server.main import main as serve_main
+    except ImportError as exc:
+        _err(f"`aqimodels serve` needs the server extra: pip install 'aqimodels[server]' ({exc})")
+        raise typer.Exit(2) from None
+    kwargs: dict[str, Any] = {}
+    if host is not None:
+        kwargs["host"] = host
+    if port is not None:
+        kwargs["port"] = port
+    raise typer.Exit(serve_main(**kwargs) or 0)
+
+
+@app.command()
+def worker(
+    host: Annotated[str | None, typer.Option(help="Listen address.", show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port.", show_default=False)] = None,
+) -> None:
+    """Run a training worker."""
+    try:
+        from aqimodels.training.main import main as worker_main
+    except ImportError as exc:
+        _err(f"`aqimodels worker` needs the training extra: pip install 'aqimodels[training]' ({exc})")
+        raise typer.Exit(2) from None
+    kwargs: dict[str, Any] = {}
+    if host is not None:
+        kwargs["host"] = host
+    if port is not None:
+        kwargs["port"] = port
+    raise typer.Exit(worker_main(**kwargs) or 0)
+
+
+# ---- read commands ----
+
+@app.command()
+def health(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Print SERVING or NOT_SERVING; exit 0 only when SERVING (a container HEALTHCHECK)."""
+    with _registry(ctx) as client:
+        state = client.health(timeout=min(_settings(ctx).timeout, 10.0))
+    if as_json:
+        _print_json({"target": _settings(ctx).target, "status": state})
+    else:
+        sys.stdout.write(state + "\n")
+    if state != "SERVING":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Every model's production, staging and latest versions, jobs, backend and workers."""
+    with _registry(ctx) as client:
+        resp = client.status()
+    if as_json:
+        _print_json(resp)
+        return
+    _print(render.status_view(resp))
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(help="A model: list its versions.", show_default=False)] = None,
+    stage: Annotated[str | None, typer.Option(help="Only versions in this stage (none, staging, production, "
+                                                   "archived).", show_default=False)] = None,
+    order_by: Annotated[str, typer.Option(help="version, create_time or metric.<name>, with asc/desc.")] = "",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Registered models, or the versions of MODEL (with --stage without MODEL: that stage everywhere)."""
+    with _registry(ctx) as client:
+        page = min(limit, 100)
+        if model is None and stage is None:
+            models = list(itertools.islice(client.iter_models(page_size=page), limit))
+            if as_json:
+                _print_json({"models": [render.to_dict(m) for m in models]})
+            else:
+                _print(render.models_table(models))
+            return
+        stage_value(stage)  # rejects a bad stage before any call
+        if model is None:
+            versions: list[pb.ModelVersion] = []
+            for m in client.iter_models():
+                versions += client.iter_versions(m.name, stage=stage, order_by=order_by, page_size=page)
+            versions = versions[:limit]
+            title = f"{stage} versions"
+        else:
+            versions = list(itertools.islice(
+                client.iter_versions(model, stage=stage, order_by=order_by, page_size=page), limit))
+            title = model + (f" ({stage})" if stage else "")
+    if as_json:
+        _print_json({"versions": [render.to_dict(v) for v in versions]})
+    else:
+        _print(render.versions_table(versions, title))
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[int, typer.Argument(help="Version number.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """One version: stage, aliases, run, URI, times, every metric and tag."""
+    with _registry(ctx) as client:
+        mv = client.get_version(model, version)
+    if as_json:
+        _print_json(mv)
+    else:
+        _print(render.version_view(mv))
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    metric: Annotated[str, typer.Option(help="Metric that ranks the versions.")] = "rmse",
+    versions: Annotated[str | None, typer.Option(help="Only these versions, e.g. 1,2,3 (default: all).",
+                                                 show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Versions of MODEL side by side; the best one by --metric is marked."""
+    with _registry(ctx) as client:
+        resp = client.compare(model, render.parse_versions(versions), metric)
+    if as_json:
+        _print_json(resp)
+    else:
+        _print(render.compare_table(model, resp))
+
+
+@app.command()
+def audit(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Only events about this model.")] = "",
+    actor: Annotated[str, typer.Option(help="Only events by this actor.")] = "",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many events.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """The audit trail of mutations and denied attempts, newest first."""
+    with _registry(ctx) as client:
+        events = list(itertools.islice(
+            client.iter_audit_events(model_name=model, actor=actor, page_size=min(limit, 200)), limit))
+    if as_json:
+        _print_json({"events": [render.to_dict(e) for e in events]})
+    else:
+        _print(render.audit_table(events))
+
+
+# ---- lifecycle ----
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[int | None, typer.Argument(help="The version to move (or --best).",
+                                                  show_default=False)] = None,
+    stage: Annotated[str, typer.Option(help="production, staging or archived.")] = "production",
+    best: Annotated[bool, typer.Option("--best", help="Promote the best version by --metric.")] = False,
+    metric: Annotated[str, typer.Option(help="Metric for --best.")] = "rmse",
+    expect_current: Annotated[int | None, typer.Option(
+        help="Compare-and-set: the version that must hold the stage now (0: none).", show_default=False)] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+    request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Move VERSION (or the best one) to a stage; promoting to production archives the one replaced."""
+    with _registry(ctx) as client:
+        if best == (version is not None):
+            raise InvalidArgumentError("give either VERSION or --best", field="version")
+        resp = client.promote(model, version or 0, stage, expected_current_version=expect_current,
+                              select_best_by=metric if best else "", request_id=request_id, reason=reason)
+    if as_json:
+        _print_json(resp)
+        return
+    mv = resp.version
+    target_stage = stage_name(mv.stage)
+    line = f"{model}: v{mv.version} is now [bold]{target_stage}[/]"
+    if best:
+        line += f" (best by {metric})"
+    if resp.previous_version and resp.previous_version != mv.version:
+        line += f"; it replaces v{resp.previous_version}"
+    elif not resp.previous_version:
+        line += f"; no version held {target_stage} before"
+    else:
+        line += " (unchanged)"
+    _print(line + ".")
+    if resp.archived_versions:
+        _print("archived: " + ", ".join(f"v{v}" for v in resp.archived_versions))
+    if resp.audit_event_id:
+        _print(f"[dim]audit event {resp.audit_event_id}[/]")
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    expect_current: Annotated[int | None, typer.Option(
+        help="Compare-and-set on the current production version.", show_default=False)] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+    request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Move production back to the version that held it before."""
+    with _registry(ctx) as client:
+        resp = client.rollback(model, expected_current_version=expect_current, request_id=request_id,
+                               reason=reason)
+    if as_json:
+        _print_json(resp)
+        return
+    _print(f"{model}: production rolled back to [bold]v{resp.version.version}[/]"
+           + (f"; v{resp.replaced_version} archived." if resp.replaced_version else "."))
+    if resp.audit_event_id:
+        _print(f"[dim]audit event {resp.audit_event_id}[/]")
+
+
+@app.command()
+def cleanup(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    keep: Annotated[int, typer.Option(min=0, help="Keep the newest N versions (aliased ones are always kept).")]
+    = 0,
+    versions: Annotated[str | None, typer.Option(help="Delete exactly these versions instead, e.g. 1,2.",
+                                                 show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be deleted.")] = False,
+    request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete old versions of MODEL, never one that production or staging points to."""
+    with _registry(ctx) as client:
+        chosen = render.parse_versions(versions)
+        if not chosen and keep <= 0:
+            raise InvalidArgumentError("give --keep N (N >= 1) or --versions", field="keep_last")
+        resp = client.cleanup(model, keep, versions=chosen, dry_run=dry_run, request_id=request_id)
+    if as_json:
+        _print_json(resp)
+        return
+
+    def vs(values: Any) -> str:
+        return ", ".join(f"v{v}" for v in values) or "none"
+
+    verb = "would delete" if resp.dry_run else "deleted"
+    _print(f"{model}: {verb} {vs(resp.deleted_versions)}")
+    _print(f"kept: {vs(resp.kept_versions)}; protected by an alias: {vs(resp.protected_versions)}")
+    if resp.dry_run:
+        _print("[dim]dry run: nothing was deleted.[/]")
+
+
+# ---- retrain and jobs ----
+
+def _follow(ctx: typer.Context, events: Iterator[pb.RetrainEvent], as_json: bool) -> None:
+    """Shows events (bars or JSON lines) until the stream ends; Ctrl-C detaches."""
+    jobs: dict[str, render.JobProgress] = {}
+    console = _console()
+    try:
+        if as_json:
+            for ev in events:
+                render.apply_event(jobs, ev)
+                sys.stdout.write(render.to_json(ev, indent=None) + "\n")
+                sys.stdout.flush()
+        else:
+            with render.RetrainView(console) as view:
+                jobs = view.jobs
+                for ev in events:
+                    view.update(ev)
+    except KeyboardInterrupt:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+        _err("\nDetached: the jobs go on on the server. Watch them again with:")
+        for job in jobs.values():
+            if not job.done:
+                _err(f"  aqimodels jobs watch {job.job_id} --after {job.last_sequence}")
+        raise typer.Exit(130) from None
+    if not as_json and jobs:
+        console.print(render.summary_table(jobs.values()))
+    failed = [j for j in jobs.values() if j.state != pb.JOB_STATE_SUCCEEDED]
+    if failed:
+        _err(f"{len(failed)} of {len(jobs)} job(s) did not succeed: "
+             + "; ".join(f"{j.model_type} {j.job_id} {render.job_state_name(j.state)}"
+                         + (f" ({j.error})" if j.error else "") for j in failed))
+        raise typer.Exit(1)
+
+
+@app.command()
+def retrain(
+    ctx: typer.Context,
+    model_types: Annotated[list[str] | None, typer.Argument(
+        help=f"Model types to train ({', '.join(MODEL_TYPES)}); none means all four.", show_default=False)] = None,
+    data: Annotated[str, typer.Option(help="Dataset spec: synthetic[:k=v,...], beijing:<folder> or a file.")]
+    = "",
+    auto_promote: Annotated[bool, typer.Option("--auto-promote", help="Promote a new version that beats "
+                                                                      "production.")] = False,
+    metric: Annotated[str, typer.Option(help="Metric for auto-promotion.")] = "rmse",
+    margin: Annotated[float, typer.Option(min=0.0, help="Required relative improvement, e.g. 0.02.")] = 0.0,
+    epochs: Annotated[int, typer.Option(min=0, help="Maximum epochs or boosting rounds (0: trainer default).")]
+    = 0,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow progress until the jobs end, or "
+                                                                      "print the job ids and return.")] = True,
+    request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Train new versions (one job per model type) with live progress bars and a summary."""
+    with _registry(ctx) as client:
+        types = [model_type_value(t) for t in (model_types or [])]
+        params = wpb.TrainParams(max_epochs=epochs)
+        events = client.retrain(types, dataset=data, auto_promote=auto_promote, params=params,
+                                promotion_metric=metric, promotion_margin=margin, request_id=request_id)
+        if follow:
+            _follow(ctx, events, as_json)
+            return
+        expected = len(set(types)) or len(MODEL_TYPES)
+        seen: dict[str, render.JobProgress] = {}
+        for ev in events:
+            if ev.job_id in seen:
+                continue
+            job = render.apply_event(seen, ev)
+            if as_json:
+                sys.stdout.write(render.to_json({"job_id": job.job_id, "model_type": job.model_type,
+                                                 "state": render.job_state_name(job.state)}, indent=None) + "\n")
+            else:
+                sys.stdout.write(f"{job.job_id}  {job.model_type:<9} {render.job_state_name(job.state)}\n")
+            sys.stdout.flush()
+            if len(seen) >= expected:
+                break
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # disconnects; the jobs go on on the server
+    if not as_json and seen:
+        _err("The jobs run on the server. Follow one with `aqimodels jobs watch JOB`, list them with "
+             "`aqimodels jobs`.")
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs(
+    ctx: typer.Context,
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state (queued, running, succeeded, failed, "
+                                                   "cancelled, interrupted).", show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="Only jobs of this registered model.")] = "",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List retrain jobs, newest first (default), or watch / cancel one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with _registry(ctx) as client:
+        state_number = render.job_state_value(state)
+        found: list[pb.RetrainJob] = []
+        token = ""
+        while len(found) < limit:
+            page = client.list_jobs(state=state_number, model_name=model, page_size=min(limit, 100),
+                                    page_token=token)
+            found += page.jobs
+            token = page.next_page_token
+            if not token:
+                break
+        found = found[:limit]
+    if as_json:
+        _print_json({"jobs": [render.to_dict(j) for j in found]})
+    else:
+        _print(render.jobs_table(found))
+
+
+@jobs_app.command("watch")
+def jobs_watch(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job id.")],
+    after: Annotated[int, typer.Option(min=0, help="Replay only events after this sequence number.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay a job's events, then follow it live until it ends."""
+    with _registry(ctx) as client:
+        _follow(ctx, client.watch_job(job_id, after_sequence=after), as_json)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """One retrain job."""
+    with _registry(ctx) as client:
+        job = client.get_job(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        _print(render.jobs_table([job]))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job id.")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a queued or running job."""
+    with _registry(ctx) as client:
+        job = client.cancel_job(job_id, reason)
+    if as_json:
+        _print_json(job)
+    else:
+        _print(f"{escape(job.job_id)} ({job.model_name}): {render.job_state_name(job.state)}")
+
+
+def main() -> None:
+    """The ``aqimodels`` console script."""
+    app(prog_name="aqimodels")
+
+
+if __name__ == "__main__":
+    main()

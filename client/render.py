@@ -1,0 +1,620 @@
+"""Rendering for the ``aqimodels`` CLI: tables, human times, metric formatting and retrain progress.
+
+Everything here is pure (protos in, rich renderables or plain values out) so that it can be unit
+tested without a server. The CLI in :mod:`aqimodels.client.cli` only fetches and prints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.client.client import model_type_name, stage_name
+from aqimodels.client.errors import InvalidArgumentError
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+# The metrics a person looks at first, in table order; horizons and the baseline follow when present.
+KEY_METRICS: tuple[str, ...] = ("rmse", "mae", "r2", "accuracy")
+HORIZON_METRICS: tuple[str, ...] = ("rmse_h1", "rmse_h6", "rmse_h24")
+BASELINE_METRIC = "baseline_rmse"
+
+JOB_STATES: dict[str, int] = {
+    "queued": pb.JOB_STATE_QUEUED,
+    "running": pb.JOB_STATE_RUNNING,
+    "succeeded": pb.JOB_STATE_SUCCEEDED,
+    "failed": pb.JOB_STATE_FAILED,
+    "cancelled": pb.JOB_STATE_CANCELLED,
+    "interrupted": pb.JOB_STATE_INTERRUPTED,
+}
+TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED,
+                             pb.JOB_STATE_INTERRUPTED})
+
+_STAGE_STYLES = {"production": "bold green", "staging": "yellow", "archived": "dim", "none": ""}
+_STATE_STYLES = {"queued": "cyan", "running": "blue", "succeeded": "green", "failed": "bold red",
+                 "cancelled": "yellow", "interrupted": "magenta"}
+_HEALTH = {
+    pb.MODEL_HEALTH_HEALTHY: ("healthy", "green"),
+    pb.MODEL_HEALTH_NO_PRODUCTION: ("no production version", "yellow"),
+    pb.MODEL_HEALTH_DEGRADED: ("DEGRADED", "bold red"),
+}
+_MISSING = "—"
+# Metrics that count things print without decimals.
+_COUNT_SUFFIXES = ("epochs", "samples", "stations", "rows", "hours", "size", "count", "rounds")
+
+
+# ---- plain values ----
+
+def job_state_value(state: str | None) -> int:
+    """The proto enum number of a job state given by name ("running"); 0 for none."""
+    if not state:
+        return pb.JOB_STATE_UNSPECIFIED
+    try:
+        return JOB_STATES[state.strip().lower()]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown job state {state!r}; use one of {', '.join(JOB_STATES)}",
+                                   field="state") from None
+
+
+def job_state_name(value: int) -> str:
+    return {v: k for k, v in JOB_STATES.items()}.get(value, "unspecified")
+
+
+def parse_versions(text: str | None) -> list[int]:
+    """``"1,2, 5"`` -> ``[1, 2, 5]``; raises InvalidArgumentError naming the field on anything else."""
+    if not text:
+        return []
+    try:
+        versions = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise InvalidArgumentError(f"versions must be comma-separated numbers, got {text!r}",
+                                   field="versions") from None
+    if any(v <= 0 for v in versions):
+        raise InvalidArgumentError(f"versions are 1-based, got {text!r}", field="versions")
+    return versions
+
+
+def has_time(ts: Timestamp) -> bool:
+    return bool(ts.seconds or ts.nanos)
+
+
+def to_datetime(ts: Timestamp) -> datetime:
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
+
+
+def human_delta(seconds: float) -> str:
+    """A duration for people: ``42 s``, ``5 min``, ``3 h``, ``2 days``."""
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{int(seconds)} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h"
+    days = int(seconds // 86400)
+    return f"{days} day" if days == 1 else f"{days} days"
+
+
+def human_time(ts: Timestamp, now: datetime | None = None) -> str:
+    """``3 min ago`` (or ``in 3 min`` for clock skew), ``just now``, and ``never`` when unset."""
+    if not has_time(ts):
+        return "never"
+    now = now or datetime.now(tz=UTC)
+    delta = (now - to_datetime(ts)).total_seconds()
+    if abs(delta) < 5:
+        return "just now"
+    return f"{human_delta(delta)} ago" if delta > 0 else f"in {human_delta(delta)}"
+
+
+def absolute_time(ts: Timestamp, now: datetime | None = None) -> str:
+    """``2026-11-29 07:21:39 UTC (3 min ago)``, or ``—`` when unset."""
+    if not has_time(ts):
+        return _MISSING
+    return f"{to_datetime(ts):%Y-%m-%d %H:%M:%S} UTC ({human_time(ts, now)})"
+
+
+def fmt_metric(name: str, value: float | None) -> str:
+    """A metric value for a table cell: accuracy as a percentage, r2 with 3 decimals, errors with 2."""
+    if value is None or math.isnan(value):
+        return _MISSING
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    if "accuracy" in name:
+        return f"{value * 100:.1f}%"
+    if name == "r2":
+        return f"{value:.3f}"
+    if value == int(value) and name.endswith(_COUNT_SUFFIXES):
+        return f"{int(value):,}"
+    if abs(value) >= 10_000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    if abs(value) < 0.01:
+        return f"{value:.3g}"
+    return f"{value:.2f}"
+
+
+def metric_direction(direction: int) -> str:
+    if direction == pb.METRIC_DIRECTION_LOWER_IS_BETTER:
+        return "lower is better ↓"
+    if direction == pb.METRIC_DIRECTION_HIGHER_IS_BETTER:
+        return "higher is better ↑"
+    return "direction unknown"
+
+
+def stage_text(stage: int) -> Text:
+    name = stage_name(stage)
+    return Text(name, style=_STAGE_STYLES.get(name, ""))
+
+
+def state_text(state: int) -> Text:
+    name = job_state_name(state)
+    return Text(name, style=_STATE_STYLES.get(name, ""))
+
+
+def version_label(version: int) -> str:
+    return f"v{version}" if version else _MISSING
+
+
+def promotion_text(decision: pb.PromotionDecision) -> str:
+    """The auto-promotion decision in one line."""
+    if not decision.considered:
+        return "not considered"
+    metric = decision.metric or "rmse"
+    cand = fmt_metric(metric, decision.candidate_value)
+    if decision.production_version:
+        against = f" vs v{decision.production_version} {fmt_metric(metric, decision.production_value)}"
+    else:
+        against = " (no production version)"
+    verdict = "promoted" if decision.promoted else "not promoted"
+    reason = f": {decision.reason}" if decision.reason else ""
+    return f"{verdict} ({metric} {cand}{against}){reason}"
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """A proto as the JSON the CLI prints (field names as in the .proto)."""
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def to_json(message: Message | Mapping[str, Any] | Sequence[Any], *, indent: int | None = 2) -> str:
+    data = to_dict(message) if isinstance(message, Message) else message
+    return json.dumps(data, indent=indent, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Message):
+        return to_dict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def render_text(renderable: RenderableType, width: int = 160) -> str:
+    """A renderable as plain text (for tests and logs)."""
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False,
+                      legacy_windows=False)
+    console.print(renderable)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    return str(out)
+
+
+# ---- tables ----
+
+def _metric_cells(mv: pb.ModelVersion | None, names: Iterable[str]) -> list[str]:
+    return [fmt_metric(n, mv.metrics[n]) if mv is not None and n in mv.metrics else _MISSING for n in names]
+
+
+def status_view(status: pb.GetStatusResponse, now: datetime | None = None) -> RenderableType:
+    """The whole ``aqimodels status`` screen: one table per model, the backend line, the workers."""
+    parts: list[RenderableType] = []
+    backend = status.backend
+    if not status.models:
+        if backend.healthy or not backend.tracking_uri:
+            parts.append(Text.from_markup(
+                "[bold]No models registered yet.[/] Train them with `aqimodels retrain` (or `make demo`)."))
+        else:
+            parts.append(Text("No models could be read: the MLflow backend is unhealthy (see below).",
+                              style="bold red"))
+    for ms in status.models:
+        parts.append(model_status_table(ms, now))
+    parts.append(backend_line(backend))
+    parts.append(workers_view(status.workers))
+    if status.server_version:
+        parts.append(Text(f"server {status.server_version}", style="dim"))
+    return Group(*parts)
+
+
+def model_status_table(ms: pb.ModelStatus, now: datetime | None = None) -> RenderableType:
+    model = ms.model
+    health, style = _HEALTH.get(ms.health, ("unknown", "dim"))
+    title = Text.assemble(
+        (model.name, "bold"), "  ", (f"● {health}", style),
+        f"  last trained {human_time(ms.last_training_time, now)}",
+        f"  {model.version_count} version{'s' if model.version_count != 1 else ''}")
+    table = Table(expand=False)
+    table.add_column("pointer")
+    table.add_column("version", justify="right")
+    for name in KEY_METRICS:
+        table.add_column(name, justify="right")
+    table.add_column("registered")
+    rows: list[tuple[str, pb.ModelVersion | None]] = [
+        ("production", ms.production if ms.HasField("production") else None),
+        ("staging", ms.staging if ms.HasField("staging") else None),
+        ("latest", ms.latest if ms.HasField("latest") else None),
+    ]
+    for label, mv in rows:
+        if mv is None:
+            table.add_row(Text(label, style=_STAGE_STYLES.get(label, "")), _MISSING,
+                          *[_MISSING] * len(KEY_METRICS), _MISSING)
+            continue
+        table.add_row(Text(label, style=_STAGE_STYLES.get(label, "")), version_label(mv.version),
+                      *_metric_cells(mv, KEY_METRICS), human_time(mv.create_time, now))
+    if ms.running_jobs:
+        jobs = ", ".join(f"{j.job_id} ({job_state_name(j.state)}"
+                         + (f", epoch {j.epoch}/{j.total_epochs}" if j.total_epochs else "") + ")"
+                         for j in ms.running_jobs)
+        table.caption = f"running jobs: {jobs}"
+    else:
+        table.caption = "running jobs: none"
+    table.caption_justify = "left"
+    return Group(Text(), title, table)
+
+
+def backend_line(backend: pb.BackendStatus) -> Text:
+    if backend.healthy:
+        return Text.assemble(("MLflow backend: ", "bold"), ("healthy", "green"),
+                             f"  {backend.tracking_uri}  ({backend.latency_ms:.0f} ms)")
+    return Text.assemble(("MLflow backend: ", "bold"), ("UNHEALTHY", "bold red"),
+                         f"  {backend.tracking_uri}  {backend.message}".rstrip())
+
+
+def workers_view(workers: Sequence[pb.WorkerStatus]) -> RenderableType:
+    if not workers:
+        return Text("Training workers: none configured (retrain needs one: `aqimodels worker`).", style="yellow")
+    table = Table(title="Training workers", title_justify="left")
+    table.add_column("worker")
+    table.add_column("health")
+    table.add_column("running", justify="right")
+    table.add_column("message")
+    for w in workers:
+        table.add_row(w.target, Text("healthy", "green") if w.healthy else Text("unhealthy", "bold red"),
+                      f"{w.running}/{w.capacity}", escape(w.message))
+    return table
+
+
+def models_table(models: Sequence[pb.RegisteredModel], now: datetime | None = None) -> RenderableType:
+    if not models:
+        return Text.from_markup("[bold]No models registered yet.[/] Train them with `aqimodels retrain` "
+                                "(or `make demo`).")
+    table = Table(title="Registered models", title_justify="left")
+    for col, justify in (("model", "left"), ("versions", "right"), ("latest", "right"),
+                         ("production", "right"), ("staging", "right"), ("updated", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for m in models:
+        table.add_row(m.name, str(m.version_count), version_label(m.latest_version),
+                      Text(version_label(m.production_version), style="bold green" if m.production_version else ""),
+                      version_label(m.staging_version), human_time(m.update_time, now))
+    return table
+
+
+def versions_table(versions: Sequence[pb.ModelVersion], title: str = "",
+                   now: datetime | None = None) -> RenderableType:
+    if not versions:
+        return Text(f"No versions{' of ' + title if title else ''} match.")
+    with_model = len({v.name for v in versions}) > 1
+    metrics = [m for m in (*KEY_METRICS, *HORIZON_METRICS) if any(m in v.metrics for v in versions)]
+    table = Table(title=title or None, title_justify="left")
+    if with_model:
+        table.add_column("model")
+    table.add_column("version", justify="right")
+    table.add_column("stage")
+    table.add_column("aliases")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    table.add_column("registered")
+    for v in versions:
+        row: list[Any] = [v.name] if with_model else []
+        row += [version_label(v.version), stage_text(v.stage), ", ".join(v.aliases) or "",
+                *_metric_cells(v, metrics), human_time(v.create_time, now)]
+        table.add_row(*row)
+    return table
+
+
+def version_view(mv: pb.ModelVersion, now: datetime | None = None) -> RenderableType:
+    """One version in full: identity, times, every metric sorted, tags."""
+    info = Table.grid(padding=(0, 2))
+    info.add_column(style="bold")
+    info.add_column()
+    info.add_row("model", mv.name)
+    info.add_row("version", str(mv.version))
+    info.add_row("stage", stage_text(mv.stage))
+    info.add_row("aliases", ", ".join(mv.aliases) or _MISSING)
+    info.add_row("run id", mv.run_id or _MISSING)
+    info.add_row("model uri", mv.model_uri or _MISSING)
+    info.add_row("source", escape(mv.source) or _MISSING)
+    info.add_row("registered", absolute_time(mv.create_time, now))
+    info.add_row("updated", absolute_time(mv.update_time, now))
+    if mv.job_id:
+        info.add_row("job", mv.job_id)
+    if mv.description:
+        info.add_row("description", escape(mv.description))
+    parts: list[RenderableType] = [info]
+    metrics = Table(title="metrics", title_justify="left")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for name in sorted(mv.metrics):
+        metrics.add_row(name, fmt_metric(name, mv.metrics[name]))
+    parts.append(metrics if mv.metrics else Text("metrics: none"))
+    if mv.tags:
+        tags = Table(title="tags", title_justify="left")
+        tags.add_column("tag")
+        tags.add_column("value")
+        for key in sorted(mv.tags):
+            tags.add_row(escape(key), escape(mv.tags[key]))
+        parts.append(tags)
+    return Group(*parts)
+
+
+def compare_columns(metric: str, metric_names: Iterable[str]) -> list[str]:
+    """The metric columns of a comparison: the key ones, horizons and baseline when present."""
+    present = set(metric_names)
+    cols = [m for m in KEY_METRICS if m in present]
+    if metric and metric not in cols and metric in present:
+        cols.insert(0, metric)
+    cols += [m for m in HORIZON_METRICS if m in present]
+    if BASELINE_METRIC in present:
+        cols.append(BASELINE_METRIC)
+    return cols
+
+
+def compare_table(name: str, resp: pb.CompareModelVersionsResponse) -> RenderableType:
+    metric = resp.metric or "rmse"
+    if not resp.versions:
+        return Text(f"{name}: no versions to compare.")
+    cols = compare_columns(metric, resp.metric_names)
+    table = Table(title=Text.assemble((name, "bold"), f" — ranked by {metric} ({metric_direction(resp.direction)})"),
+                  title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("version", justify="right")
+    table.add_column("stage")
+    for col in cols:
+        table.add_column(("baseline" if col == BASELINE_METRIC else col) + (" *" if col == metric else ""),
+                         justify="right")
+    table.add_column("Δ best", justify="right")
+    table.add_column("")
+    for row in resp.versions:
+        mv = row.version
+        best = resp.best_version != 0 and mv.version == resp.best_version
+        delta = _MISSING if row.rank == 0 or math.isnan(row.delta_to_best) else f"{row.delta_to_best * 100:+.1f}%"
+        table.add_row(str(row.rank) if row.rank else _MISSING, version_label(mv.version), stage_text(mv.stage),
+                      *_metric_cells(mv, cols), delta, Text("★ best", style="bold green") if best else "",
+                      style="bold" if best else None)
+    table.caption = (f"best: v{resp.best_version} by {metric}" if resp.best_version
+                     else f"no version has the metric {metric!r}")
+    table.caption_justify = "left"
+    return table
+
+
+def audit_table(events: Sequence[pb.AuditEvent], now: datetime | None = None) -> RenderableType:
+    if not events:
+        return Text("No audit events match.")
+    table = Table(title="Audit log (newest first)", title_justify="left")
+    for col in ("time", "actor", "action", "model", "version", "outcome", "message"):
+        table.add_column(col)
+    for e in events:
+        outcome_style = {"ok": "green", "denied": "bold red", "failed": "red", "dry_run": "cyan"}.get(e.outcome, "")
+        table.add_row(absolute_time(e.time, now), f"{e.actor}" + (f" ({e.role})" if e.role else ""), e.action,
+                      e.model_name, version_label(e.version), Text(e.outcome, style=outcome_style), escape(e.message))
+    return table
+
+
+def jobs_table(jobs: Sequence[pb.RetrainJob], now: datetime | None = None) -> RenderableType:
+    if not jobs:
+        return Text("No retrain jobs match.")
+    table = Table(title="Retrain jobs (newest first)", title_justify="left")
+    for col in ("job", "model", "state", "progress", "version", "rmse", "worker", "created", "note"):
+        table.add_column(col)
+    for j in jobs:
+        progress = f"{j.epoch}/{j.total_epochs}" if j.total_epochs else _MISSING
+        note = j.error or (promotion_text(j.promotion) if j.HasField("promotion") else "")
+        table.add_row(j.job_id, j.model_name or model_type_name(j.model_type), state_text(j.state), progress,
+                      version_label(j.version), fmt_metric("rmse", j.metrics["rmse"]) if "rmse" in j.metrics
+                      else _MISSING, j.worker or _MISSING, human_time(j.create_time, now), escape(note))
+    return table
+
+
+# ---- retrain progress ----
+
+@dataclass
+class JobProgress:
+    """What the CLI knows about one retrain job from the events seen so far."""
+
+    job_id: str
+    model_type: str = "unspecified"
+    state: int = pb.JOB_STATE_UNSPECIFIED
+    phase: str = "waiting"
+    member: str = ""
+    epoch: int = 0
+    total: int = 0
+    loss: float | None = None
+    validation_rmse: float | None = None
+    elapsed: float | None = None
+    worker: str = ""
+    run_id: str = ""
+    version: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    promotion: str = ""
+    error: str = ""
+    last_sequence: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def description(self) -> str:
+        return f"{self.model_type:<9} {self.phase}"
+
+    @property
+    def completed(self) -> int:
+        return self.epoch
+
+
+def apply_event(jobs: dict[str, JobProgress], event: pb.RetrainEvent) -> JobProgress:
+    """Folds one RetrainEvent into the job's progress (creating it on its first event) and returns it."""
+    job = jobs.get(event.job_id)
+    if job is None:
+        job = jobs[event.job_id] = JobProgress(event.job_id)
+    if event.model_type:
+        job.model_type = model_type_name(event.model_type)
+    if event.state:
+        job.state = event.state
+    job.last_sequence = max(job.last_sequence, event.sequence)
+    kind = event.WhichOneof("event")
+    if kind == "queued":
+        q = event.queued
+        job.phase = f"queued #{q.position}" if q.position else "queued"
+        if q.reason and q.reason != "queued":
+            job.phase += f" ({q.reason})"
+    elif kind == "dispatched":
+        job.worker = event.dispatched.worker
+        job.phase = f"dispatched to {job.worker}"
+    elif kind == "progress":
+        _apply_train_event(job, event.progress)
+    elif kind == "succeeded":
+        s = event.succeeded
+        job.version = s.version.version or job.version
+        if s.version.metrics:
+            job.metrics = dict(s.version.metrics)
+        job.promotion = promotion_text(s.promotion)
+        job.phase = f"succeeded → v{job.version}" if job.version else "succeeded"
+        if job.total:
+            job.epoch = max(job.epoch, job.total)
+        if not event.state:
+            job.state = pb.JOB_STATE_SUCCEEDED
+    elif kind == "ended":
+        e = event.ended
+        if e.state:
+            job.state = e.state
+        job.error = e.reason or job.error
+        job.phase = job_state_name(job.state) + (f": {e.reason}" if e.reason else "")
+    return job
+
+
+def _apply_train_event(job: JobProgress, ev: Any) -> None:
+    kind = ev.WhichOneof("event")
+    if kind == "started":
+        job.run_id = ev.started.run_id
+        job.total = ev.started.total_steps or job.total
+        job.phase = "started"
+        if ev.started.worker_id and not job.worker:
+            job.worker = ev.started.worker_id
+    elif kind == "data_loaded":
+        d = ev.data_loaded
+        job.phase = f"data loaded: {d.stations} stations, {d.hours} h"
+    elif kind == "epoch":
+        e = ev.epoch
+        if e.member != job.member:
+            job.member = e.member
+        job.epoch = e.epoch
+        job.total = e.total_epochs or job.total
+        job.loss = e.loss
+        job.validation_rmse = e.validation_rmse
+        job.elapsed = e.elapsed_seconds
+        job.phase = f"training {e.member}" if e.member else "training"
+    elif kind == "evaluating":
+        job.phase = "evaluating"
+        if job.total:
+            job.epoch = job.total
+    elif kind == "registering":
+        job.phase = "registering"
+    elif kind == "finished":
+        f = ev.finished
+        job.version = f.version
+        job.metrics = dict(f.metrics)
+        job.elapsed = f.training_seconds or job.elapsed
+        job.phase = f"registered v{f.version}"
+    elif kind == "failed":
+        job.error = ev.failed.reason
+        job.phase = "failed" + (f" ({ev.failed.code})" if ev.failed.code else "")
+    elif kind == "cancelled":
+        job.error = ev.cancelled.reason
+        job.phase = "cancelled"
+
+
+def progress_fields(job: JobProgress) -> dict[str, Any]:
+    """The text fields of a job's progress bar."""
+    return {
+        "loss": f"loss {job.loss:.4f}" if job.loss is not None else "",
+        "val": f"val rmse {job.validation_rmse:.2f}" if job.validation_rmse is not None else "",
+        "elapsed": f"{job.elapsed:.0f} s" if job.elapsed is not None else "",
+    }
+
+
+def event_line(job: JobProgress, event: pb.RetrainEvent) -> str | None:
+    """A one-line log of a notable event (state changes), or None for routine progress."""
+    kind = event.WhichOneof("event")
+    if kind == "progress" and event.progress.WhichOneof("event") in ("epoch", "evaluating", "registering",
+                                                                     "data_loaded"):
+        return None
+    return f"{job.job_id} {job.model_type}: {job.phase}"
+
+
+class RetrainView:
+    """One rich progress bar per job, fed with RetrainEvents."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.jobs: dict[str, JobProgress] = {}
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[val]}"),
+            TextColumn("{task.fields[elapsed]}"), console=console, transient=False)
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            self.progress.stop()
+
+    _started = False
+
+    def update(self, event: pb.RetrainEvent) -> JobProgress:
+        if not self._started:
+            # Started on the first event, so that a stream failing at once leaves no empty display.
+            self.progress.start()
+            self._started = True
+        job = apply_event(self.jobs, event)
+        task = self.tasks.get(job.job_id)
+        if task is None:
+            task = self.tasks[job.job_id] = self.progress.add_task(job.description, total=job.total or None,
+                                                                   **progress_fields(job))
+        self.progress.update(task, description=job.description, total=job.total or None, completed=job.completed,
+                             **progress_fields(job))
+        line = event_line(job, event)
+        if line is not None and not self.console.is_terminal:
+            # On a terminal the bars say it all; in logs and pipes the bars only show at the end.
+            self.console.print(escape(line), highlight=False)
+        return job
+
+
+def summary_table(jobs: Iterable[JobProgress]) -> Table:
+    table = Table(title="Retrain summary", title_justify="left")
+    for col in ("job", "model", "state", "new version", "test rmse", "promotion"):
+        table.add_column(col)
+    for j in jobs:
+        table.add_row(j.job_id, j.model_type, state_text(j.state), version_label(j.version),
+                      fmt_metric("rmse", j.metrics.get("rmse")), escape(j.error or j.promotion or _MISSING))
+    return table
