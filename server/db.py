@@ -136,14 +136,15 @@ class Database:
         with local:
             key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
             if self.is_postgres:
-                with self.guard(), self.engine.connect() as conn:
+                # A session-level advisory lock on an autocommit connection: no transaction
+                # stays open while the change is made through MLflow's own connections.
+                with self.guard(), self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                     conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
                     try:
                         yield
                     finally:
                         with contextlib.suppress(Exception):
                             conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                            conn.commit()
             elif self.is_sqlite and sqlite_path(self.url) is not None:
                 lock_dir = Path(str(sqlite_path(self.url)) + ".locks")
                 lock_dir.mkdir(parents=True, exist_ok=True)

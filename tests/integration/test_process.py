@@ -1,0 +1,67 @@
+"""The real processes: `aqimodels serve` as a newcomer runs it, SIGTERM, a bad configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aqimodels.client import RegistryClient
+
+AQIMODELS = str(Path(sys.executable).with_name("aqimodels"))
+
+
+def _serve(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[str], int]:
+    full = {**os.environ, "AQIMODELS_PORT": "0", "AQIMODELS_LOG_FORMAT": "json", **env}
+    proc = subprocess.Popen([AQIMODELS, "serve"], cwd=tmp_path, env=full, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited with {proc.returncode}")
+            continue
+        if '"registry_started"' in line:
+            port = int(json.loads(line)["address"].rsplit(":", 1)[1])
+            return proc, port
+    raise AssertionError("serve did not start within 120 s")
+
+
+def test_serve_runs_a_local_worker_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """`make run`'s path: default SQLite store under ./mlruns, a local worker, SIGTERM drains."""
+    proc, port = _serve(tmp_path)
+    try:
+        with RegistryClient(f"127.0.0.1:{port}") as client:
+            assert client.health() == "SERVING"
+            status = client.status()
+            assert list(status.models) == [] and status.backend.healthy
+            assert status.backend.tracking_uri.endswith("mlruns/mlflow.db")
+            deadline = time.monotonic() + 90
+            while not (client.status().workers and client.status().workers[0].healthy):
+                assert time.monotonic() < deadline, client.status().workers
+                time.sleep(0.5)
+            worker_target = client.status().workers[0].target
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert (tmp_path / "mlruns" / "mlflow.db").exists()
+        # the local worker went with it
+        with RegistryClient(worker_target) as gone:
+            with pytest.raises(Exception):
+                gone.health(timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_bad_environment_value_stops_serve_with_a_message(tmp_path: Path) -> None:
+    result = subprocess.run([AQIMODELS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "AQIMODELS_PORT": "not-a-port"})
+    assert result.returncode != 0
+    assert "AQIMODELS_PORT" in result.stderr
