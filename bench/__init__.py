@@ -1,0 +1,1 @@
+"""Benchmarks of aqimodels (``make bench``); never part of ``make test``."""
