@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,7 @@ class JobManager:
         self._waiting: list[str] = []  # job ids waiting for a worker, FIFO
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._success_hooks: list[Callable[[str, int], None]] = []
 
     # ---- lifecycle ----
 
@@ -244,6 +245,14 @@ class JobManager:
             if raw is not None:
                 yield from self._follow(json.loads(raw), context)
                 return
+        job_ids = self.submit(request, caller)
+        yield from self._follow(job_ids, context)
+
+    def submit(self, request: pb.RetrainRequest, caller: Caller) -> list[str]:
+        """Validates a retrain request, creates its jobs and starts them; returns the job ids.
+
+        Used by the Retrain RPC and by automation (schedules, degradation policy).
+        """
         types = self._requested_types(request)
         settings = self._promotion_settings(request)
         window = request.params.window_hours
@@ -255,13 +264,18 @@ class JobManager:
             raise InvalidArgumentError("dataset.spec is longer than 4096 characters", field="dataset.spec")
         self.pool.validate(request.dataset, window)  # INVALID_ARGUMENT here, before any job exists
         jobs = self._create_jobs(types, request, caller, settings)
+        job_ids = [j.proto.job_id for j in jobs]
         if request.request_id:
-            self.db.remember("Retrain", request.request_id, json.dumps([j.proto.job_id for j in jobs]).encode())
+            self.db.remember("Retrain", request.request_id, json.dumps(job_ids).encode())
         for job in jobs:
             job.thread = threading.Thread(target=self._run, args=(job,), daemon=True,
                                           name=f"job-{job.proto.job_id}")
             job.thread.start()
-        yield from self._follow([j.proto.job_id for j in jobs], context)
+        return job_ids
+
+    def add_success_hook(self, hook: Callable[[str, int], None]) -> None:
+        """Calls ``hook(model_name, version)`` after every successful job (retention, for one)."""
+        self._success_hooks.append(hook)
 
     def _requested_types(self, request: pb.RetrainRequest) -> list[int]:
         types: list[int] = []
@@ -651,6 +665,11 @@ class JobManager:
         log.info("job_succeeded", job_id=job.proto.job_id, model=name, version=finished.version,
                  promoted=decision.promoted)
         self._audit_end(job, pb.JOB_STATE_SUCCEEDED, f"registered version {finished.version}")
+        for hook in self._success_hooks:
+            try:
+                hook(name, finished.version)
+            except Exception:  # noqa: BLE001 - a failing policy must not fail the finished job
+                log.exception("success_hook_failed", model=name, version=finished.version)
 
     def _decide_promotion(self, job: _Job, name: str, version: int) -> pb.PromotionDecision:
         settings = job.settings

@@ -212,6 +212,13 @@ class RegistryService:
             self._cache.snapshots[name] = snap
         return snap
 
+    def set_degraded(self, name: str, degraded: bool) -> None:
+        """Marks a model DEGRADED (live performance worse than its test metrics) or healthy."""
+        if degraded:
+            self._degraded.add(name)
+        else:
+            self._degraded.discard(name)
+
     # ---- status and listing ----
 
     def backend_health(self) -> BackendHealth:

@@ -40,10 +40,11 @@ def _stage_filter(value: int, field: str) -> Stage | None:
 class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     """The ModelRegistry RPCs over a RegistryService (and, once wired, a job manager)."""
 
-    def __init__(self, service: RegistryService, jobs: Any = None, workers: Any = None) -> None:
+    def __init__(self, service: RegistryService, jobs: Any = None, workers: Any = None, monitor: Any = None) -> None:
         self._service = service
         self._jobs = jobs
         self._workers = workers
+        self._monitor = monitor
 
     # ---- status and listing ----
 
