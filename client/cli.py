@@ -48,6 +48,9 @@ app = typer.Typer(
 )
 jobs_app = typer.Typer(help="Retrain jobs: list them (default), watch one live, cancel one.")
 app.add_typer(jobs_app, name="jobs")
+token_app = typer.Typer(help="Bearer tokens for the registry's token file (AQIMODELS_TOKENS_FILE).",
+                        no_args_is_help=True)
+app.add_typer(token_app, name="token")
 
 # Substrings of the transport's own UNAVAILABLE messages (as opposed to the server reporting that
 # its MLflow backend is down, which is also UNAVAILABLE but comes with the server's own words).
@@ -560,6 +563,24 @@ def jobs_cancel(
         _print_json(job)
     else:
         _print(f"{escape(job.job_id)} ({job.model_name}): {render.job_state_name(job.state)}")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who the token is for (recorded as the actor in the audit log).")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+) -> None:
+    """Print a fresh token on the first line, then the TOML entry to append to the token file."""
+    from aqimodels.client.tokens import new_token, toml_entry
+
+    token = new_token()
+    try:
+        entry = toml_entry(name, role, token)
+    except ValueError as exc:
+        print(f"INVALID_ARGUMENT: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(token)
+    print(f"# append to AQIMODELS_TOKENS_FILE (the server keeps only the hash):\n{entry}", end="")
 
 
 def main() -> None:

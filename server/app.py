@@ -15,10 +15,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aqimodels.api.registry.v1 import registry_pb2, registry_pb2_grpc
+from aqimodels.server import auth
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
 from aqimodels.server.interceptors import ServerInterceptor
 from aqimodels.server.mlflow_store import MlflowModelStore
+from aqimodels.server.monitoring import Monitor
 from aqimodels.server.service import RegistryService
 from aqimodels.server.servicer import ModelRegistryServicer
 
@@ -39,6 +41,7 @@ class RegistryServer:
     health: health.HealthServicer
     jobs: Any = None
     workers: Any = None
+    monitor: Any = None
     _stop_probe: threading.Event = field(default_factory=threading.Event)
     _probe: threading.Thread | None = None
 
@@ -69,6 +72,8 @@ class RegistryServer:
         """Drains: NOT_SERVING first, in-flight RPCs finish within the grace period, then stop."""
         self._stop_probe.set()
         self.set_serving(False)
+        if self.monitor is not None:
+            self.monitor.stop()
         if self.jobs is not None:
             self.jobs.shutdown()
         self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace).wait()
@@ -76,13 +81,15 @@ class RegistryServer:
             self.workers.close()
 
 
-def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory: Any = None) -> RegistryServer:
+def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory: Any = None,
+                  clock: Any = None) -> RegistryServer:
     """Builds and starts the registry without blocking; returns it with its bound port.
 
     Args:
         config: the server configuration.
         bind: address to bind, e.g. ``127.0.0.1:0`` for an ephemeral port (default: config.bind).
         jobs_factory: builds the job manager from (config, service, db); None disables retraining.
+        clock: the time of the retrain schedule and the retention policy (tests inject one).
     """
     db = Database(config.own_database_url)
     store = MlflowModelStore(config.tracking_uri)
@@ -95,27 +102,36 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if jobs_factory is not None:
         jobs, workers = jobs_factory(config, service, db)
         holder["jobs"] = jobs
+    monitor = Monitor(config, service, db, jobs, clock=clock)
+    def audit_denial(actor: str, role: str, rpc: str, message: str) -> None:
+        from aqimodels.server.interceptors import current_request_id
+
+        db.audit_record(actor=actor, role=role, action=rpc, model_name="", version=0, before={}, after={},
+                        outcome="denied", request_id=current_request_id(), message=message)
+
+    authenticate = auth.authenticator(config.tokens_file, audit_denial, "registry")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        interceptors=[ServerInterceptor()],
+        interceptors=[ServerInterceptor(authenticate)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
-    registry_pb2_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service, jobs, workers), server)
+    registry_pb2_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service, jobs, workers, monitor),
+                                                          server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(bind or config.bind)
-    if port == 0:
-        raise OSError(f"cannot bind {bind or config.bind}")
+    port = auth.bind(server, bind or config.bind,
+                     auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
     server.start()
-    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers)
+    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor)
     rs.set_serving(store.ping().healthy)
     rs.start_probe()
     if jobs is not None:
         jobs.start()
+    monitor.start()
     return rs
 
 

@@ -6,6 +6,7 @@ and tests construct it directly.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from collections.abc import Mapping
@@ -106,6 +107,25 @@ class ServerConfig:
     health_interval_seconds: float = 2.0
     shutdown_grace_seconds: float = 10.0
     artifact_location: str = ""
+    tokens_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    worker_token: str = ""
+    worker_ca_cert: str = ""
+    worker_client_cert: str = ""
+    worker_client_key: str = ""
+    # monitoring and automation (issue 7)
+    degradation_ratio: float = 1.5
+    degradation_min_samples: int = 100
+    degradation_window_hours: float = 24.0
+    retrain_on_degradation: bool = False
+    retrain_schedule: str = ""
+    retrain_models: tuple[str, ...] = ()
+    retrain_dataset: str = ""
+    retention_keep_last: int = 0
+    retention_older_than_days: float = 0.0
+    monitor_poll_seconds: float = 1.0
 
     @property
     def bind(self) -> str:
@@ -154,4 +174,108 @@ class ServerConfig:
             cache_ttl_seconds=_float(env, "AQIMODELS_CACHE_TTL_SECONDS", 2.0),
             shutdown_grace_seconds=_float(env, "AQIMODELS_SHUTDOWN_GRACE_SECONDS", 10.0),
             artifact_location=env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip(),
-        )
+            **security_from_env(env),
+            worker_token=env.get("AQIMODELS_WORKER_TOKEN", "").strip(),
+            worker_ca_cert=_file(env, "AQIMODELS_WORKER_CA_CERT"),
+            worker_client_cert=_file(env, "AQIMODELS_WORKER_CLIENT_CERT"),
+            worker_client_key=_file(env, "AQIMODELS_WORKER_CLIENT_KEY"),
+            **monitoring_from_env(env),
+        ).checked()
+
+    def checked(self) -> ServerConfig:
+        """Refuses a listening address off loopback without a token file."""
+        check_exposure(self.host, self.tokens_file, "AQIMODELS_HOST")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, tokens_file: str, variable: str) -> None:
+    if not tokens_file and not is_loopback(host):
+        raise ConfigError(
+            f"{variable}={host} listens beyond loopback but AQIMODELS_TOKENS_FILE is not set: refusing to run "
+            "open. Create a token with `aqimodels token create NAME --role admin`, append the printed entry "
+            "to a TOML file and point AQIMODELS_TOKENS_FILE at it")
+
+
+def _file(env: Mapping[str, str], name: str) -> str:
+    path = env.get(name, "").strip()
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{name}={path} is not a readable file")
+    return path
+
+
+def security_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Token file and TLS files, shared by the registry and the worker."""
+    values = {"tokens_file": _file(env, "AQIMODELS_TOKENS_FILE"), "tls_cert": _file(env, "AQIMODELS_TLS_CERT"),
+              "tls_key": _file(env, "AQIMODELS_TLS_KEY"), "tls_client_ca": _file(env, "AQIMODELS_TLS_CLIENT_CA")}
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("AQIMODELS_TLS_CERT and AQIMODELS_TLS_KEY must be set together")
+    if values["tls_client_ca"] and not values["tls_cert"]:
+        raise ConfigError("AQIMODELS_TLS_CLIENT_CA (mutual TLS) needs AQIMODELS_TLS_CERT and AQIMODELS_TLS_KEY")
+    return values
+
+
+MODEL_TYPE_NAMES = ("xgboost", "lstm", "gnn", "ensemble")
+
+
+def parse_retention(raw: str, name: str = "AQIMODELS_RETENTION") -> tuple[int, float]:
+    """``keep_last=N`` and/or ``older_than_days=D`` (comma separated) -> (N, D); 0 means unset."""
+    keep_last, older_than = 0, 0.0
+    for part in (p.strip() for p in raw.split(",") if p.strip()):
+        key, sep, value = (s.strip() for s in part.partition("="))
+        try:
+            if not sep:
+                raise ValueError
+            if key == "keep_last":
+                keep_last = int(value)
+                if keep_last < 1:
+                    raise ValueError
+            elif key == "older_than_days":
+                older_than = float(value)
+                if not 0 < older_than < 100_000:
+                    raise ValueError
+            else:
+                raise ConfigError(f"{name}: unknown key {key!r}; use keep_last=N and/or older_than_days=D")
+        except ValueError:
+            raise ConfigError(f"{name}: {part!r} is not valid; use keep_last=N (N >= 1) and/or "
+                              "older_than_days=D (D > 0), e.g. keep_last=5,older_than_days=30") from None
+    return keep_last, older_than
+
+
+def monitoring_from_env(env: Mapping[str, str]) -> dict[str, object]:
+    """Degradation, scheduled retraining and retention settings (see README, "Monitoring and automation")."""
+    schedule = " ".join(env.get("AQIMODELS_RETRAIN_SCHEDULE", "").split())
+    if schedule:
+        from croniter import croniter
+
+        if not croniter.is_valid(schedule):
+            raise ConfigError(f"AQIMODELS_RETRAIN_SCHEDULE {schedule!r} is not a valid cron expression "
+                              "(e.g. '0 3 * * *' for 03:00 UTC every day)")
+    models = tuple(m.strip().lower() for m in env.get("AQIMODELS_RETRAIN_MODELS", "").split(",") if m.strip())
+    unknown = [m for m in models if m not in MODEL_TYPE_NAMES]
+    if unknown:
+        raise ConfigError(f"AQIMODELS_RETRAIN_MODELS holds unknown model type(s) {', '.join(unknown)}; "
+                          f"use {', '.join(MODEL_TYPE_NAMES)}")
+    keep_last, older_than = parse_retention(env.get("AQIMODELS_RETENTION", ""))
+    window = _float(env, "AQIMODELS_DEGRADATION_WINDOW_HOURS", 24.0)
+    if window <= 0:
+        raise ConfigError(f"AQIMODELS_DEGRADATION_WINDOW_HOURS must be positive, got {window}")
+    return {
+        "degradation_ratio": _float(env, "AQIMODELS_DEGRADATION_RATIO", 1.5, lo=1.0),
+        "degradation_min_samples": _int(env, "AQIMODELS_DEGRADATION_MIN_SAMPLES", 100, 1, 1 << 40),
+        "degradation_window_hours": window,
+        "retrain_on_degradation": _bool(env, "AQIMODELS_RETRAIN_ON_DEGRADATION", False),
+        "retrain_schedule": schedule,
+        "retrain_models": models,
+        "retrain_dataset": env.get("AQIMODELS_RETRAIN_DATASET", "").strip(),
+        "retention_keep_last": keep_last,
+        "retention_older_than_days": older_than,
+    }

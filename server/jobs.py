@@ -61,6 +61,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class _Replay(Exception):
+    """The request id already created jobs: the retry gets those instead of new ones."""
+
+    def __init__(self, job_ids: list[str]) -> None:
+        super().__init__("replay")
+        self.job_ids = job_ids
+
+
 @dataclass
 class _Job:
     """A job owned by this registry process."""
@@ -263,7 +271,10 @@ class JobManager:
         if len(request.dataset.spec) > 4096:
             raise InvalidArgumentError("dataset.spec is longer than 4096 characters", field="dataset.spec")
         self.pool.validate(request.dataset, window)  # INVALID_ARGUMENT here, before any job exists
-        jobs = self._create_jobs(types, request, caller, settings)
+        try:
+            jobs = self._create_jobs(types, request, caller, settings)
+        except _Replay as replay:
+            return replay.job_ids
         job_ids = [j.proto.job_id for j in jobs]
         if request.request_id:
             self.db.remember("Retrain", request.request_id, json.dumps(job_ids).encode())
@@ -305,6 +316,15 @@ class JobManager:
         for lock in locks:
             lock.__enter__()
         try:
+            if request.request_id:
+                # A retry that raced the first call past the idempotency check: the first call's
+                # jobs exist by now (created under these same locks), so answer with them.
+                with self.db.begin() as conn:
+                    earlier = conn.execute(sa.select(jobs_table.c.job_id).where(
+                        jobs_table.c.request_id == request.request_id).order_by(
+                        jobs_table.c.create_ms, jobs_table.c.job_id)).all()
+                if earlier:
+                    raise _Replay([r[0] for r in earlier])
             with self.db.begin() as conn:
                 rows = conn.execute(sa.select(jobs_table.c.job_id, jobs_table.c.model_name, jobs_table.c.state).where(
                     jobs_table.c.model_name.in_(names), jobs_table.c.state.in_(ACTIVE))).all()
@@ -587,7 +607,7 @@ class JobManager:
         started = False
         finished: wpb.TrainFinished | None = None
         try:
-            call = handle.stub.Train(job.train_request, metadata=(("x-request-id", job.proto.job_id),))
+            call = handle.stub.Train(job.train_request, metadata=self.pool.metadata(("x-request-id", job.proto.job_id)))
             job.call = call
             if job.cancel.is_set():
                 call.cancel()

@@ -23,7 +23,11 @@ def main(host: str | None = None, port: int | None = None) -> int:
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    config = dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
+    try:
+        config = dataclasses.replace(config, **overrides).checked()  # type: ignore[arg-type]
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     logs.configure(json=config.log_json, level=config.log_level)
     from aqimodels.server.app import serve
     from aqimodels.server.jobs import jobs_factory

@@ -42,9 +42,11 @@ class WorkerHandle:
     info: Any = None
     job_ids: set[str] = field(default_factory=set)
 
-    def connect(self, target: str) -> None:
+    def connect(self, target: str, creds: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 16 << 20)])
+        options = [("grpc.max_receive_message_length", 16 << 20)]
+        self.channel = (grpc.secure_channel(target, creds, options=options) if creds is not None
+                        else grpc.insecure_channel(target, options=options))
         self.stub = worker_pb2_grpc.TrainingWorkerStub(self.channel)
 
 
@@ -58,10 +60,14 @@ class WorkerPool:
         self._stop = threading.Event()
         self.workers: list[WorkerHandle] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="aqimodels-worker-")
+        # The registry authenticates to its workers with its own token, over TLS when configured.
+        self._creds = _worker_credentials(config)
+        self._token_md: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else ())
         for target in config.workers:
             handle = WorkerHandle(target=target)
             if target != LOCAL_WORKER:
-                handle.connect(target)
+                handle.connect(target, self._creds)
             self.workers.append(handle)
         self._probe_thread: threading.Thread | None = None
 
@@ -113,7 +119,8 @@ class WorkerPool:
             if handle.stub is None:
                 continue
             try:
-                info = handle.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), timeout=3)
+                info = handle.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), timeout=3,
+                                                 metadata=self.metadata())
             except grpc.RpcError as exc:
                 self._set_health(handle, False, f"{exc.code().name}: {exc.details()}")
                 continue
@@ -168,13 +175,18 @@ class WorkerPool:
         for handle in [w for w in self.workers if w.healthy and w.stub is not None]:
             try:
                 return handle.stub.ValidateDataset(
-                    worker_pb2.ValidateDatasetRequest(dataset=dataset, window_hours=window_hours), timeout=300)
+                    worker_pb2.ValidateDatasetRequest(dataset=dataset, window_hours=window_hours), timeout=300,
+                    metadata=self.metadata())
             except grpc.RpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.mark_unhealthy(handle, f"{exc.code().name}: {exc.details()}")
                     continue
                 raise error_from_rpc(exc) from None
         return None
+
+    def metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+        """Call metadata for a worker: the registry's token, plus ``extra``."""
+        return (*self._token_md, *extra)
 
     def status(self) -> list[pb.WorkerStatus]:
         with self._cond:
@@ -194,3 +206,13 @@ class WorkerPool:
                     handle.process.kill()
         self._tmp.cleanup()
 
+
+def _worker_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
+    if not (config.worker_ca_cert or config.worker_client_cert):
+        return None
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(config.worker_ca_cert), read(config.worker_client_key),
+                                        read(config.worker_client_cert))

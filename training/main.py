@@ -19,7 +19,15 @@ from grpc_reflection.v1alpha import reflection
 
 from aqimodels.api.training.v1 import worker_pb2, worker_pb2_grpc
 from aqimodels.client import logs
-from aqimodels.server.config import DEFAULT_TRACKING_URI, ConfigError, _int, absolute_sqlite_uri
+from aqimodels.server import auth
+from aqimodels.server.config import (
+    DEFAULT_TRACKING_URI,
+    ConfigError,
+    _int,
+    absolute_sqlite_uri,
+    check_exposure,
+    security_from_env,
+)
 from aqimodels.server.interceptors import ServerInterceptor
 from aqimodels.training.servicer import TrainingWorkerServicer, WorkerConfig
 
@@ -29,21 +37,25 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["TrainingWorker"].full_nam
 
 def config_from_env(env: Mapping[str, str] = os.environ) -> WorkerConfig:
     """The worker's configuration; a bad value raises ConfigError naming the variable."""
-    return WorkerConfig(
+    config = WorkerConfig(
         tracking_uri=absolute_sqlite_uri(env.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI),
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or "aqi-predictor",
         artifact_location=env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip() or None,
         capacity=_int(env, "AQIMODELS_WORKER_CAPACITY", 1, 1, 64),
         host=env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1",
         port=_int(env, "AQIMODELS_WORKER_PORT", 50052, 0, 65535),
+        **security_from_env(env),
     )
+    check_exposure(config.host, config.tokens_file, "AQIMODELS_WORKER_HOST")
+    return config
 
 
 def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.Server, int, TrainingWorkerServicer]:
     """Builds and starts a worker server without blocking; returns it with its bound port."""
     servicer = TrainingWorkerServicer(config)
+    authenticate = auth.authenticator(config.tokens_file, None, "worker")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="worker-rpc"),
-                         interceptors=[ServerInterceptor()],
+                         interceptors=[ServerInterceptor(authenticate)],
                          options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_TrainingWorkerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -51,9 +63,8 @@ def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.S
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     host = f"[{config.host}]" if ":" in config.host else config.host
-    port = server.add_insecure_port(bind or f"{host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {bind or f'{host}:{config.port}'}")
+    port = auth.bind(server, bind or f"{host}:{config.port}",
+                     auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -72,6 +83,11 @@ def main(host: str | None = None, port: int | None = None, port_file: str | None
         config = WorkerConfig(**{**config.__dict__, "host": host})
     if port is not None:
         config = WorkerConfig(**{**config.__dict__, "port": port})
+    try:
+        check_exposure(config.host, config.tokens_file, "--host")
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     logs.configure(json=(os.environ.get("AQIMODELS_LOG_FORMAT", "") == "json") or not sys.stderr.isatty())
     server, bound, servicer = create_worker(config)
     if port_file:

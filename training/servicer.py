@@ -41,6 +41,10 @@ class WorkerConfig:
     capacity: int = 1
     host: str = "127.0.0.1"
     port: int = 50052
+    tokens_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
 
 @dataclass
