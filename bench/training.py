@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import resource
 import tempfile
 import threading
@@ -62,7 +63,13 @@ def run(spec: str, label: str) -> dict[str, Any]:
             q = ctx.Queue()
             proc = ctx.Process(target=_train, args=(model_type, spec, uri, members if model_type == "ensemble" else [], q))
             proc.start()
-            result = q.get()
+            while True:
+                try:
+                    result = q.get(timeout=5)
+                    break
+                except queue.Empty:
+                    if not proc.is_alive():
+                        raise RuntimeError(f"training {model_type} failed (exit code {proc.exitcode})") from None
             proc.join()
             results.append(result)
             if model_type in TYPES:

@@ -126,8 +126,20 @@ def _load_member(uri: str, tracking_uri: str) -> Any:
     import mlflow.pyfunc
     from mlflow.artifacts import download_artifacts
 
+    from mlflow.tracking import MlflowClient
+
     try:
-        local = download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        # Resolve models:/ URIs against this job's store, never the process-wide registry URI.
+        if uri.startswith("models:/"):
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            ref = uri[len("models:/"):]
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias).version
+            else:
+                name, version = ref.rsplit("/", 1)
+            uri = client.get_model_version_download_uri(name, str(version))
+        local = download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
         return mlflow.pyfunc.load_model(local).unwrap_python_model()
     except MlflowException as e:
         raise InvalidArgumentError(f"cannot load ensemble member {uri}: {e.message}", field="model_types") from None

@@ -295,8 +295,8 @@ ERROR_CASES = [
      "FAILED_PRECONDITION", "aliased"),
     ("cleanup keep 0", lambda c: c.cleanup(LSTM, keep_last=0), InvalidArgumentError, "INVALID_ARGUMENT",
      "keep_last"),
-    ("monitoring not landed", lambda c: c._unary(c._stub.GetModelHistory, pb.GetModelHistoryRequest(name=LSTM)),
-     UnimplementedError, "UNIMPLEMENTED", "not implemented"),
+    ("history of an unknown model", lambda c: c._unary(c._stub.GetModelHistory, pb.GetModelHistoryRequest(name="ghost")),
+     NotFoundError, "NOT_FOUND", "ghost"),
     ("retrain without a job manager", lambda c: list(c.retrain(["lstm"])), UnimplementedError, "UNIMPLEMENTED",
      "retrain"),
 ]
