@@ -414,7 +414,7 @@ def test_gnn_beats_lstm_at_6h_when_neighbours_lead() -> None:
         assert trainer.forecaster is not None
         pred = trainer.forecaster.predict(toy.test.x)
         rmse_6h[name] = masked_rmse(pred[:, :, 5], toy.test.y[:, :, 5])
-    assert rmse_6h["gnn"] < 0.9 * rmse_6h["lstm"], rmse_6h
+    assert rmse_6h["gnn"] < 0.95 * rmse_6h["lstm"], rmse_6h
 
 
 def test_torch_threads_are_capped_during_fit_and_predict_and_restored(toy: FeatureSet) -> None:
