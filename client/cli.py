@@ -384,14 +384,19 @@ def cleanup(
     versions: Annotated[str | None, typer.Option(help="Delete exactly these versions instead, e.g. 1,2.",
                                                  show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be deleted.")] = False,
+    policy: Annotated[bool, typer.Option("--policy", help="Apply the server's retention policy "
+                                                          "(AQIMODELS_RETENTION); with --dry-run, preview it.")]
+    = False,
     request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
     as_json: JsonOpt = False,
 ) -> None:
     """Delete old versions of MODEL, never one that production or staging points to."""
     with _registry(ctx) as client:
         chosen = render.parse_versions(versions)
-        if not chosen and keep <= 0:
-            raise InvalidArgumentError("give --keep N (N >= 1) or --versions", field="keep_last")
+        if policy and (chosen or keep):
+            raise InvalidArgumentError("--policy takes neither --keep nor --versions", field="keep_last")
+        if not chosen and keep <= 0 and not policy:
+            raise InvalidArgumentError("give --keep N (N >= 1), --versions or --policy", field="keep_last")
         resp = client.cleanup(model, keep, versions=chosen, dry_run=dry_run, request_id=request_id)
     if as_json:
         _print_json(resp)
@@ -405,6 +410,52 @@ def cleanup(
     _print(f"kept: {vs(resp.kept_versions)}; protected by an alias: {vs(resp.protected_versions)}")
     if resp.dry_run:
         _print("[dim]dry run: nothing was deleted.[/]")
+
+
+# ---- monitoring ----
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    metric: Annotated[str, typer.Option(help="The metric to show and plot.")] = "rmse",
+    plot: Annotated[str | None, typer.Option(help="Also write a PNG chart here (needs matplotlib).",
+                                             show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """MODEL's metric across versions (table and sparkline) with its production periods."""
+    with _registry(ctx) as client:
+        resp = client.history(model, metric)
+        if plot:
+            from aqimodels.client.plot import plot_history
+
+            plot_history(model, resp, plot)
+    if as_json:
+        _print_json(resp)
+        return
+    _print(render.history_view(model, resp))
+    if plot:
+        _print(f"chart written to {escape(plot)}")
+
+
+@app.command()
+def alerts(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Only alerts about this model.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow degradation alerts as they are raised (Ctrl-C stops)."""
+    with _registry(ctx) as client:
+        try:
+            for alert in client.watch_alerts(model):
+                if as_json:
+                    sys.stdout.write(render.to_json(alert, indent=None) + "\n")
+                    sys.stdout.flush()
+                else:
+                    health = pb.ModelHealth.Name(alert.health).removeprefix("MODEL_HEALTH_")
+                    _print(f"{render.absolute_time(alert.time)}  [bold]{health}[/]  {escape(alert.message)}")
+        except KeyboardInterrupt:
+            pass
 
 
 # ---- retrain and jobs ----
@@ -583,9 +634,35 @@ def token_create(
     print(f"# append to AQIMODELS_TOKENS_FILE (the server keeps only the hash):\n{entry}", end="")
 
 
+_GLOBAL_OPTIONS = ("--target", "--token", "--ca-cert", "--client-cert", "--client-key", "--timeout")
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Moves the connection options to the front, so ``aqimodels status --target X`` works too."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if name in _GLOBAL_OPTIONS:
+            if "=" in arg:
+                front.append(arg)
+            else:
+                front += argv[i:i + 2]
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def main() -> None:
     """The ``aqimodels`` console script."""
-    app(prog_name="aqimodels")
+    app(args=hoist_global_options(sys.argv[1:]), prog_name="aqimodels")
 
 
 if __name__ == "__main__":

@@ -205,3 +205,12 @@ def test_status_view_says_when_the_backend_is_unhealthy() -> None:
         backend=pb.BackendStatus(healthy=False, tracking_uri="postgresql://db/x", message="connection refused"))))
     assert "UNHEALTHY" in text and "connection refused" in text
     assert "No models registered yet" not in text
+
+
+def test_connection_options_are_accepted_after_the_command_too() -> None:
+    from aqimodels.client.cli import hoist_global_options
+
+    assert hoist_global_options(["status", "--target", "h:1", "--json", "--token=t"]) == [
+        "--target", "h:1", "--token=t", "status", "--json"]
+    assert hoist_global_options(["--target", "h:1", "list", "m"]) == ["--target", "h:1", "list", "m"]
+    assert hoist_global_options(["show", "m", "1", "--", "--target"]) == ["show", "m", "1", "--", "--target"]
