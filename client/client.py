@@ -266,3 +266,31 @@ class RegistryClient:
     def cancel_job(self, job_id: str, reason: str = "") -> pb.RetrainJob:
         return self._unary(self._stub.CancelRetrainJob,
                            pb.CancelRetrainJobRequest(job_id=job_id, reason=reason)).job
+
+    # ---- monitoring ----
+
+    def history(self, name: str, metric: str = "") -> pb.GetModelHistoryResponse:
+        """Every version's metrics in creation order, with the production periods."""
+        return self._unary(self._stub.GetModelHistory, pb.GetModelHistoryRequest(name=name, metric=metric))
+
+    def report_performance(self, name: str, version: int, *, rmse: float = 0.0, mae: float = 0.0,
+                           sample_count: int = 0, pairs: Sequence[tuple[float, float]] = (),
+                           window_end: Any = None) -> pb.ReportPerformanceResponse:
+        """Reports a version's live accuracy: a window's rmse/mae and sample count, or (predicted, actual) pairs.
+
+        Args:
+            window_end: end of the reported window (a datetime or Timestamp; default: now on the server).
+        """
+        request = pb.ReportPerformanceRequest(
+            name=name, version=version, rmse=rmse, mae=mae, sample_count=sample_count,
+            pairs=[pb.PredictionPair(predicted=p, actual=a) for p, a in pairs])
+        if window_end is not None:
+            if hasattr(window_end, "timestamp"):
+                request.window_end.FromDatetime(window_end)
+            else:
+                request.window_end.CopyFrom(window_end)
+        return self._unary(self._stub.ReportPerformance, request)
+
+    def watch_alerts(self, model_name: str = "", timeout: float | None = None) -> Iterator[pb.Alert]:
+        """Degradation alerts as they are raised (of one model, or all), until closed."""
+        return self._stream(self._stub.WatchAlerts, pb.WatchAlertsRequest(model_name=model_name), timeout)

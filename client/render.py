@@ -618,3 +618,60 @@ def summary_table(jobs: Iterable[JobProgress]) -> Table:
         table.add_row(j.job_id, j.model_type, state_text(j.state), version_label(j.version),
                       fmt_metric("rmse", j.metrics.get("rmse")), escape(j.error or j.promotion or _MISSING))
     return table
+
+
+# ---- history ----
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float]) -> str:
+    """One block character per value, scaled between the smallest and the largest; a space for NaN."""
+    finite = [v for v in values if not math.isnan(v) and not math.isinf(v)]
+    if not finite:
+        return " " * len(values)
+    lo, hi = min(finite), max(finite)
+    span = hi - lo
+    out = []
+    for v in values:
+        if math.isnan(v) or math.isinf(v):
+            out.append(" ")
+        else:
+            out.append(_SPARK[0 if span == 0 else round((v - lo) / span * (len(_SPARK) - 1))])
+    return "".join(out)
+
+
+def production_spans(resp: pb.GetModelHistoryResponse) -> dict[int, list[tuple[datetime, datetime | None]]]:
+    """Each version's production periods (end None: still in production)."""
+    spans: dict[int, list[tuple[datetime, datetime | None]]] = {}
+    for p in resp.production_periods:
+        spans.setdefault(p.version, []).append(
+            (to_datetime(p.start_time), to_datetime(p.end_time) if has_time(p.end_time) else None))
+    return spans
+
+
+def history_view(name: str, resp: pb.GetModelHistoryResponse, now: datetime | None = None) -> RenderableType:
+    """The history table (one row per version, production periods marked) and a sparkline of the metric."""
+    metric = resp.metric or "rmse"
+    if not resp.points:
+        return Text(f"{name}: no versions yet.")
+    spans = production_spans(resp)
+    table = Table(title=Text.assemble((name, "bold"), f" — {metric} per version, oldest first"),
+                  title_justify="left")
+    for col, justify in (("version", "right"), ("registered", "left"), ("stage", "left"), (metric, "right"),
+                         ("in production", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for p in resp.points:
+        periods = spans.get(p.version, [])
+        when = "; ".join(f"{s:%Y-%m-%d %H:%M:%S} → " + (f"{e:%Y-%m-%d %H:%M:%S}" if e else "now")
+                         for s, e in periods) or ""
+        table.add_row(version_label(p.version), absolute_time(p.create_time, now), stage_text(p.stage),
+                      fmt_metric(metric, p.metrics[metric]) if metric in p.metrics else _MISSING,
+                      Text(when, style="bold green" if any(e is None for _, e in periods) else ""))
+    values = [p.metrics.get(metric, math.nan) for p in resp.points]
+    finite = [v for v in values if not math.isnan(v)]
+    line = Text.assemble(f"{metric} ", (sparkline(values), "bold cyan"),
+                         f"  v{resp.points[0].version}…v{resp.points[-1].version}")
+    if finite:
+        line.append(f"  min {fmt_metric(metric, min(finite))}  max {fmt_metric(metric, max(finite))}")
+    return Group(table, line)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from aqimodels.client.errors import InvalidArgumentError
 
@@ -250,7 +251,19 @@ def parse_retention(raw: str, name: str = "AQIMODELS_RETENTION") -> tuple[int, f
     return keep_last, older_than
 
 
-def monitoring_from_env(env: Mapping[str, str]) -> dict[str, object]:
+class MonitoringSettings(TypedDict):
+    degradation_ratio: float
+    degradation_min_samples: int
+    degradation_window_hours: float
+    retrain_on_degradation: bool
+    retrain_schedule: str
+    retrain_models: tuple[str, ...]
+    retrain_dataset: str
+    retention_keep_last: int
+    retention_older_than_days: float
+
+
+def monitoring_from_env(env: Mapping[str, str]) -> MonitoringSettings:
     """Degradation, scheduled retraining and retention settings (see README, "Monitoring and automation")."""
     schedule = " ".join(env.get("AQIMODELS_RETRAIN_SCHEDULE", "").split())
     if schedule:
@@ -268,14 +281,14 @@ def monitoring_from_env(env: Mapping[str, str]) -> dict[str, object]:
     window = _float(env, "AQIMODELS_DEGRADATION_WINDOW_HOURS", 24.0)
     if window <= 0:
         raise ConfigError(f"AQIMODELS_DEGRADATION_WINDOW_HOURS must be positive, got {window}")
-    return {
-        "degradation_ratio": _float(env, "AQIMODELS_DEGRADATION_RATIO", 1.5, lo=1.0),
-        "degradation_min_samples": _int(env, "AQIMODELS_DEGRADATION_MIN_SAMPLES", 100, 1, 1 << 40),
-        "degradation_window_hours": window,
-        "retrain_on_degradation": _bool(env, "AQIMODELS_RETRAIN_ON_DEGRADATION", False),
-        "retrain_schedule": schedule,
-        "retrain_models": models,
-        "retrain_dataset": env.get("AQIMODELS_RETRAIN_DATASET", "").strip(),
-        "retention_keep_last": keep_last,
-        "retention_older_than_days": older_than,
-    }
+    return MonitoringSettings(
+        degradation_ratio=_float(env, "AQIMODELS_DEGRADATION_RATIO", 1.5, lo=1.0),
+        degradation_min_samples=_int(env, "AQIMODELS_DEGRADATION_MIN_SAMPLES", 100, 1, 1 << 40),
+        degradation_window_hours=window,
+        retrain_on_degradation=_bool(env, "AQIMODELS_RETRAIN_ON_DEGRADATION", False),
+        retrain_schedule=schedule,
+        retrain_models=models,
+        retrain_dataset=env.get("AQIMODELS_RETRAIN_DATASET", "").strip(),
+        retention_keep_last=keep_last,
+        retention_older_than_days=older_than,
+    )

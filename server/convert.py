@@ -9,6 +9,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.server.domain import AuditRecord, BackendHealth, ModelVersion, RegisteredModel, Stage
+from aqimodels.server.monitoring import Alert, Health, History
 from aqimodels.server.service import Comparison, ModelStatusView
 
 
@@ -104,3 +105,22 @@ def audit_to_proto(r: AuditRecord) -> pb.AuditEvent:
         model_name=r.model_name, version=r.version, before=struct_from_dict(r.before),
         after=struct_from_dict(r.after), outcome=r.outcome, request_id=r.request_id, message=r.message,
         sequence=r.sequence)
+
+
+def history_to_proto(h: History) -> pb.GetModelHistoryResponse:
+    return pb.GetModelHistoryResponse(
+        metric=h.metric,
+        points=[pb.HistoryPoint(version=p.version, create_time=ts_from_ms(p.create_time_ms),
+                                metrics=_finite(p.metrics), stage=stage_to_proto(p.stage)) for p in h.points],
+        production_periods=[pb.ProductionPeriod(version=p.version, start_time=ts_from_ms(p.start_ms),
+                                                end_time=ts_from_ms(p.end_ms) if p.end_ms else None)
+                            for p in h.periods])
+
+
+def health_to_proto(health: Health) -> pb.ModelHealth.ValueType:
+    return pb.ModelHealth.ValueType(health.value)
+
+
+def alert_to_proto(a: Alert) -> pb.Alert:
+    return pb.Alert(id=a.id, time=ts_from_ms(a.time_ms), model_name=a.model_name, version=a.version,
+                    health=health_to_proto(a.health), ratio=a.ratio, message=a.message)

@@ -423,13 +423,24 @@ class RegistryService:
         log.info("model_rolled_back", model=name, version=previous, replaced=current)
         return result
 
-    def cleanup(self, caller: Caller, name: str, keep_last: int, versions: list[int], dry_run: bool) -> CleanupResult:
+    def cleanup(self, caller: Caller, name: str, keep_last: int, versions: list[int], dry_run: bool,
+                older_than_ms: int | None = None) -> CleanupResult:
+        """Deletes old versions of a model, never an aliased one.
+
+        Args:
+            keep_last: keep the newest N versions (0: no such rule, then ``older_than_ms`` is required).
+            versions: delete exactly these instead.
+            older_than_ms: delete only versions registered before this time (epoch ms); with
+                ``keep_last`` a version goes only when both rules let it go (retention policy).
+        """
         validate_name(name)
         if keep_last < 0:
             raise InvalidArgumentError(f"keep_last must not be negative, got {keep_last}", field="keep_last")
         if versions and keep_last:
             raise InvalidArgumentError("give either keep_last or versions, not both", field="versions")
-        if not versions and keep_last == 0:
+        if versions and older_than_ms is not None:
+            raise InvalidArgumentError("give either an age limit or versions, not both", field="versions")
+        if not versions and keep_last == 0 and older_than_ms is None:
             raise InvalidArgumentError("keep_last must be at least 1 (or name the versions to delete)",
                                        field="keep_last")
         with self.db.model_lock(name):
@@ -445,9 +456,10 @@ class RegistryService:
                         "other versions first")
                 delete = sorted(v.version for v in chosen)
             else:
-                newest = {v.version for v in snap.versions[:keep_last]}
+                newest = {v.version for v in snap.versions[:keep_last]} if keep_last else set()
                 delete = sorted(v.version for v in snap.versions
-                                if v.version not in newest and v.version not in aliased)
+                                if v.version not in newest and v.version not in aliased
+                                and (older_than_ms is None or v.create_time_ms < older_than_ms))
             kept = sorted(v.version for v in snap.versions if v.version not in delete)
             protected = sorted(aliased)
             before = {"versions": sorted(v.version for v in snap.versions), **self._state(snap)}

@@ -101,8 +101,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     def CleanupModelVersions(self, request: pb.CleanupModelVersionsRequest,
                              context: grpc.ServicerContext) -> pb.CleanupModelVersionsResponse:
-        result = self._service.cleanup(_caller(), request.name, request.keep_last, list(request.versions),
-                                       request.dry_run)
+        cleanup = self._monitor.cleanup if self._monitor is not None else self._service.cleanup
+        result = cleanup(_caller(), request.name, request.keep_last, list(request.versions), request.dry_run)
         return pb.CleanupModelVersionsResponse(
             deleted_versions=result.deleted, kept_versions=result.kept, protected_versions=result.protected,
             dry_run=result.dry_run, audit_event_id=result.audit_event_id)
@@ -148,14 +148,23 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     # ---- monitoring (issue 7) ----
 
+    def _monitoring(self) -> Any:
+        if self._monitor is None:
+            raise UnimplementedError("monitoring is not available on this server: it was started without a monitor")
+        return self._monitor
+
     def GetModelHistory(self, request: pb.GetModelHistoryRequest,
                         context: grpc.ServicerContext) -> pb.GetModelHistoryResponse:
-        raise UnimplementedError("GetModelHistory is not implemented yet (model monitoring has not landed)")
+        return convert.history_to_proto(self._monitoring().history(request.name, request.metric))
 
     def ReportPerformance(self, request: pb.ReportPerformanceRequest,
                           context: grpc.ServicerContext) -> pb.ReportPerformanceResponse:
-        raise UnimplementedError("ReportPerformance is not implemented yet (model monitoring has not landed)")
+        outcome = self._monitoring().report(
+            _caller(), request.name, request.version, request.rmse, request.mae, request.sample_count,
+            [(p.predicted, p.actual) for p in request.pairs],
+            convert.ms_from_ts(request.window_end) if request.HasField("window_end") else 0)
+        return pb.ReportPerformanceResponse(health=convert.health_to_proto(outcome.health), ratio=outcome.ratio)
 
     def WatchAlerts(self, request: pb.WatchAlertsRequest, context: grpc.ServicerContext) -> Iterator[pb.Alert]:
-        raise UnimplementedError("WatchAlerts is not implemented yet (model monitoring has not landed)")
-        yield  # pragma: no cover - makes this a generator like the other streaming handlers
+        for alert in self._monitoring().watch(request.model_name, context):
+            yield convert.alert_to_proto(alert)

@@ -980,7 +980,11 @@ class CleanupModelVersionsRequest(_message.Message):
     name: _builtins.str
     """Registered model name."""
     keep_last: _builtins.int
-    """Keep the newest N versions (aliased versions are kept in any case)."""
+    """Keep the newest N versions (aliased versions are kept in any case).
+    0 with no `versions`: apply the server's configured retention policy
+    (AQIMODELS_RETENTION), e.g. with dry_run to preview its effect;
+    INVALID_ARGUMENT when none is configured.
+    """
     dry_run: _builtins.bool
     """List what would be deleted without deleting."""
     request_id: _builtins.str
