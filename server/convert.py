@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.server.domain import AuditRecord, BackendHealth, ModelVersion, RegisteredModel, Stage
 from aqimodels.server.monitoring import Alert, Health, History
 from aqimodels.server.service import Comparison, ModelStatusView
@@ -20,8 +21,13 @@ def ts_from_ms(ms: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def ms_from_ts(ts: timestamp_pb2.Timestamp) -> int:
-    return int(ts.ToMilliseconds())
+def ms_from_ts(ts: timestamp_pb2.Timestamp, field: str = "time") -> int:
+    """Milliseconds since the epoch; INVALID_ARGUMENT for a timestamp outside protobuf's valid range."""
+    try:
+        return int(ts.ToMilliseconds())
+    except (ValueError, OverflowError):
+        raise InvalidArgumentError(f"{field} is not a valid timestamp (seconds {ts.seconds}, nanos {ts.nanos})",
+                                   field=field) from None
 
 
 def stage_to_proto(stage: Stage) -> pb.Stage.ValueType:

@@ -19,10 +19,10 @@ def test_defaults() -> None:
 
 def test_values_are_read() -> None:
     config = ServerConfig.from_env({
-        "AQIMODELS_HOST": "0.0.0.0", "AQIMODELS_PORT": "6000", "MLFLOW_AUTO_PROMOTION": "true",
+        "AQIMODELS_HOST": "127.0.0.2", "AQIMODELS_PORT": "6000", "MLFLOW_AUTO_PROMOTION": "true",
         "AQIMODELS_WORKERS": "a:1, b:2", "MLFLOW_TRACKING_URI": "postgresql+psycopg://u@h/db",
         "MLFLOW_EXPERIMENT_NAME": "exp"})
-    assert (config.host, config.port, config.auto_promotion) == ("0.0.0.0", 6000, True)
+    assert (config.host, config.port, config.auto_promotion) == ("127.0.0.2", 6000, True)
     assert config.workers == ("a:1", "b:2")
     assert config.own_database_url == "postgresql+psycopg://u@h/db"
     assert ServerConfig.from_env({"AQIMODELS_WORKERS": "none"}).workers == ()
