@@ -19,6 +19,7 @@ from aqimodels.server import auth
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
 from aqimodels.server.interceptors import ServerInterceptor
+from aqimodels.server.metrics import Metrics, endpoint_host
 from aqimodels.server.mlflow_store import MlflowModelStore
 from aqimodels.server.monitoring import Monitor
 from aqimodels.server.service import RegistryService
@@ -42,6 +43,7 @@ class RegistryServer:
     jobs: Any = None
     workers: Any = None
     monitor: Any = None
+    metrics: Metrics | None = None  # metrics.port: the bound Prometheus port
     _stop_probe: threading.Event = field(default_factory=threading.Event)
     _probe: threading.Thread | None = None
 
@@ -79,6 +81,8 @@ class RegistryServer:
         self.server.stop(self.config.shutdown_grace_seconds if grace is None else grace).wait()
         if self.workers is not None:
             self.workers.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory: Any = None,
@@ -93,6 +97,9 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     """
     db = Database(config.own_database_url)
     store = MlflowModelStore(config.tracking_uri)
+    metrics = Metrics("registry") if config.metrics_port is not None else None
+    if metrics is not None:
+        store.observer = metrics.observe_mlflow
     store.ping()  # runs MLflow's migrations on a new database before our tables join it
     db.create_tables()
     holder: dict[str, Any] = {}
@@ -101,6 +108,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     jobs = workers = None
     if jobs_factory is not None:
         jobs, workers = jobs_factory(config, service, db)
+        if metrics is not None:
+            jobs.add_event_hook(metrics.on_retrain_event)
         holder["jobs"] = jobs
     monitor = Monitor(config, service, db, jobs, clock=clock)
     def audit_denial(actor: str, role: str, rpc: str, message: str) -> None:
@@ -112,7 +121,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     authenticate = auth.authenticator(config.tokens_file, audit_denial, "registry")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        interceptors=[ServerInterceptor(authenticate)],
+        interceptors=[ServerInterceptor(authenticate, metrics.observe_rpc if metrics is not None else None)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
@@ -125,8 +134,10 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     port = auth.bind(server, bind or config.bind,
                      auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    if metrics is not None and config.metrics_port is not None:
+        metrics.serve(config.metrics_port, endpoint_host(config.host))
     server.start()
-    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor)
+    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, metrics)
     rs.set_serving(store.ping().healthy)
     rs.start_probe()
     if jobs is not None:
@@ -140,7 +151,8 @@ def serve(config: ServerConfig, jobs_factory: Any = None) -> int:
     started = time.perf_counter()
     rs = create_server(config, jobs_factory=jobs_factory)
     log.info("registry_started", address=f"{config.host}:{rs.port}", tracking_uri=rs.service.store.tracking_uri,
-             startup_ms=round((time.perf_counter() - started) * 1000))
+             startup_ms=round((time.perf_counter() - started) * 1000),
+             metrics_port=rs.metrics.port if rs.metrics is not None else None)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

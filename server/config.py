@@ -127,6 +127,8 @@ class ServerConfig:
     retention_keep_last: int = 0
     retention_older_than_days: float = 0.0
     monitor_poll_seconds: float = 1.0
+    # Prometheus endpoint (issue 6): None = off; 0 = an ephemeral port (tests). AQIMODELS_METRICS_PORT=0 is off.
+    metrics_port: int | None = None
 
     @property
     def bind(self) -> str:
@@ -175,6 +177,7 @@ class ServerConfig:
             cache_ttl_seconds=_float(env, "AQIMODELS_CACHE_TTL_SECONDS", 2.0),
             shutdown_grace_seconds=_float(env, "AQIMODELS_SHUTDOWN_GRACE_SECONDS", 10.0),
             artifact_location=env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip(),
+            metrics_port=metrics_port_from_env(env, "AQIMODELS_METRICS_PORT", "AQIMODELS_PORT", 50051),
             **security_from_env(env),
             worker_token=env.get("AQIMODELS_WORKER_TOKEN", "").strip(),
             worker_ca_cert=_file(env, "AQIMODELS_WORKER_CA_CERT"),
@@ -204,6 +207,14 @@ def check_exposure(host: str, tokens_file: str, variable: str) -> None:
             f"{variable}={host} listens beyond loopback but AQIMODELS_TOKENS_FILE is not set: refusing to run "
             "open. Create a token with `aqimodels token create NAME --role admin`, append the printed entry "
             "to a TOML file and point AQIMODELS_TOKENS_FILE at it")
+
+
+def metrics_port_from_env(env: Mapping[str, str], name: str, grpc_name: str, grpc_default: int) -> int | None:
+    """The Prometheus port in ``name`` (unset or 0: no endpoint); it must differ from the gRPC port."""
+    port = _int(env, name, 0, 0, 65535)
+    if port and port == _int(env, grpc_name, grpc_default, 0, 65535):
+        raise ConfigError(f"{name}={port} is also the gRPC port ({grpc_name}); choose another port")
+    return port or None
 
 
 def _file(env: Mapping[str, str], name: str) -> str:

@@ -101,6 +101,7 @@ class JobManager:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._success_hooks: list[Callable[[str, int], None]] = []
+        self._event_hooks: list[Callable[[pb.RetrainJob, pb.RetrainEvent], None]] = []
 
     # ---- lifecycle ----
 
@@ -209,6 +210,11 @@ class JobManager:
             if state in TERMINAL:
                 for listener in job.listeners:
                     listener.put(None)
+            for hook in self._event_hooks:
+                try:
+                    hook(job.proto, event)
+                except Exception:  # noqa: BLE001 - an observer must never break a job
+                    log.exception("event_hook_failed", job_id=job.proto.job_id)
         return event
 
     def _end(self, job: _Job, state: int, reason: str) -> None:
@@ -287,6 +293,11 @@ class JobManager:
     def add_success_hook(self, hook: Callable[[str, int], None]) -> None:
         """Calls ``hook(model_name, version)`` after every successful job (retention, for one)."""
         self._success_hooks.append(hook)
+
+    def add_event_hook(self, hook: Callable[[pb.RetrainJob, pb.RetrainEvent], None]) -> None:
+        """Calls ``hook(job, event)`` for every event of every job of this process, under the job's lock
+        (metrics, for one); the hook must be quick and must not touch the job manager."""
+        self._event_hooks.append(hook)
 
     def _requested_types(self, request: pb.RetrainRequest) -> list[int]:
         types: list[int] = []

@@ -9,6 +9,7 @@ down, file unreadable, tracking server unreachable) -> BackendUnavailableError.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -84,11 +85,15 @@ class MlflowModelStore:
         self._run_metrics: dict[str, dict[str, float]] = {}
         self._metrics_lock = threading.Lock()
         self.call_count = 0
+        # (operation, seconds) of every MLflow call, e.g. Metrics.observe_mlflow; set by create_server.
+        self.observer: Callable[[str, float], None] | None = None
 
     # ---- error translation ----
 
     def _call(self, fn: Callable[[], T], *, name: str = "", version: int = 0) -> T:
         self.call_count += 1
+        if self.observer is not None:  # the operation is the store method that called us
+            fn = _timed(fn, self.observer, sys._getframe(1).f_code.co_name.lstrip("_"))
         try:
             return fn()
         except MlflowException as exc:
@@ -293,3 +298,14 @@ def _version(mv: Any, aliases: tuple[str, ...], metrics: dict[str, float]) -> Mo
 @functools.cache
 def mlflow_version() -> str:
     return str(mlflow.__version__)
+
+
+def _timed(fn: Callable[[], T], observer: Callable[[str, float], None], operation: str) -> Callable[[], T]:
+    def timed() -> T:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            observer(operation, time.perf_counter() - start)
+
+    return timed

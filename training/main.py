@@ -26,10 +26,12 @@ from aqimodels.server.config import (
     _int,
     absolute_sqlite_uri,
     check_exposure,
+    metrics_port_from_env,
     security_from_env,
 )
 from aqimodels.server.interceptors import ServerInterceptor
-from aqimodels.training.servicer import TrainingWorkerServicer, WorkerConfig
+from aqimodels.server.metrics import Metrics, endpoint_host
+from aqimodels.training.servicer import TYPES, TrainingWorkerServicer, WorkerConfig
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["TrainingWorker"].full_name
@@ -44,6 +46,7 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> WorkerConfig:
         capacity=_int(env, "AQIMODELS_WORKER_CAPACITY", 1, 1, 64),
         host=env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1",
         port=_int(env, "AQIMODELS_WORKER_PORT", 50052, 0, 65535),
+        metrics_port=metrics_port_from_env(env, "AQIMODELS_WORKER_METRICS_PORT", "AQIMODELS_WORKER_PORT", 50052),
         **security_from_env(env),
     )
     check_exposure(config.host, config.tokens_file, "AQIMODELS_WORKER_HOST")
@@ -51,11 +54,16 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> WorkerConfig:
 
 
 def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.Server, int, TrainingWorkerServicer]:
-    """Builds and starts a worker server without blocking; returns it with its bound port."""
-    servicer = TrainingWorkerServicer(config)
+    """Builds and starts a worker server without blocking; returns it with its bound port.
+
+    With ``config.metrics_port`` set, the servicer is a :class:`MeteredWorkerServicer` whose
+    ``metrics.port`` is the bound Prometheus port (stopped by ``servicer.metrics.close()``).
+    """
+    metrics = Metrics("worker") if config.metrics_port is not None else None
+    servicer = TrainingWorkerServicer(config) if metrics is None else MeteredWorkerServicer(config, metrics)
     authenticate = auth.authenticator(config.tokens_file, None, "worker")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="worker-rpc"),
-                         interceptors=[ServerInterceptor(authenticate)],
+                         interceptors=[ServerInterceptor(authenticate, metrics.observe_rpc if metrics else None)],
                          options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_TrainingWorkerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -65,10 +73,24 @@ def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.S
     host = f"[{config.host}]" if ":" in config.host else config.host
     port = auth.bind(server, bind or f"{host}:{config.port}",
                      auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    if metrics is not None and config.metrics_port is not None:
+        metrics.serve(config.metrics_port, endpoint_host(config.host))
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, servicer
+
+
+class MeteredWorkerServicer(TrainingWorkerServicer):
+    """The worker servicer with its trainings observed (progress, duration, state) for Prometheus."""
+
+    def __init__(self, config: WorkerConfig, metrics: Metrics) -> None:
+        super().__init__(config)
+        self.metrics = metrics
+
+    def Train(self, request: worker_pb2.TrainRequest, context: grpc.ServicerContext) -> Any:
+        model = request.registered_model_name or TYPES.get(request.model_type, "unknown")
+        return self.metrics.track_training(request.job_id, model, super().Train(request, context))
 
 
 def main(host: str | None = None, port: int | None = None, port_file: str | None = None) -> int:
@@ -93,6 +115,7 @@ def main(host: str | None = None, port: int | None = None, port_file: str | None
     if port_file:
         Path(port_file).write_text(str(bound))
     log.info("worker_started", address=f"{config.host}:{bound}", capacity=config.capacity,
+             metrics_port=servicer.metrics.port if isinstance(servicer, MeteredWorkerServicer) else None,
              tracking_uri=config.tracking_uri)
     done = threading.Event()
 
@@ -104,6 +127,8 @@ def main(host: str | None = None, port: int | None = None, port_file: str | None
     done.wait()
     servicer.stop_all()
     server.stop(10).wait()
+    if isinstance(servicer, MeteredWorkerServicer):
+        servicer.metrics.close()
     log.info("worker_stopped")
     return 0
 

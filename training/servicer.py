@@ -45,6 +45,7 @@ class WorkerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    metrics_port: int | None = None  # Prometheus endpoint: None = off, 0 = ephemeral (tests)
 
 
 @dataclass
@@ -54,10 +55,14 @@ class _Running:
     started: float = field(default_factory=time.time)
 
 
-def _ts(value: Any) -> np.datetime64 | None:
+def _ts(value: Any, field: str = "dataset.start_time") -> np.datetime64 | None:
     if value is None or (not value.seconds and not value.nanos):
         return None
-    return np.datetime64(value.ToDatetime().replace(tzinfo=None), "ns")
+    try:
+        return np.datetime64(value.ToDatetime().replace(tzinfo=None), "ns")
+    except (ValueError, OverflowError):
+        raise InvalidArgumentError(f"{field} is not a valid timestamp (seconds {value.seconds}, nanos "
+                                   f"{value.nanos})", field=field) from None
 
 
 def job_from_proto(request: wpb.TrainRequest, experiment_name: str) -> core.TrainJob:
@@ -87,7 +92,7 @@ def job_from_proto(request: wpb.TrainRequest, experiment_name: str) -> core.Trai
         config=config, experiment_name=request.experiment_name or experiment_name,
         registered_model_name=request.registered_model_name, ensemble_members=members, tags=dict(request.tags),
         start_time=_ts(request.dataset.start_time if request.dataset.HasField("start_time") else None),
-        end_time=_ts(request.dataset.end_time if request.dataset.HasField("end_time") else None))
+        end_time=_ts(request.dataset.end_time if request.dataset.HasField("end_time") else None, "dataset.end_time"))
 
 
 def event_to_proto(ev: core.ProgressEvent, seq: int) -> wpb.TrainEvent:
@@ -221,7 +226,8 @@ class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
         window = request.window_hours or 24
         data = load_dataset(request.dataset.spec or "synthetic",
                             _ts(request.dataset.start_time if request.dataset.HasField("start_time") else None),
-                            _ts(request.dataset.end_time if request.dataset.HasField("end_time") else None))
+                            _ts(request.dataset.end_time if request.dataset.HasField("end_time") else None,
+                                "dataset.end_time"))
         need = min_hours(window)
         if data.n_hours < need:
             raise InvalidArgumentError(
