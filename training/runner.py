@@ -309,7 +309,7 @@ def _fit_ensemble(
     members: list[Any], names: list[str], stop: threading.Event,
 ) -> Iterator[EpochFinished]:  # returns (model, test_pred, convergence) via StopIteration
     from aqimodels.training.model import EnsembleForecastModel
-    from aqimodels.training.trainers.ensemble import fit_weights
+    from aqimodels.training.trainers.ensemble import fit_horizon_weights
 
     t0 = time.monotonic()
     val_preds, test_preds = [], []
@@ -327,9 +327,13 @@ def _fit_ensemble(
         client.log_batch(run_id, metrics=_epoch_metrics(ev), synchronous=True)
         yield ev
     _check(stop)
-    weights = np.asarray(fit_weights(np.stack(val_preds), np.asarray(fs.val.y)), dtype=np.float64)
-    client.log_batch(run_id, params=_params({f"weight_{n}": f"{w:.6f}" for n, w in zip(names, weights)}),
-                     metrics=[_metric(f"weight_{n}", w) for n, w in zip(names, weights)], synchronous=True)
+    weights = np.asarray(fit_horizon_weights(np.stack(val_preds), np.asarray(fs.val.y)), dtype=np.float64)
+    logged = {f"weight_{n}": float(weights[i].mean()) for i, n in enumerate(names)}
+    for h in (1, 6, 24):
+        if h <= weights.shape[1]:
+            logged.update({f"weight_{n}_h{h}": float(weights[i, h - 1]) for i, n in enumerate(names)})
+    client.log_batch(run_id, params=_params({k: f"{v:.6f}" for k, v in logged.items()}),
+                     metrics=[_metric(k, v) for k, v in logged.items()], synchronous=True)
     model = EnsembleForecastModel(members, weights, names, metadata={"job_id": job.job_id})
     test_pred = model.combine(np.stack(test_preds))
     val_rmse = masked_rmse(model.combine(np.stack(val_preds)), fs.val.y)

@@ -125,3 +125,21 @@ def test_shape_mismatch_is_rejected() -> None:
     preds, y = _members()
     with pytest.raises(ValueError):
         fit_weights(preds, y[:, :2])
+
+
+def test_per_horizon_weights_follow_the_best_member_at_each_horizon() -> None:
+    from aqimodels.training.trainers.ensemble import combine, fit_horizon_weights
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(50, 10, size=(200, 3, 2))
+    good_early = y + rng.normal(0, [1.0, 8.0], size=y.shape)  # good at horizon 1, poor at 2
+    good_late = y + rng.normal(0, [8.0, 1.0], size=y.shape)
+    preds = np.stack([good_early, good_late])
+    w = fit_horizon_weights(preds, y)
+    assert w.shape == (2, 2)
+    np.testing.assert_allclose(w.sum(axis=0), 1.0)
+    assert w[0, 0] > 0.8 and w[1, 1] > 0.8
+    combined = combine(preds, w)
+    for h in range(2):
+        best = min(np.mean((p[..., h] - y[..., h]) ** 2) for p in preds)
+        assert np.mean((combined[..., h] - y[..., h]) ** 2) <= best + 1e-9

@@ -101,10 +101,23 @@ def fit_weights(member_preds: np.ndarray, y: np.ndarray) -> np.ndarray:
     return weights
 
 
+def fit_horizon_weights(member_preds: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One simplex of weights per horizon, ``[M, H]``: members are good at different lead times
+    (measured on Beijing: XGBoost best at +1 h, the LSTM at +24 h), and one set of weights for
+    all horizons left the ensemble worse than its best member at +1 h."""
+    preds = np.asarray(member_preds)
+    return np.stack([fit_weights(preds[..., h:h + 1], np.asarray(y)[..., h:h + 1])
+                     for h in range(preds.shape[-1])], axis=1)
+
+
 def combine(member_preds: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The weighted forecast ``sum_m weights[m] * member_preds[m]``, ``[M, N, S, H]`` -> ``[N, S, H]``."""
+    """The weighted forecast ``[M, N, S, H]`` -> ``[N, S, H]``, with weights ``[M]`` (one set for all
+    horizons) or ``[M, H]`` (one set per horizon)."""
     preds = np.asarray(member_preds)
     w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (preds.shape[0],):
-        raise ValueError(f"weights {w.shape} do not match {preds.shape[0]} members")
-    return np.tensordot(w, preds, axes=1).astype(preds.dtype if preds.dtype.kind == "f" else np.float64)
+    out_type = preds.dtype if preds.dtype.kind == "f" else np.float64
+    if w.shape == (preds.shape[0],):
+        return np.tensordot(w, preds, axes=1).astype(out_type)
+    if w.shape == (preds.shape[0], preds.shape[-1]):
+        return np.einsum("mh,mnsh->nsh", w, preds).astype(out_type)
+    raise ValueError(f"weights {w.shape} do not match {preds.shape[0]} members and {preds.shape[-1]} horizons")
