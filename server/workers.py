@@ -9,11 +9,13 @@ with a free slot (registry-side count below the capacity they report) receive jo
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ class WorkerHandle:
     process: subprocess.Popen[bytes] | None = None
     info: Any = None
     job_ids: set[str] = field(default_factory=set)
+    dns_name: str = ""
 
     def connect(self, target: str, creds: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
@@ -53,8 +56,11 @@ class WorkerHandle:
 class WorkerPool:
     """Dispatch slots over the configured workers."""
 
-    def __init__(self, config: ServerConfig, *, probe_interval: float = 2.0) -> None:
+    def __init__(self, config: ServerConfig, *, probe_interval: float = 2.0,
+                 resolver: Resolver | None = None) -> None:
         self.config = config
+        self._resolver = resolver or resolve_dns
+        self._dns_names = [t for t in config.workers if t.startswith("dns:///")]
         self.probe_interval = probe_interval
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -65,6 +71,8 @@ class WorkerPool:
         self._token_md: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else ())
         for target in config.workers:
+            if target.startswith("dns:///"):
+                continue  # expanded into one handle per address by refresh_dns()
             handle = WorkerHandle(target=target)
             if target != LOCAL_WORKER:
                 handle.connect(target, self._creds)
@@ -73,9 +81,34 @@ class WorkerPool:
 
     @property
     def configured(self) -> bool:
-        return bool(self.workers)
+        return bool(self.workers) or bool(self._dns_names)
+
+    def refresh_dns(self) -> None:
+        """Re-resolves each ``dns:///host:port`` target: new addresses join, vanished idle ones leave."""
+        for name in self._dns_names:
+            host, _, port = name[len("dns:///"):].rpartition(":")
+            try:
+                targets = set(self._resolver(host, int(port)))
+            except (OSError, ValueError) as exc:
+                log.warning("worker_dns_failed", name=name, error=str(exc))
+                continue
+            with self._cond:
+                known = {w.target: w for w in self.workers if w.dns_name == name}
+                for target in sorted(targets - set(known)):
+                    handle = WorkerHandle(target=target, dns_name=name)
+                    handle.connect(target, self._creds)
+                    self.workers.append(handle)
+                    log.info("worker_discovered", name=name, worker=target)
+                for target, handle in known.items():
+                    if target not in targets and handle.running == 0:
+                        self.workers.remove(handle)
+                        if handle.channel is not None:
+                            handle.channel.close()
+                        log.info("worker_gone", name=name, worker=target)
+                self._cond.notify_all()
 
     def start(self) -> None:
+        self.refresh_dns()
         for i, handle in enumerate(self.workers):
             if handle.target == LOCAL_WORKER:
                 threading.Thread(target=self._spawn_local, args=(handle, i), daemon=True,
@@ -112,6 +145,7 @@ class WorkerPool:
 
     def _probe_loop(self) -> None:
         while not self._stop.wait(self.probe_interval):
+            self.refresh_dns()
             self.probe_once()
 
     def probe_once(self) -> None:
@@ -162,6 +196,8 @@ class WorkerPool:
             self._cond.notify_all()
 
     def waiting_reason(self) -> str:
+        if not self.workers and self._dns_names:
+            return f"no training worker found behind {', '.join(self._dns_names)} yet"
         if not self.workers:
             return ("no training worker is configured (AQIMODELS_WORKERS=none); the job waits until the "
                     "registry is started with workers")
@@ -205,6 +241,18 @@ class WorkerPool:
                 except subprocess.TimeoutExpired:
                     handle.process.kill()
         self._tmp.cleanup()
+
+
+Resolver = Callable[[str, int], list[str]]
+
+
+def resolve_dns(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, as ``ip:port`` targets (a headless Service's pods)."""
+    out = []
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        ip = str(sockaddr[0])
+        out.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return sorted(set(out))
 
 
 def _worker_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
