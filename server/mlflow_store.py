@@ -9,6 +9,7 @@ down, file unreadable, tracking server unreachable) -> BackendUnavailableError.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import threading
 import time
@@ -62,6 +63,25 @@ def _is_unavailable(exc: BaseException) -> bool:
             return True
         cur = cur.__cause__ or cur.__context__
     return False
+
+
+class _QuietOutage(logging.Filter):
+    """Drops the traceback MLflow logs for every call while its database is down.
+
+    The adapter already answers such calls UNAVAILABLE and the health probe logs the outage
+    once; a full traceback per call (dozens a second under load) would drown everything else.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and _is_unavailable(record.exc_info[1]):
+            record.exc_info = None
+            record.exc_text = None
+            record.msg = f"{record.getMessage().splitlines()[0]} (the MLflow database is unavailable)"
+            record.args = ()
+        return True
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_QuietOutage())
 
 
 def _redact(uri: str) -> str:
