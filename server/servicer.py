@@ -21,11 +21,13 @@ from aqimodels.server.service import Caller, RegistryService
 SERVER_VERSION = "0.1.0"
 
 
-def _caller() -> Caller:
+def _caller(request_id: str = "") -> Caller:
+    """Who calls; the request's own idempotency key wins over the x-request-id header."""
+    rid = request_id[:200] or current_request_id()
     caller = current_caller()
     if isinstance(caller, Caller):
-        return Caller(caller.name, caller.role, current_request_id())
-    return Caller(request_id=current_request_id())
+        return Caller(caller.name, caller.role, rid)
+    return Caller(request_id=rid)
 
 
 def _stage_filter(value: int, field: str) -> Stage | None:
@@ -85,7 +87,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                             context: grpc.ServicerContext) -> pb.PromoteModelVersionResponse:
         stage = convert.stage_from_proto(request.stage) if request.stage else None
         expected = request.expected_current_version if request.HasField("expected_current_version") else None
-        result = self._service.promote(_caller(), request.name, request.version, stage, expected,
+        result = self._service.promote(_caller(request.request_id), request.name, request.version, stage, expected,
                                        request.select_best_by, request.reason)
         return pb.PromoteModelVersionResponse(
             version=convert.model_version_to_proto(result.version), previous_version=result.previous_version,
@@ -94,7 +96,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     def RollbackModel(self, request: pb.RollbackModelRequest,
                       context: grpc.ServicerContext) -> pb.RollbackModelResponse:
         expected = request.expected_current_version if request.HasField("expected_current_version") else None
-        result = self._service.rollback(_caller(), request.name, expected, request.reason)
+        result = self._service.rollback(_caller(request.request_id), request.name, expected, request.reason)
         return pb.RollbackModelResponse(version=convert.model_version_to_proto(result.version),
                                         replaced_version=result.previous_version,
                                         audit_event_id=result.audit_event_id)

@@ -187,6 +187,17 @@ def test_idempotent_promotion_returns_the_first_result(registry: Registry) -> No
     assert len([e for e in c.iter_audit_events(model_name=LSTM) if e.action == "PromoteModelVersion"]) == 1
 
 
+def test_idempotency_key_in_the_request_wins_over_the_header(registry: Registry) -> None:
+    """A raw caller that sets only PromoteModelVersionRequest.request_id still gets idempotency."""
+    _seed_three(registry)
+    with grpc.insecure_channel(registry.target) as channel:
+        stub = registry_pb2_grpc.ModelRegistryStub(channel)
+        request = pb.PromoteModelVersionRequest(name=LSTM, version=3, stage=pb.STAGE_PRODUCTION, request_id="k-1")
+        first = stub.PromoteModelVersion(request, metadata=(("x-request-id", "header-a"),))
+        again = stub.PromoteModelVersion(request, metadata=(("x-request-id", "header-b"),))
+    assert first.audit_event_id == again.audit_event_id
+
+
 def test_pagination_walks_250_versions_without_loss_or_duplicates(registry: Registry) -> None:
     registry.seed(LSTM, [realistic_metrics(i) for i in range(250)])
     c = registry.client
