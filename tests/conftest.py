@@ -259,3 +259,32 @@ def make_certs(folder: Path) -> Certs:
     return Certs(write(folder / "ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
                  write(folder / "server.pem", server_cert), write(folder / "server.key", server_key),
                  write(folder / "client.pem", client_cert), write(folder / "client.key", client_key))
+
+
+def serve_process(env: dict[str, str], cwd: Path | None = None) -> tuple[subprocess.Popen[str], int]:
+    """Starts `aqimodels serve` as a newcomer would (port 0, JSON logs); returns it and its port.
+
+    The port comes from the `registry_started` log line; stderr is drained afterwards so the
+    process never blocks on a full pipe.
+    """
+    import json
+    import threading
+    import time
+
+    aqimodels = str(Path(sys.executable).with_name("aqimodels"))
+    full = {**os.environ, "AQIMODELS_PORT": "0", "AQIMODELS_LOG_FORMAT": "json", **env}
+    proc = subprocess.Popen([aqimodels, "serve"], env=full, cwd=cwd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited with {proc.returncode}")
+            continue
+        if '"registry_started"' in line:
+            port = int(json.loads(line)["address"].rsplit(":", 1)[1])
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+            return proc, port
+    proc.kill()
+    raise AssertionError("serve did not start within 120 s")

@@ -8,7 +8,6 @@ throwaway PostgreSQL cluster of this test's own, stopped and started again with 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -29,7 +28,7 @@ from aqimodels.client import RegistryClient
 from aqimodels.client.errors import AqiModelsError, DeadlineExceededError, NotFoundError
 from aqimodels.server.db import Database
 from aqimodels.server.jobs import jobs_factory
-from conftest import postgres_or_skip, realistic_metrics, start_registry
+from conftest import postgres_or_skip, realistic_metrics, serve_process, start_registry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SMALL = "synthetic:stations=4,days=30,seed=3"
@@ -82,22 +81,7 @@ def wait_healthy_workers(client: RegistryClient, count: int, timeout: float = 60
 
 
 def serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
-    full = {**os.environ, "AQIMODELS_PORT": "0", "AQIMODELS_LOG_FORMAT": "json", **env}
-    proc = subprocess.Popen([AQIMODELS, "serve"], env=full, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise AssertionError(f"serve exited with {proc.returncode}")
-            continue
-        if '"registry_started"' in line:
-            port = int(json.loads(line)["address"].rsplit(":", 1)[1])
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-            return proc, port
-    proc.kill()
-    raise AssertionError("serve did not start within 120 s")
+    return serve_process(env)
 
 
 def run_status(tracking_uri: str, run_id: str, wanted: str, timeout: float = 20) -> str:

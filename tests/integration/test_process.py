@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,27 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from aqimodels.client import RegistryClient
+from conftest import serve_process
 
 AQIMODELS = str(Path(sys.executable).with_name("aqimodels"))
 
 
 def _serve(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[str], int]:
-    full = {**os.environ, "AQIMODELS_PORT": "0", "AQIMODELS_LOG_FORMAT": "json", **env}
-    proc = subprocess.Popen([AQIMODELS, "serve"], cwd=tmp_path, env=full, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    assert proc.stderr is not None
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise AssertionError(f"serve exited with {proc.returncode}")
-            continue
-        if '"registry_started"' in line:
-            port = int(json.loads(line)["address"].rsplit(":", 1)[1])
-            return proc, port
-    raise AssertionError("serve did not start within 120 s")
+    return serve_process(env, cwd=tmp_path)
 
 
 def test_serve_runs_a_local_worker_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

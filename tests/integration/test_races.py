@@ -9,8 +9,6 @@ INTERNAL, UNKNOWN or UNAVAILABLE.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import subprocess
 import sys
@@ -27,7 +25,7 @@ from aqimodels.client import RegistryClient
 from aqimodels.client.errors import AqiModelsError
 from aqimodels.server.db import Database
 from aqimodels.server.jobs import jobs_factory
-from conftest import Registry, realistic_metrics, start_registry
+from conftest import Registry, realistic_metrics, serve_process, start_registry
 
 MODEL = "aqi_predictor_lstm"
 CALLERS = 50
@@ -111,24 +109,7 @@ def test_fifty_concurrent_promotions_leave_one_production_and_an_unbroken_audit_
 # ---- two registry processes on one PostgreSQL database ----
 
 def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
-    full = {**os.environ, "AQIMODELS_PORT": "0", "AQIMODELS_LOG_FORMAT": "json", "AQIMODELS_WORKERS": "none",
-            **env}
-    proc = subprocess.Popen([AQIMODELS, "serve"], env=full, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise AssertionError(f"serve exited with {proc.returncode}")
-            continue
-        if '"registry_started"' in line:
-            port = int(json.loads(line)["address"].rsplit(":", 1)[1])
-            # keep draining stderr so that the process never blocks on a full pipe
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-            return proc, port
-    proc.kill()
-    raise AssertionError("serve did not start within 120 s")
+    return serve_process({"AQIMODELS_WORKERS": "none", **env})
 
 
 @pytest.fixture
