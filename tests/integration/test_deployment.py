@@ -153,3 +153,25 @@ def test_two_workers_share_four_retrains(tmp_path: Path, _sqlite_template: Path)
         reg.server.stop(2)  # type: ignore[attr-defined]
         for proc, _ in workers:
             stop_worker(proc)
+
+
+def test_the_registry_moves_on_when_a_worker_dies_before_starting(tmp_path: Path, _sqlite_template: Path) -> None:
+    shutil.copy(_sqlite_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    doomed, doomed_target = start_worker(uri, tmp_path)
+    live, live_target = start_worker(uri, tmp_path)
+    reg = start_registry(uri, workers=(doomed_target, live_target), jobs_factory=jobs_factory)
+    try:
+        wait_for_worker(reg)
+        doomed.kill()  # still healthy in the registry's last probe: the first in line for the next job
+        doomed.wait()
+        events = list(reg.client.retrain(["xgboost"], dataset=SMALL, params=FAST))  # type: ignore[attr-defined]
+        assert events[-1].WhichOneof("event") == "succeeded"
+        dispatched = [e.dispatched.worker for e in events if e.WhichOneof("event") == "dispatched"]
+        assert dispatched[-1] == live_target
+        workers = {w.target: w for w in reg.client.status().workers}  # type: ignore[attr-defined]
+        assert not workers[doomed_target].healthy and workers[live_target].healthy
+    finally:
+        reg.client.close()  # type: ignore[attr-defined]
+        reg.server.stop(1)  # type: ignore[attr-defined]
+        stop_worker(live)

@@ -247,3 +247,28 @@ def test_job_state_survives_a_registry_restart(system: Registry) -> None:
     finally:
         other.client.close()  # type: ignore[attr-defined]
         other.server.stop(1)  # type: ignore[attr-defined]
+
+
+def test_a_worker_at_capacity_refuses_more_with_resource_exhausted(sqlite_uri: str) -> None:
+    """One training at a time by default: a second Train call is refused, not queued on the worker."""
+    import grpc
+
+    from aqimodels.api.training.v1 import worker_pb2_grpc
+    from aqimodels.training.main import create_worker
+    from aqimodels.training.servicer import WorkerConfig
+
+    server, port, _ = create_worker(WorkerConfig(tracking_uri=sqlite_uri, port=0), "127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = worker_pb2_grpc.TrainingWorkerStub(channel)
+            slow = wpb.TrainRequest(job_id="job-a", model_type=wpb.MODEL_TYPE_LSTM, dataset=wpb.DatasetSpec(spec=SMALL),
+                                    params=wpb.TrainParams(max_epochs=500, early_stopping_patience=500))
+            first = stub.Train(slow)
+            assert next(first).WhichOneof("event") == "started"
+            with pytest.raises(grpc.RpcError) as info:
+                next(stub.Train(wpb.TrainRequest(job_id="job-b", model_type=wpb.MODEL_TYPE_XGBOOST)))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "capacity" in info.value.details() and "job-a" in info.value.details()
+            first.cancel()
+    finally:
+        server.stop(0)
