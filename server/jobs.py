@@ -464,7 +464,7 @@ class JobManager:
                 proto.queue_position = self._waiting.index(proto.job_id) + 1
         return proto
 
-    def list(self, size: int, token: str, state: int, model_name: str) -> tuple[list[pb.RetrainJob], str]:
+    def list_jobs(self, size: int, token: str, state: int, model_name: str) -> tuple[list[pb.RetrainJob], str]:
         size = page_size(size)
         if state and state not in pb.JobState.values():
             raise InvalidArgumentError(f"state {state} is not a known job state", field="state")

@@ -135,7 +135,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     def ListRetrainJobs(self, request: pb.ListRetrainJobsRequest,
                         context: grpc.ServicerContext) -> pb.ListRetrainJobsResponse:
-        jobs, token = self._job_manager().list(request.page_size, request.page_token,
+        jobs, token = self._job_manager().list_jobs(request.page_size, request.page_token,
                                                request.state, request.model_name)
         return pb.ListRetrainJobsResponse(jobs=jobs, next_page_token=token)
 

@@ -358,7 +358,7 @@ class ScriptedJobs:
             raise JobNotFoundError(f"retrain job {job_id!r} does not exist")
         return self.jobs[job_id]
 
-    def list(self, page_size: int, page_token: str, state: int, model_name: str) -> tuple[list[pb.RetrainJob], str]:
+    def list_jobs(self, page_size: int, page_token: str, state: int, model_name: str) -> tuple[list[pb.RetrainJob], str]:
         return [j for j in self.jobs.values() if (not state or j.state == state)
                 and (not model_name or j.model_name == model_name)], ""
 
