@@ -452,7 +452,8 @@ class JobManager:
             raise InvalidArgumentError("after_sequence must not be negative", field="after_sequence")
         self._load(job_id)  # NOT_FOUND before the stream starts
         stop = threading.Event()
-        context.add_callback(stop.set)
+        if not context.add_callback(stop.set):  # False: the caller is already gone
+            return
         yield from self._watch_iter(job_id, after, stop)
 
     def get(self, job_id: str) -> pb.RetrainJob:

@@ -452,7 +452,8 @@ class Monitor:
             validate_name(model_name, "model_name")
         q: queue.Queue[Alert | None] = queue.Queue()
         entry = (model_name, q)
-        context.add_callback(lambda: q.put(None))
+        if not context.add_callback(lambda: q.put(None)):  # False: the caller is already gone
+            q.put(None)
         with self._subs_lock:
             self._subscribers.append(entry)
         try:

@@ -146,7 +146,8 @@ class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
             raise ResourceExhaustedError(f"worker {self.worker_id} is at its capacity of {self.config.capacity} "
                                          f"training(s) (running: {busy})")
         stop = threading.Event()
-        context.add_callback(stop.set)
+        if not context.add_callback(stop.set):  # False: the caller is already gone
+            stop.set()
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         with self._lock:
             self._running[job.job_id] = _Running(job.job_id, stop)

@@ -349,7 +349,8 @@ class ScriptedJobs:
 
     def _wait_for_disconnect(self, context: grpc.ServicerContext) -> None:
         gone = threading.Event()
-        context.add_callback(gone.set)
+        if not context.add_callback(gone.set):  # False: the client has already gone
+            gone.set()
         if gone.wait(20) or not context.is_active():
             self.disconnected.set()
 
