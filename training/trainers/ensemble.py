@@ -45,7 +45,8 @@ def _simplex_lstsq(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
     # A relative ridge makes every face's system non-singular (identical members) without
     # moving the optimum measurably.
     gram = gram + np.eye(m) * 1e-12 * max(float(np.trace(gram)) / m, 1e-300)
-    best_w, best_obj = np.full(m, 1.0 / m), np.inf
+    best_w: np.ndarray | None = None
+    best_obj = np.inf
     for size in range(1, m + 1):
         for support in itertools.combinations(range(m), size):
             idx = list(support)
@@ -61,9 +62,12 @@ def _simplex_lstsq(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
             w[idx] = np.clip(sol, 0.0, None)
             w /= w.sum()
             obj = float(w @ gram @ w - 2 * cross @ w)
-            if obj < best_obj:
+            # Faces are tried smallest first; a larger one must improve by more than rounding
+            # noise, so an optimum on an edge comes out with its zero weights exactly zero
+            # (otherwise the BLAS of the day decides whether a 1e-12 weight survives).
+            if best_w is None or obj < best_obj - 1e-12 * max(1.0, abs(best_obj)):
                 best_w, best_obj = w, obj
-    return best_w
+    return best_w if best_w is not None else np.full(m, 1.0 / m)
 
 
 def fit_weights(member_preds: np.ndarray, y: np.ndarray) -> np.ndarray:
