@@ -20,7 +20,20 @@ from pathlib import Path
 import pytest
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beijing-multisite"
+
+
+def _shared_data() -> Path:
+    """The Beijing data: $AQIMODELS_BEIJING_DATA, else ../shared beside the checkout, else /work/shared.
+
+    A clean checkout elsewhere (CI clones into a temporary folder) still finds the machine's copy.
+    """
+    candidates = [Path(p) for p in [os.environ.get("AQIMODELS_BEIJING_DATA", "")] if p]
+    candidates += [Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beijing-multisite",
+                   Path("/work/shared/data/beijing-multisite")]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SHARED_DATA = _shared_data()
 
 
 def _must_not_skip() -> bool:

@@ -10,7 +10,9 @@ import pytest
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.data import COLUMNS, load_dataset
 
-BEIJING = "/work/shared/data/beijing-multisite"
+from conftest import SHARED_DATA
+
+BEIJING = str(SHARED_DATA)
 
 
 def _frame(hours: int = 100, stations: int = 2) -> pd.DataFrame:
