@@ -73,6 +73,7 @@ class RegistryServer:
     def stop(self, grace: float | None = None) -> None:
         """Drains: NOT_SERVING first, in-flight RPCs finish within the grace period, then stop."""
         self._stop_probe.set()
+        self.service.stop_refresher()
         self.set_serving(False)
         if self.monitor is not None:
             self.monitor.stop()
@@ -104,6 +105,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     db.create_tables()
     holder: dict[str, Any] = {}
     service = RegistryService(store, db, cache_ttl_seconds=config.cache_ttl_seconds,
+                              health_max_age_seconds=max(2.0, 2.5 * config.health_interval_seconds),
                               running_jobs=lambda: holder["jobs"].running_by_model() if holder.get("jobs") else {})
     jobs = workers = None
     if jobs_factory is not None:
@@ -138,8 +140,9 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         metrics.serve(config.metrics_port, endpoint_host(config.host))
     server.start()
     rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, metrics)
-    rs.set_serving(store.ping().healthy)
+    rs.set_serving(service.backend_health().healthy)
     rs.start_probe()
+    service.start_refresher()
     if jobs is not None:
         jobs.start()
     monitor.start()

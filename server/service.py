@@ -1,11 +1,18 @@
 """The registry's rules: lifecycle transitions, comparison, cleanup, audit.
 
 It works on domain dataclasses through a :class:`ModelStore` and never imports mlflow or grpc.
-Reads go through a small read model (per-model snapshots of versions with their metrics) that is
-invalidated on every write made here and refreshed after ``cache_ttl_seconds`` so that changes
-by other writers (workers, replicas, plain MLflow clients) show within that bound. Every change
-takes the model's lock (database level), reads the current state fresh from the store, writes
-an audit record before acting and completes it after.
+Reads go through a read model kept in memory: per-model snapshots of versions with their metrics.
+Writes made here update it in place (read-your-writes); a background refresher re-checks each
+snapshot against the store with a cheap probe (the production and staging aliases and the newest
+version number) well within ``cache_ttl_seconds`` and reloads a model when the probe differs, so
+requests never wait for a reload and a replica never serves a production or staging version that
+another writer (worker, replica, plain MLflow client) replaced more than ``cache_ttl_seconds`` ago.
+If the refresher falls behind, the read verifies inline; if the store does not answer, reads of a
+snapshot older than the bound fail UNAVAILABLE rather than serve it. Other changes by other writers
+(tags alone, deleted versions, newly registered models) show at the next full reload, at most
+``full_refresh_seconds`` later (stretched on very large registries so that reloading stays a small
+share of one core). Every change takes the model's lock (database level), probes the current
+state fresh from the store, writes an audit record before acting and completes it after.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -43,7 +50,7 @@ from aqimodels.server.domain import (
     Stage,
     higher_is_better,
 )
-from aqimodels.server.paging import decode_token, encode_token, paginate, page_size
+from aqimodels.server.paging import SortedIndex, decode_token, encode_token, page_size, paginate
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +66,8 @@ class ModelStore(Protocol):
     def ping(self) -> BackendHealth: ...
     def list_models(self) -> list[RegisteredModel]: ...
     def get_model(self, name: str) -> RegisteredModel: ...
-    def list_versions(self, name: str) -> list[ModelVersion]: ...
+    def list_versions(self, name: str, model: RegisteredModel | None = None) -> list[ModelVersion]: ...
+    def probe(self, name: str) -> tuple[dict[str, int], int]: ...
     def set_alias(self, name: str, alias: str, version: int) -> None: ...
     def delete_alias(self, name: str, alias: str) -> None: ...
     def set_tag(self, name: str, version: int, key: str, value: str) -> None: ...
@@ -81,7 +89,20 @@ class Caller:
 class ModelSnapshot:
     model: RegisteredModel
     versions: list[ModelVersion]  # newest first
-    loaded_at: float
+    loaded_at: float  # monotonic time the full load started
+    checked_at: float = 0.0  # monotonic time the last probe that confirmed it started
+    # Sorted indexes of the versions, built on first use per (stage filter, order); shared by the
+    # copies that only re-confirm the snapshot, replaced with the versions (see _Writes.apply).
+    orders: dict[tuple[Any, ...], SortedIndex] = field(default_factory=dict, compare=False, repr=False)
+
+    def order(self, stage: Stage | None, field_name: str, descending: bool | None) -> SortedIndex:
+        key = (stage, field_name, descending)
+        index = self.orders.get(key)
+        if index is None:  # two threads may both build it: the same result, no lock needed
+            index = SortedIndex([v for v in self.versions if stage is None or v.stage == stage],
+                                _version_sort_key(field_name, descending))
+            self.orders[key] = index
+        return index
 
     def version(self, number: int) -> ModelVersion:
         for v in self.versions:
@@ -134,6 +155,56 @@ class _Cache:
     snapshots: dict[str, ModelSnapshot] = field(default_factory=dict)
 
 
+_WATCHED_ALIASES = (PRODUCTION_ALIAS, STAGING_ALIAS)
+
+
+class _Writes:
+    """The store's write calls of a promotion or rollback, recorded to update the snapshot in place."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.aliases: dict[str, int | None] = {}
+        self.tags: dict[int, dict[str, str | None]] = {}
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self.store.set_alias(name, alias, version)
+        self.aliases[alias] = version
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.store.delete_alias(name, alias)
+        self.aliases[alias] = None
+
+    def set_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self.store.set_tag(name, version, key, value)
+        self.tags.setdefault(version, {})[key] = value
+
+    def delete_tag(self, name: str, version: int, key: str) -> None:
+        self.store.delete_tag(name, version, key)
+        self.tags.setdefault(version, {})[key] = None
+
+    def apply(self, snap: ModelSnapshot) -> ModelSnapshot:
+        aliases = dict(snap.model.aliases)
+        for alias, version in self.aliases.items():
+            if version is None:
+                aliases.pop(alias, None)
+            else:
+                aliases[alias] = version
+        versions = []
+        for v in snap.versions:
+            new_aliases = tuple(sorted(a for a, n in aliases.items() if n == v.version))
+            changes = self.tags.get(v.version)
+            if new_aliases != v.aliases or changes:
+                tags = dict(v.tags)
+                for key, value in (changes or {}).items():
+                    if value is None:
+                        tags.pop(key, None)
+                    else:
+                        tags[key] = value
+                v = replace(v, aliases=new_aliases, tags=tags)
+            versions.append(v)
+        return replace(snap, model=replace(snap.model, aliases=aliases), versions=versions, orders={})
+
+
 def validate_name(name: str, field_name: str = "name") -> str:
     if not name or not name.strip():
         raise InvalidArgumentError(f"{field_name} is required", field=field_name)
@@ -166,14 +237,24 @@ class RegistryService:
     """Status, listing, comparison, promotion, rollback, cleanup and audit over a ModelStore."""
 
     def __init__(self, store: ModelStore, db: Database, *, cache_ttl_seconds: float = 2.0,
-                 running_jobs: Callable[[], dict[str, list[Any]]] | None = None) -> None:
+                 running_jobs: Callable[[], dict[str, list[Any]]] | None = None,
+                 full_refresh_seconds: float = 30.0, health_max_age_seconds: float = 5.0) -> None:
         self.store = store
         self.db = db
         self.cache_ttl = cache_ttl_seconds
+        self.full_refresh = full_refresh_seconds
+        self.health_max_age = health_max_age_seconds
         self._cache = _Cache()
         self._cache_lock = threading.Lock()
         self._running_jobs = running_jobs or (lambda: {})
         self._degraded: set[str] = set()
+        self._health: tuple[float, BackendHealth] | None = None
+        self._load_cost: dict[str, float] = {}  # seconds of the last full load, per model ("" = model list)
+        self._stop_refresh = threading.Event()
+        self._refresher: threading.Thread | None = None
+        # Write generations: a load that overlapped a write (or an invalidation) is not cached.
+        self._gen: dict[str, int] = {}
+        self._gen_all = 0
 
     # ---- read model ----
 
@@ -182,35 +263,153 @@ class RegistryService:
         with self._cache_lock:
             self._cache.models = None
             if name is None:
+                self._gen_all += 1
                 self._cache.snapshots.clear()
             else:
+                self._gen[name] = self._gen.get(name, 0) + 1
                 self._cache.snapshots.pop(name, None)
 
-    def _models(self) -> list[RegisteredModel]:
-        now = time.monotonic()
+    def _generation(self, name: str) -> tuple[int, int]:
         with self._cache_lock:
-            cached = self._cache.models
-        if cached and now - cached[0] < self.cache_ttl:
-            return cached[1]
+            return self._gen_all, self._gen.get(name, 0)
+
+    def _bump(self, name: str) -> None:
+        with self._cache_lock:
+            self._gen[name] = self._gen.get(name, 0) + 1
+
+    def _full_refresh_after(self, key: str) -> float:
+        """Seconds between full reloads: ``full_refresh_seconds``, stretched so reloading stays under 5%."""
+        return max(self.full_refresh, 20 * self._load_cost.get(key, 0.0))
+
+    def _models_ttl(self) -> float:
+        # The model list comes from MLflow's search, which loads every version of every model:
+        # refreshed every cache_ttl while that costs under a tenth of the interval, else less often.
+        return max(self.cache_ttl, 10 * self._load_cost.get("", 0.0))
+
+    def _load_models(self) -> list[RegisteredModel]:
+        started = time.monotonic()
         models = self.store.list_models()
+        self._load_cost[""] = time.monotonic() - started
         with self._cache_lock:
-            self._cache.models = (now, models)
+            if self._cache.models is None or self._cache.models[0] < started:
+                self._cache.models = (started, models)
         return models
 
-    def snapshot(self, name: str, *, fresh: bool = False) -> ModelSnapshot:
-        validate_name(name)
-        now = time.monotonic()
-        if not fresh:
-            with self._cache_lock:
-                snap = self._cache.snapshots.get(name)
-            if snap and now - snap.loaded_at < self.cache_ttl:
-                return snap
-        model = self.store.get_model(name)
-        versions = self.store.list_versions(name)
-        snap = ModelSnapshot(model=_with_counts(model, versions), versions=versions, loaded_at=now)
+    def _models(self) -> list[RegisteredModel]:
         with self._cache_lock:
+            cached = self._cache.models
+        if cached and time.monotonic() - cached[0] < self._models_ttl():
+            return cached[1]
+        return self._load_models()
+
+    def _put(self, snap: ModelSnapshot, gen: tuple[int, int] | None) -> ModelSnapshot:
+        """Caches ``snap`` read at write generation ``gen`` (None: our own writes, always kept).
+
+        A read that overlapped a write is returned but not cached; a snapshot confirmed later
+        than ``snap`` is kept (and returned) instead.
+        """
+        name = snap.model.name
+        with self._cache_lock:
+            if gen is not None:
+                if gen != (self._gen_all, self._gen.get(name, 0)):
+                    return snap
+                current = self._cache.snapshots.get(name)
+                if current is not None and current.checked_at > snap.checked_at:
+                    return current
             self._cache.snapshots[name] = snap
+            models = self._cache.models
+            if models is not None and all(m.name != name for m in models[1]):
+                self._cache.models = None  # a model the list does not know yet: list again
         return snap
+
+    def _load(self, name: str) -> ModelSnapshot:
+        """Reads the model and all its versions (with run metrics) from the store."""
+        gen = self._generation(name)
+        started = time.monotonic()
+        model = self.store.get_model(name)
+        versions = self.store.list_versions(name, model)
+        self._load_cost[name] = time.monotonic() - started
+        return self._put(ModelSnapshot(model=_with_counts(model, versions), versions=versions, loaded_at=started,
+                                       checked_at=started), gen)
+
+    def _verify(self, snap: ModelSnapshot) -> ModelSnapshot:
+        """Confirms a snapshot with the store's cheap probe, or reloads the model when it moved on."""
+        name = snap.model.name
+        gen = self._generation(name)
+        started = time.monotonic()
+        aliases, newest = self.store.probe(name)
+        known = {a: v for a, v in snap.model.aliases.items() if a in _WATCHED_ALIASES}
+        if (aliases == known and newest == snap.model.latest_version
+                and started - snap.loaded_at < self._full_refresh_after(name)):
+            return self._put(replace(snap, checked_at=started), gen)
+        return self._load(name)
+
+    def snapshot(self, name: str, *, fresh: bool = False) -> ModelSnapshot:
+        """The model's snapshot, confirmed against the store less than ``cache_ttl`` ago.
+
+        ``fresh``: reloaded from the store now.
+        """
+        validate_name(name)
+        if fresh:
+            return self._load(name)
+        with self._cache_lock:
+            snap = self._cache.snapshots.get(name)
+        if snap is None:
+            return self._load(name)
+        if time.monotonic() - snap.checked_at >= self.cache_ttl:
+            return self._verify(snap)  # the refresher fell behind: confirm inline
+        return snap
+
+    def _confirmed(self, name: str) -> ModelSnapshot:
+        """The snapshot confirmed by a probe now (reloaded if anything moved): for changes under the lock."""
+        with self._cache_lock:
+            snap = self._cache.snapshots.get(name)
+        return self._load(name) if snap is None else self._verify(snap)
+
+    def refresh_once(self) -> None:
+        """One pass of the background refresher: probes every snapshot half way through its bound."""
+        now = time.monotonic()
+        with self._cache_lock:
+            snaps = list(self._cache.snapshots.values())
+            models = self._cache.models
+        for snap in snaps:
+            if self._stop_refresh.is_set():
+                return
+            if now - snap.checked_at >= self.cache_ttl / 2:
+                try:
+                    self._verify(snap)
+                except Exception as exc:  # noqa: BLE001 - the store is down: reads will verify and fail
+                    log.debug("snapshot_refresh_failed", model=snap.model.name, error=str(exc)[:200])
+        if models is not None and now - models[0] >= self._models_ttl() / 2:
+            try:
+                self._load_models()
+            except Exception as exc:  # noqa: BLE001 - as above
+                log.debug("model_list_refresh_failed", error=str(exc)[:200])
+
+    def start_refresher(self) -> None:
+        """Keeps the read model confirmed in the background so requests never wait for the store."""
+        if self._refresher is not None:
+            return
+        interval = min(1.0, max(0.02, self.cache_ttl / 4))
+
+        def run() -> None:
+            try:  # warm: load every model once, off the request path (the list itself is not kept)
+                for m in self.store.list_models():
+                    if self._stop_refresh.is_set():
+                        return
+                    self._load(m.name)
+            except Exception as exc:  # noqa: BLE001 - the store is down: requests load on demand
+                log.debug("read_model_warmup_failed", error=str(exc)[:200])
+            while not self._stop_refresh.wait(interval):
+                self.refresh_once()
+
+        self._refresher = threading.Thread(target=run, name="read-model-refresher", daemon=True)
+        self._refresher.start()
+
+    def stop_refresher(self) -> None:
+        self._stop_refresh.set()
+        if self._refresher is not None:
+            self._refresher.join(5)
 
     def set_degraded(self, name: str, degraded: bool) -> None:
         """Marks a model DEGRADED (live performance worse than its test metrics) or healthy."""
@@ -222,10 +421,20 @@ class RegistryService:
     # ---- status and listing ----
 
     def backend_health(self) -> BackendHealth:
-        return self.store.ping()
+        """Pings the store (the health probe calls this every interval); GetStatus reuses the answer."""
+        health = self.store.ping()
+        self._health = (time.monotonic(), health)
+        return health
+
+    def last_health(self) -> BackendHealth:
+        """The health probe's last answer while recent, else a ping now."""
+        cached = self._health
+        if cached is not None and time.monotonic() - cached[0] < self.health_max_age:
+            return cached[1]
+        return self.backend_health()
 
     def status(self) -> tuple[list[ModelStatusView], BackendHealth]:
-        health = self.store.ping()
+        health = self.last_health()
         if not health.healthy:
             return [], health
         jobs = self._running_jobs()
@@ -242,12 +451,9 @@ class RegistryService:
     def list_versions(self, name: str, size: int, token: str, stage: Stage | None, order_by: str) -> Page:
         size = page_size(size)
         field_name, descending = _parse_order_by(order_by)
-        snap = self.snapshot(name)
-        versions = [v for v in snap.versions if stage is None or v.stage == stage]
-        key = _version_sort_key(field_name, descending)
-        page, next_token = paginate(versions, key, size, token, ("versions", name, stage and stage.value,
-                                                                  field_name, descending))
-        return Page(page, next_token, len(versions))
+        index = self.snapshot(name).order(stage, field_name, descending)
+        page, next_token = index.page(size, token, ("versions", name, stage and stage.value, field_name, descending))
+        return Page(page, next_token, len(index.items))
 
     def get_version(self, name: str, version: int) -> ModelVersion:
         validate_version(version)
@@ -308,7 +514,8 @@ class RegistryService:
             replay = self._replay("PromoteModelVersion", caller.request_id, name)
             if replay is not None:
                 return replay
-            snap = self.snapshot(name, fresh=True)
+            snap = self._confirmed(name)
+            w = _Writes(self.store)
             if select_best_by:
                 comparison = self.compare(name, [], select_best_by)
                 if not comparison.best_version:
@@ -335,36 +542,38 @@ class RegistryService:
                 version=version, before=before, request_id=caller.request_id,
                 message=f"{stage.name.lower()}" + (f": {reason}" if reason else ""))
             archived: list[int] = []
+            self._bump(name)
             try:
                 now = str(_now_ms())
                 if stage == Stage.PRODUCTION:
-                    self.store.set_alias(name, PRODUCTION_ALIAS, version)
+                    w.set_alias(name, PRODUCTION_ALIAS, version)
                     if current and current != version:
-                        self.store.set_tag(name, current, ARCHIVED_TAG, "true")
-                        self.store.set_tag(name, current, ARCHIVED_TIME_TAG, now)
-                        self.store.set_tag(name, version, PREVIOUS_PRODUCTION_TAG, str(current))
+                        w.set_tag(name, current, ARCHIVED_TAG, "true")
+                        w.set_tag(name, current, ARCHIVED_TIME_TAG, now)
+                        w.set_tag(name, version, PREVIOUS_PRODUCTION_TAG, str(current))
                         archived.append(current)
                     if snap.model.aliases.get(STAGING_ALIAS) == version:
-                        self.store.delete_alias(name, STAGING_ALIAS)
-                    self.store.set_tag(name, version, PROMOTED_TIME_TAG, now)
+                        w.delete_alias(name, STAGING_ALIAS)
+                    w.set_tag(name, version, PROMOTED_TIME_TAG, now)
                     if target.stage == Stage.ARCHIVED:
-                        self.store.delete_tag(name, version, ARCHIVED_TAG)
+                        w.delete_tag(name, version, ARCHIVED_TAG)
                 elif stage == Stage.STAGING:
-                    self.store.set_alias(name, STAGING_ALIAS, version)
+                    w.set_alias(name, STAGING_ALIAS, version)
                     if target.stage == Stage.ARCHIVED:
-                        self.store.delete_tag(name, version, ARCHIVED_TAG)
+                        w.delete_tag(name, version, ARCHIVED_TAG)
                 else:
                     if target.stage == Stage.STAGING:
-                        self.store.delete_alias(name, STAGING_ALIAS)
-                    self.store.set_tag(name, version, ARCHIVED_TAG, "true")
-                    self.store.set_tag(name, version, ARCHIVED_TIME_TAG, now)
+                        w.delete_alias(name, STAGING_ALIAS)
+                    w.set_tag(name, version, ARCHIVED_TAG, "true")
+                    w.set_tag(name, version, ARCHIVED_TIME_TAG, now)
             except Exception as exc:
                 self.invalidate(name)
                 after_fail = self._state(self.snapshot(name, fresh=True))
                 self.db.audit_finish(audit_id, outcome="failed", after=after_fail, message=str(exc)[:500])
                 raise
-            self.invalidate(name)
-            after_snap = self.snapshot(name, fresh=True)
+            # Our own writes, applied to the snapshot just confirmed under the lock: no reload.
+            self._bump(name)
+            after_snap = self._put(w.apply(snap), None)
             self.db.audit_finish(audit_id, outcome="ok", after=self._state(after_snap))
             result = PromotionResult(after_snap.version(version), current, archived, audit_id)
             self._remember("PromoteModelVersion", caller.request_id, result)
@@ -378,7 +587,8 @@ class RegistryService:
             replay = self._replay("RollbackModel", caller.request_id, name)
             if replay is not None:
                 return replay
-            snap = self.snapshot(name, fresh=True)
+            snap = self._confirmed(name)
+            w = _Writes(self.store)
             current = snap.model.aliases.get(PRODUCTION_ALIAS, 0)
             if expected_current is not None and expected_current != current:
                 raise StaleVersionError(f"production of {name!r} is version {current or 'none'}, "
@@ -402,21 +612,22 @@ class RegistryService:
                 version=previous, before=before, request_id=caller.request_id,
                 message=f"rollback {current} -> {previous}" + (f": {reason}" if reason else ""))
             try:
+                self._bump(name)
                 now = str(_now_ms())
-                self.store.set_alias(name, PRODUCTION_ALIAS, previous)
-                self.store.delete_tag(name, previous, ARCHIVED_TAG)
-                self.store.set_tag(name, previous, PROMOTED_TIME_TAG, now)
+                w.set_alias(name, PRODUCTION_ALIAS, previous)
+                w.delete_tag(name, previous, ARCHIVED_TAG)
+                w.set_tag(name, previous, PROMOTED_TIME_TAG, now)
                 if snap.model.aliases.get(STAGING_ALIAS) == previous:
-                    self.store.delete_alias(name, STAGING_ALIAS)
-                self.store.set_tag(name, current, ARCHIVED_TAG, "true")
-                self.store.set_tag(name, current, ARCHIVED_TIME_TAG, now)
+                    w.delete_alias(name, STAGING_ALIAS)
+                w.set_tag(name, current, ARCHIVED_TAG, "true")
+                w.set_tag(name, current, ARCHIVED_TIME_TAG, now)
             except Exception as exc:
                 self.invalidate(name)
                 self.db.audit_finish(audit_id, outcome="failed",
                                      after=self._state(self.snapshot(name, fresh=True)), message=str(exc)[:500])
                 raise
-            self.invalidate(name)
-            after_snap = self.snapshot(name, fresh=True)
+            self._bump(name)
+            after_snap = self._put(w.apply(snap), None)
             self.db.audit_finish(audit_id, outcome="ok", after=self._state(after_snap))
             result = PromotionResult(after_snap.version(previous), current, [current], audit_id)
             self._remember("RollbackModel", caller.request_id, result)
