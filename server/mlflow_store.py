@@ -141,10 +141,14 @@ class MlflowModelStore:
     # ---- reads ----
 
     def ping(self) -> BackendHealth:
-        """Asks the store for one model; reports health and round-trip time."""
+        """Asks the store for one experiment; reports health and round-trip time.
+
+        (Asking for one registered model made MLflow load all its versions to compute
+        latest_versions: 40 ms a ping at 1,000 versions, every health interval.)
+        """
         start = time.perf_counter()
         try:
-            self._call(lambda: self._client.search_registered_models(max_results=1))
+            self._call(lambda: self._client.search_experiments(max_results=1))
         except BackendUnavailableError as exc:
             return BackendHealth(False, _redact(self.tracking_uri), exc.message,
                                  (time.perf_counter() - start) * 1000)
@@ -224,8 +228,19 @@ class MlflowModelStore:
         live: dict[str, dict[str, float]] = {}
         with self._metrics_lock:
             missing = [r for r in wanted if r not in self._run_metrics]
-        for chunk_start in range(0, len(missing), 100):
-            chunk = missing[chunk_start:chunk_start + 100]
+        sql = self._sql_tracking_store()
+        step = 500 if sql is not None else 100
+        for chunk_start in range(0, len(missing), step):
+            chunk = missing[chunk_start:chunk_start + step]
+            if sql is not None:
+                fast = self._call(lambda: _sql_latest_metrics(sql, chunk))
+                for run_id, (status, metrics) in fast.items():
+                    if status in ("FINISHED", "FAILED", "KILLED"):
+                        with self._metrics_lock:
+                            self._run_metrics[run_id] = metrics
+                    else:
+                        live[run_id] = metrics
+                continue
             found = {r.info.run_id: r for r in self._search_runs(chunk)}
             for run_id in chunk:
                 run = found.get(run_id)
@@ -242,6 +257,13 @@ class MlflowModelStore:
                     live[run_id] = metrics
         with self._metrics_lock:
             return {r: dict(self._run_metrics.get(r, live.get(r, {}))) for r in wanted}
+
+    def _sql_tracking_store(self) -> Any:
+        """MLflow's SQL tracking store when the tracking URI is a database, else None (REST, files)."""
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = self._client._tracking_client.store
+        return store if isinstance(store, SqlAlchemyStore) else None
 
     def _search_runs(self, run_ids: list[str]) -> list[Any]:
         experiments = self._call(lambda: self._client.search_experiments(max_results=1000))
@@ -358,3 +380,24 @@ def _timed(fn: Callable[[], T], observer: Callable[[str, float], None], operatio
             observer(operation, time.perf_counter() - start)
 
     return timed
+
+
+def _sql_latest_metrics(store: Any, run_ids: list[str]) -> dict[str, tuple[str, dict[str, float]]]:
+    """(status, latest metrics) of runs, read from MLflow's own tables through its own session.
+
+    search_runs builds whole Run entities (params, tags, inputs) for each run: 3.2 s for the
+    metrics of 1,000 versions, against 0.16 s for these two indexed queries on the same tables
+    (bench/NOTES.md). Used only on SQL stores; over REST, search_runs is the only way.
+    """
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlRun
+
+    out: dict[str, tuple[str, dict[str, float]]] = {}
+    with store.ManagedSessionMaker() as session:
+        for run_uuid, status in session.query(SqlRun.run_uuid, SqlRun.status).filter(SqlRun.run_uuid.in_(run_ids)):
+            out[run_uuid] = (status, {})
+        rows = session.query(SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value,
+                             SqlLatestMetric.is_nan).filter(SqlLatestMetric.run_uuid.in_(run_ids))
+        for run_uuid, key, value, is_nan in rows:
+            if run_uuid in out:
+                out[run_uuid][1][key] = float("nan") if is_nan else float(value)
+    return out

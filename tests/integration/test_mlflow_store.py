@@ -1,0 +1,41 @@
+"""The MLflow adapter's two ways to read run metrics agree: SQL tables on a database, search_runs over REST."""
+
+from __future__ import annotations
+
+import math
+
+
+def test_sql_metrics_path_matches_search_runs(store_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from aqimodels.server.mlflow_store import MlflowModelStore
+
+    client = MlflowClient(tracking_uri=store_uri)
+    exp = client.create_experiment("metrics-paths")
+    finished, running, empty = (client.create_run(exp).info.run_id for _ in range(3))
+    client.log_metric(finished, "rmse", 30.0, step=0)
+    client.log_metric(finished, "rmse", 21.5, step=1)  # the latest value wins
+    client.log_metric(finished, "r2", math.nan)
+    client.log_metric(finished, "mae", 14.25)
+    client.log_metric(running, "rmse", 40.0)
+    client.set_terminated(finished)
+    client.set_terminated(empty)
+    ids = [finished, running, empty, "0" * 32]  # the last run does not exist
+
+    sql = MlflowModelStore(store_uri)
+    assert sql._sql_tracking_store() is not None
+    fast = sql.run_metrics(ids)
+    rest_like = MlflowModelStore(store_uri)
+    rest_like._sql_tracking_store = lambda: None  # type: ignore[method-assign] # the path REST stores take
+    slow = rest_like.run_metrics(ids)
+
+    assert set(fast) == set(slow) == set(ids)
+    assert fast[finished]["rmse"] == slow[finished]["rmse"] == 21.5
+    assert fast[finished]["mae"] == slow[finished]["mae"] == 14.25
+    assert math.isnan(fast[finished]["r2"]) and math.isnan(slow[finished]["r2"])
+    assert fast[running] == slow[running] == {"rmse": 40.0}
+    assert fast[empty] == slow[empty] == {}
+    assert fast["0" * 32] == slow["0" * 32] == {}
+    # finished runs are cached for good, a running one is read again
+    client.log_metric(running, "rmse", 35.0)
+    assert sql.run_metrics([running])[running] == {"rmse": 35.0}
