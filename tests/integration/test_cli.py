@@ -339,9 +339,15 @@ class ScriptedJobs:
             self.events[job_id] = self._script(job_id, mt)
             self.jobs[job_id] = pb.RetrainJob(job_id=job_id, model_type=mt, state=pb.JOB_STATE_QUEUED,
                                               model_name=self.events[job_id][-1].succeeded.version.name)
-        for job_id in ids:
-            yield self.events[job_id][0]
-        if request.dataset.spec == "slow":
+        slow = request.dataset.spec == "slow"
+        try:
+            for job_id in ids:
+                yield self.events[job_id][0]
+        except GeneratorExit:  # the caller went away between two events: gRPC drops the stream
+            if slow:
+                self.disconnected.set()
+            raise
+        if slow:
             self._wait_for_disconnect(context)
             return
         for job_id in ids:

@@ -293,6 +293,8 @@ def test_schedule_fires_once_per_time_across_two_replicas(sqlite_uri: str) -> No
         wait_until(lambda: sum(len(s.won) + len(s.lost) for s in schedulers) == 4, what="the 00:02 run")
         assert sum(len(s.won) for s in schedulers) == 2
         wait_until(lambda: len(a.client.list_jobs().jobs) == 2, what="the second job")  # type: ignore[attr-defined]
+        # the claim's audit record is completed just after its job is submitted
+        wait_until(lambda: len(audit(a, "ScheduledRetrain")) == 2, what="the 00:02 audit record")
         assert [r.after["scheduled_time"] for r in audit(a, "ScheduledRetrain")] == ["2031-01-01T00:02Z",
                                                                                    "2031-01-01T00:01Z"]
         with a.server.service.db.engine.connect() as conn:  # type: ignore[attr-defined]
