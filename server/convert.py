@@ -69,6 +69,15 @@ def _version_bytes(v: ModelVersion) -> bytes:
     return data
 
 
+def versions_page_to_proto(versions: list[ModelVersion], next_page_token: str,
+                           total_size: int) -> pb.ListModelVersionsResponse:
+    """A page of versions, written around each version's kept bytes and parsed once."""
+    out = pb.ListModelVersionsResponse(next_page_token=next_page_token, total_size=total_size)
+    out.MergeFromString(b"".join(b"\x0a" + _varint(len(vb)) + vb  # versions = 1
+                                 for vb in (_version_bytes(v) for v in versions)))
+    return out
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -107,11 +116,11 @@ def model_status_to_proto(view: ModelStatusView) -> pb.ModelStatus:
     status = pb.ModelStatus(model=registered_model_to_proto(snap.model), health=health,
                             running_jobs=list(view.running_jobs))
     if prod is not None:
-        status.production.CopyFrom(model_version_to_proto(prod))
+        status.production.MergeFromString(_version_bytes(prod))
     if staging is not None:
-        status.staging.CopyFrom(model_version_to_proto(staging))
+        status.staging.MergeFromString(_version_bytes(staging))
     if latest is not None:
-        status.latest.CopyFrom(model_version_to_proto(latest))
+        status.latest.MergeFromString(_version_bytes(latest))
         status.last_training_time.CopyFrom(ts_from_ms(latest.create_time_ms))
     return status
 

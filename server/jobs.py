@@ -4,7 +4,10 @@ Each job runs on a thread of the registry, independent of the caller's stream: a
 disconnects does not stop it. Every event gets the job id and a sequence number, is kept in
 memory for live watchers and written to ``aqimodels_job_events`` so that a late or reconnecting
 watcher (on this replica or another) replays what it missed, and a restarted registry still
-reports finished jobs. One queued or running job per model, checked under the model's
+reports finished jobs. Live watchers get progress events at once; a writer thread stores them in
+batches (every ``PERSIST_INTERVAL`` seconds, one transaction) so that the relay is not bound by
+the database's commit rate (one commit per event capped it at about 170 events/s on SQLite).
+Events that change a job's state (queued, running, ended) are stored before anyone sees them. One queued or running job per model, checked under the model's
 database-level lock so replicas agree.
 """
 
@@ -86,6 +89,9 @@ class _Job:
     thread: threading.Thread | None = None
 
 
+PERSIST_INTERVAL = 0.05  # seconds between batched writes of progress events
+
+
 class JobManager:
     """The retrain RPCs' logic."""
 
@@ -102,6 +108,11 @@ class JobManager:
         self._heartbeat: threading.Thread | None = None
         self._success_hooks: list[Callable[[str, int], None]] = []
         self._event_hooks: list[Callable[[pb.RetrainJob, pb.RetrainEvent], None]] = []
+        # (job id, state, job bytes, sequence, event bytes) not yet stored, in emission order
+        self._pending: list[tuple[str, int, bytes, int, bytes]] = []
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
 
     # ---- lifecycle ----
 
@@ -110,6 +121,8 @@ class JobManager:
         self._interrupt_stale()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="job-heartbeat")
         self._heartbeat.start()
+        self._writer = threading.Thread(target=self._writer_loop, daemon=True, name="job-event-writer")
+        self._writer.start()
 
     def shutdown(self) -> None:
         """Marks this registry's unfinished jobs INTERRUPTED and stops their worker calls."""
@@ -125,6 +138,7 @@ class JobManager:
         for job in jobs:
             if job.thread is not None:
                 job.thread.join(timeout=5)
+        self._flush()
 
     def _interrupt_stale(self) -> None:
         cutoff = _now_ms() - STALE_AFTER_MS
@@ -172,6 +186,39 @@ class JobManager:
                 conn.execute(job_events_table.insert().values(job_id=proto.job_id, sequence=event.sequence,
                                                               event=event.SerializeToString()))
 
+    def _queue_persist(self, proto: pb.RetrainJob, event: pb.RetrainEvent) -> None:
+        with self._pending_lock:
+            self._pending.append((proto.job_id, int(proto.state), proto.SerializeToString(), event.sequence,
+                                  event.SerializeToString()))
+
+    def _flush(self) -> None:
+        """Stores the queued events and each job's latest state in one transaction, in order."""
+        with self._flush_lock:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            latest = {job_id: (state, raw) for job_id, state, raw, _, _ in batch}
+            try:
+                with self.db.begin() as conn:
+                    conn.execute(job_events_table.insert(),
+                                 [dict(job_id=j, sequence=seq, event=ev) for j, _, _, seq, ev in batch])
+                    now = _now_ms()
+                    for job_id, (state, raw) in latest.items():
+                        conn.execute(jobs_table.update().where(jobs_table.c.job_id == job_id).values(
+                            state=state, updated_ms=now, job=raw))
+            except Exception:
+                with self._pending_lock:  # kept, in order, for the next attempt
+                    self._pending[:0] = batch
+                raise
+
+    def _writer_loop(self) -> None:
+        while not self._stop.wait(PERSIST_INTERVAL):
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - the database is down: retried next time
+                log.warning("job_events_write_failed", error=str(exc)[:200], pending=len(self._pending))
+
     def _load(self, job_id: str) -> pb.RetrainJob:
         if not job_id or len(job_id) > 64:
             raise InvalidArgumentError("job_id is required (at most 64 characters)", field="job_id")
@@ -201,9 +248,12 @@ class JobManager:
             event = pb.RetrainEvent(job_id=job.proto.job_id, sequence=seq, model_type=job.proto.model_type,
                                     state=state, **payload)
             event.time.GetCurrentTime()
+            changed = job.proto.state != state
             job.proto.last_sequence = seq
             job.proto.state = state
-            self._persist(job.proto, event)
+            self._queue_persist(job.proto, event)
+            if changed or state in TERMINAL or self._writer is None or self._stop.is_set():
+                self._flush()  # a new state is stored before anyone sees it
             job.events.append(event)
             for listener in job.listeners:
                 listener.put(event)

@@ -68,8 +68,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                           context: grpc.ServicerContext) -> pb.ListModelVersionsResponse:
         page = self._service.list_versions(request.name, request.page_size, request.page_token,
                                            _stage_filter(request.stage, "stage"), request.order_by)
-        return pb.ListModelVersionsResponse(versions=[convert.model_version_to_proto(v) for v in page.items],
-                                            next_page_token=page.next_page_token, total_size=page.total_size)
+        return convert.versions_page_to_proto(page.items, page.next_page_token, page.total_size)
 
     def GetModelVersion(self, request: pb.GetModelVersionRequest,
                         context: grpc.ServicerContext) -> pb.GetModelVersionResponse:

@@ -1,0 +1,60 @@
+"""The wire-format shortcuts of convert.py build exactly the messages the plain constructors build."""
+
+from __future__ import annotations
+
+import math
+
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.server import convert
+from aqimodels.server.domain import ModelVersion, RegisteredModel
+from aqimodels.server.service import Comparison, ModelSnapshot, ModelStatusView
+
+
+def _version(n: int) -> ModelVersion:
+    return ModelVersion(name="aqi_predictor_lstm", version=n, run_id=f"run{n:04d}", source=f"runs:/run{n}/model",
+                        create_time_ms=1_700_000_000_000 + n, update_time_ms=1_700_000_000_500 + n,
+                        aliases=("production",) if n == 2 else (), tags={"job_id": f"job-{n}", "ü": "ß"},
+                        metrics={"rmse": 20.0 + n / 7, "r2": 0.8, "bad": math.nan}, description=f"version {n}")
+
+
+def _plain(v: ModelVersion) -> pb.ModelVersion:
+    return pb.ModelVersion(name=v.name, version=v.version, stage=convert.stage_to_proto(v.stage),
+                           aliases=list(v.aliases), run_id=v.run_id, model_uri=v.model_uri, source=v.source,
+                           create_time=convert.ts_from_ms(v.create_time_ms),
+                           update_time=convert.ts_from_ms(v.update_time_ms),
+                           metrics=v.metrics, tags=v.tags,
+                           description=v.description, job_id=v.job_id)
+
+
+def _wire(message: object) -> bytes:
+    return message.SerializeToString(deterministic=True)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_page_of_versions_is_the_same_message() -> None:
+    versions = [_version(n) for n in (300, 2, 1)]
+    fast = convert.versions_page_to_proto(versions, "tok", 1234)
+    plain = pb.ListModelVersionsResponse(versions=[_plain(v) for v in versions], next_page_token="tok",
+                                         total_size=1234)
+    assert _wire(fast) == _wire(plain)  # NaN metrics travel as NaN: compare bytes, not messages
+    assert convert.versions_page_to_proto([], "", 0) == pb.ListModelVersionsResponse()
+
+
+def test_a_comparison_is_the_same_message() -> None:
+    versions = [_version(n) for n in (1, 2, 200)]
+    rows = [(versions[0], 1, 20.14, 0.0), (versions[1], 2, 20.28, 0.14), (versions[2], -1, math.nan, -3.5)]
+    c = Comparison(name="aqi_predictor_lstm", metric="rmse", higher_is_better=False, rows=rows, best_version=1,
+                   metric_names=["r2", "rmse"])
+    fast = convert.comparison_to_proto(c)
+    plain = pb.CompareModelVersionsResponse(
+        versions=[pb.VersionComparison(version=_plain(v), rank=r, value=x, delta_to_best=d) for v, r, x, d in rows],
+        metric="rmse", direction=pb.METRIC_DIRECTION_LOWER_IS_BETTER, best_version=1, metric_names=["r2", "rmse"])
+    assert _wire(fast) == _wire(plain)
+
+
+def test_a_status_carries_the_same_versions() -> None:
+    versions = [_version(n) for n in (3, 2, 1)]
+    model = RegisteredModel(name="aqi_predictor_lstm", description="", create_time_ms=1, update_time_ms=2,
+                            aliases={"production": 2}, version_count=3, latest_version=3)
+    status = convert.model_status_to_proto(ModelStatusView(ModelSnapshot(model, versions, 0.0), []))
+    assert _wire(status.production) == _wire(_plain(versions[1])) and _wire(status.latest) == _wire(_plain(versions[0]))
+    assert not status.HasField("staging") and status.health == pb.MODEL_HEALTH_HEALTHY
