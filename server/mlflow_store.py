@@ -215,6 +215,24 @@ class MlflowModelStore:
             filter_string=f"name='{escaped}'", max_results=1, order_by=["version_number DESC"]), name=name)
         return aliases, (int(top[0].version) if top else 0)
 
+    def probe_all(self) -> dict[str, tuple[dict[str, int], int]] | None:
+        """``probe`` for every registered model at once, in three queries (SQL stores; None elsewhere).
+
+        The read model's refresher probes each model every half bound: three MLflow calls per
+        model per second took the GIL away from requests (GetStatus p99 at 1 in flight 8.2 ms
+        with the refresher, 2.8 ms with it idle; bench/NOTES.md).
+        """
+        store = self._sql_registry_store()
+        if store is None:
+            return None
+        return self._call(lambda: _sql_probe_all(store))
+
+    def _sql_registry_store(self) -> Any:
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+        store = self._registry().store
+        return store if isinstance(store, SqlAlchemyStore) else None
+
     def get_version(self, name: str, version: int) -> ModelVersion:
         model = self.get_model(name)
         mv = self._call(lambda: self._client.get_model_version(name, str(version)), name=name, version=version)
@@ -400,4 +418,34 @@ def _sql_latest_metrics(store: Any, run_ids: list[str]) -> dict[str, tuple[str, 
         for run_uuid, key, value, is_nan in rows:
             if run_uuid in out:
                 out[run_uuid][1][key] = float("nan") if is_nan else float(value)
+    return out
+
+
+def _sql_probe_all(store: Any) -> dict[str, tuple[dict[str, int], int]]:
+    """Every registered model's production/staging aliases and newest live version, through the
+    registry store's own session and workspace filter (the same rows ``probe`` reads model by model)."""
+    import sqlalchemy as sa
+    from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL
+    from mlflow.store.model_registry.dbmodels.models import (
+        SqlModelVersion,
+        SqlRegisteredModel,
+        SqlRegisteredModelAlias,
+    )
+
+    out: dict[str, tuple[dict[str, int], int]] = {}
+    with store.ManagedSessionMaker() as session:
+        for (name,) in store._get_query(session, SqlRegisteredModel).with_entities(SqlRegisteredModel.name):
+            out[name] = ({}, 0)
+        aliases = store._get_query(session, SqlRegisteredModelAlias).filter(
+            SqlRegisteredModelAlias.alias.in_(("production", "staging"))).with_entities(
+            SqlRegisteredModelAlias.name, SqlRegisteredModelAlias.alias, SqlRegisteredModelAlias.version)
+        for name, alias, version in aliases:
+            if name in out:
+                out[name][0][alias] = int(version)
+        newest = store._get_query(session, SqlModelVersion).filter(
+            SqlModelVersion.current_stage != STAGE_DELETED_INTERNAL).with_entities(
+            SqlModelVersion.name, sa.func.max(SqlModelVersion.version)).group_by(SqlModelVersion.name)
+        for name, number in newest:
+            if name in out:
+                out[name] = (out[name][0], int(number))
     return out

@@ -68,6 +68,7 @@ class ModelStore(Protocol):
     def get_model(self, name: str) -> RegisteredModel: ...
     def list_versions(self, name: str, model: RegisteredModel | None = None) -> list[ModelVersion]: ...
     def probe(self, name: str) -> tuple[dict[str, int], int]: ...
+    def probe_all(self) -> dict[str, tuple[dict[str, int], int]] | None: ...
     def set_alias(self, name: str, alias: str, version: int) -> None: ...
     def delete_alias(self, name: str, alias: str) -> None: ...
     def set_tag(self, name: str, version: int, key: str, value: str) -> None: ...
@@ -338,6 +339,12 @@ class RegistryService:
         gen = self._generation(name)
         started = time.monotonic()
         aliases, newest = self.store.probe(name)
+        return self._confirm(snap, gen, started, aliases, newest)
+
+    def _confirm(self, snap: ModelSnapshot, gen: tuple[int, int], started: float, aliases: dict[str, int],
+                 newest: int) -> ModelSnapshot:
+        """Keeps ``snap`` (confirmed at ``started``) when the probe matches it, else reloads the model."""
+        name = snap.model.name
         known = {a: v for a, v in snap.model.aliases.items() if a in _WATCHED_ALIASES}
         if (aliases == known and newest == snap.model.latest_version
                 and started - snap.loaded_at < self._full_refresh_after(name)):
@@ -372,15 +379,40 @@ class RegistryService:
         with self._cache_lock:
             snaps = list(self._cache.snapshots.values())
             models = self._cache.models
-        for snap in snaps:
+        due = [s for s in snaps if now - s.checked_at >= self.cache_ttl / 2]
+        batch: dict[str, tuple[dict[str, int], int]] | None = None
+        gens = {s.model.name: self._generation(s.model.name) for s in due}
+        started = time.monotonic()
+        list_due = models is not None and now - models[0] >= self.cache_ttl / 2
+        if due or list_due:
+            try:  # one probe of every model where the store can (SQL), else one per model below
+                batch = self.store.probe_all()
+            except Exception as exc:  # noqa: BLE001 - the store is down: reads will verify and fail
+                log.debug("snapshot_refresh_failed", error=str(exc)[:200])
+                return
+        for snap in due:
             if self._stop_refresh.is_set():
                 return
-            if now - snap.checked_at >= self.cache_ttl / 2:
+            name = snap.model.name
+            try:
+                if batch is not None and name in batch:
+                    self._confirm(snap, gens[name], started, *batch[name])
+                else:
+                    self._verify(snap)  # per model; a deleted model answers NOT_FOUND there
+            except Exception as exc:  # noqa: BLE001 - the store is down: reads will verify and fail
+                log.debug("snapshot_refresh_failed", model=name, error=str(exc)[:200])
+        if batch is not None:
+            # the probe names every registered model: list them again only when the names moved
+            if models is not None and set(batch) != {m.name for m in models[1]}:
                 try:
-                    self._verify(snap)
-                except Exception as exc:  # noqa: BLE001 - the store is down: reads will verify and fail
-                    log.debug("snapshot_refresh_failed", model=snap.model.name, error=str(exc)[:200])
-        if models is not None and now - models[0] >= self._models_ttl() / 2:
+                    self._load_models()
+                except Exception as exc:  # noqa: BLE001 - as above
+                    log.debug("model_list_refresh_failed", error=str(exc)[:200])
+            elif models is not None:
+                with self._cache_lock:  # the same names: the list is confirmed as of this probe
+                    if self._cache.models is models:
+                        self._cache.models = (started, models[1])
+        elif models is not None and now - models[0] >= self._models_ttl() / 2:
             try:
                 self._load_models()
             except Exception as exc:  # noqa: BLE001 - as above

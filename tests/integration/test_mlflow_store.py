@@ -39,3 +39,30 @@ def test_sql_metrics_path_matches_search_runs(store_uri: str) -> None:
     # finished runs are cached for good, a running one is read again
     client.log_metric(running, "rmse", 35.0)
     assert sql.run_metrics([running])[running] == {"rmse": 35.0}
+
+
+def test_probe_all_matches_probe_model_by_model(store_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from aqimodels.server.mlflow_store import MlflowModelStore
+
+    client = MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
+    exp = client.create_experiment("probe")
+    for name, count in (("a_model", 3), ("b_model", 2), ("empty_model", 0)):
+        client.create_registered_model(name)
+        for _ in range(count):
+            run = client.create_run(exp).info.run_id
+            client.create_model_version(name, f"runs:/{run}/model", run_id=run)
+    client.set_registered_model_alias("a_model", "production", "2")
+    client.set_registered_model_alias("a_model", "staging", "3")
+    client.set_registered_model_alias("a_model", "champion", "1")  # not one of ours: not reported
+    client.set_registered_model_alias("b_model", "production", "1")
+    client.delete_model_version("b_model", "2")  # the newest live version is 1 again
+
+    store = MlflowModelStore(store_uri)
+    batch = store.probe_all()
+    assert batch is not None
+    assert batch == {name: store.probe(name) for name in ("a_model", "b_model", "empty_model")}
+    assert batch["a_model"] == ({"production": 2, "staging": 3}, 3)
+    assert batch["b_model"] == ({"production": 1}, 1)
+    assert batch["empty_model"] == ({}, 0)
