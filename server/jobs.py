@@ -7,8 +7,9 @@ watcher (on this replica or another) replays what it missed, and a restarted reg
 reports finished jobs. Live watchers get progress events at once; a writer thread stores them in
 batches (every ``PERSIST_INTERVAL`` seconds, one transaction) so that the relay is not bound by
 the database's commit rate (one commit per event capped it at about 170 events/s on SQLite).
-Events that change a job's state (queued, running, ended) are stored before anyone sees them. One queued or running job per model, checked under the model's
-database-level lock so replicas agree.
+Events that change a job's state (queued, running, ended) are stored before anyone sees them.
+One queued or running job per model, checked under the model's database-level lock so replicas
+agree.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class JobManager:
                                     state=proto.state, ended=pb.JobEnded(state=proto.state, reason=proto.error))
             event.time.GetCurrentTime()
             proto.last_sequence = event.sequence
-            self._persist(proto, event)
+            self._queue_persist(proto, event)
+            self._flush()
             log.warning("job_interrupted", job_id=job_id, model=proto.model_name)
 
     def _heartbeat_loop(self) -> None:
@@ -171,20 +173,14 @@ class JobManager:
 
     # ---- persistence ----
 
-    def _persist(self, proto: pb.RetrainJob, event: pb.RetrainEvent | None, *, insert: bool = False,
-                 request: wpb.TrainRequest | None = None, request_id: str = "") -> None:
-        values = dict(state=int(proto.state), updated_ms=_now_ms(), job=proto.SerializeToString())
+    def _insert(self, proto: pb.RetrainJob, request: wpb.TrainRequest, request_id: str) -> None:
+        """Stores a new job (its later states and events go through _queue_persist and _flush)."""
         with self.db.begin() as conn:
-            if insert:
-                conn.execute(jobs_table.insert().values(
-                    job_id=proto.job_id, model_type=TYPE_NAMES[proto.model_type], model_name=proto.model_name,
-                    create_ms=convert.ms_from_ts(proto.create_time), request_id=request_id, owner=self.owner,
-                    request=(request or wpb.TrainRequest()).SerializeToString(), **values))
-            else:
-                conn.execute(jobs_table.update().where(jobs_table.c.job_id == proto.job_id).values(**values))
-            if event is not None:
-                conn.execute(job_events_table.insert().values(job_id=proto.job_id, sequence=event.sequence,
-                                                              event=event.SerializeToString()))
+            conn.execute(jobs_table.insert().values(
+                job_id=proto.job_id, model_type=TYPE_NAMES[proto.model_type], model_name=proto.model_name,
+                create_ms=convert.ms_from_ts(proto.create_time), request_id=request_id, owner=self.owner,
+                request=request.SerializeToString(), state=int(proto.state), updated_ms=_now_ms(),
+                job=proto.SerializeToString()))
 
     def _queue_persist(self, proto: pb.RetrainJob, event: pb.RetrainEvent) -> None:
         with self._pending_lock:
@@ -410,7 +406,7 @@ class JobManager:
                 job = _Job(proto=proto, train_request=train_request, settings=settings)
                 if t == wpb.MODEL_TYPE_ENSEMBLE:
                     job.depends_on = [j.proto.job_id for j in jobs if j.proto.model_type in MEMBER_TYPES]
-                self._persist(proto, None, insert=True, request=train_request, request_id=request.request_id)
+                self._insert(proto, train_request, request.request_id)
                 self.db.audit_record(actor=caller.name, role=caller.role, action="Retrain",
                                      model_name=proto.model_name, version=0, before={},
                                      after={"job_id": job_id, "dataset": proto.dataset,

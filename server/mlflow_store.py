@@ -250,31 +250,30 @@ class MlflowModelStore:
         step = 500 if sql is not None else 100
         for chunk_start in range(0, len(missing), step):
             chunk = missing[chunk_start:chunk_start + step]
-            if sql is not None:
-                fast = self._call(lambda: _sql_latest_metrics(sql, chunk))
-                for run_id, (status, metrics) in fast.items():
-                    if status in ("FINISHED", "FAILED", "KILLED"):
-                        with self._metrics_lock:
-                            self._run_metrics[run_id] = metrics
-                    else:
-                        live[run_id] = metrics
-                continue
-            found = {r.info.run_id: r for r in self._search_runs(chunk)}
-            for run_id in chunk:
-                run = found.get(run_id)
-                if run is None:
-                    try:
-                        run = self._call(lambda: self._client.get_run(run_id))
-                    except ModelNotFoundError:
-                        continue
-                metrics = {k: float(v) for k, v in run.data.metrics.items()}
-                if run.info.status in ("FINISHED", "FAILED", "KILLED"):
+            found = (self._call(lambda: _sql_latest_metrics(sql, chunk)) if sql is not None
+                     else self._searched_metrics(chunk))
+            for run_id, (status, metrics) in found.items():
+                if status in ("FINISHED", "FAILED", "KILLED"):
                     with self._metrics_lock:
                         self._run_metrics[run_id] = metrics
                 else:
                     live[run_id] = metrics
         with self._metrics_lock:
             return {r: dict(self._run_metrics.get(r, live.get(r, {}))) for r in wanted}
+
+    def _searched_metrics(self, run_ids: list[str]) -> dict[str, tuple[str, dict[str, float]]]:
+        """(status, latest metrics) of runs through search_runs, one get_run for those it misses."""
+        found = {r.info.run_id: r for r in self._search_runs(run_ids)}
+        out: dict[str, tuple[str, dict[str, float]]] = {}
+        for run_id in run_ids:
+            run = found.get(run_id)
+            if run is None:
+                try:
+                    run = self._call(lambda: self._client.get_run(run_id))
+                except ModelNotFoundError:
+                    continue
+            out[run_id] = (run.info.status, {k: float(v) for k, v in run.data.metrics.items()})
+        return out
 
     def _sql_tracking_store(self) -> Any:
         """MLflow's SQL tracking store when the tracking URI is a database, else None (REST, files)."""

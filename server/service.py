@@ -401,18 +401,17 @@ class RegistryService:
                     self._verify(snap)  # per model; a deleted model answers NOT_FOUND there
             except Exception as exc:  # noqa: BLE001 - the store is down: reads will verify and fail
                 log.debug("snapshot_refresh_failed", model=name, error=str(exc)[:200])
-        if batch is not None:
-            # the probe names every registered model: list them again only when the names moved
-            if models is not None and set(batch) != {m.name for m in models[1]}:
-                try:
-                    self._load_models()
-                except Exception as exc:  # noqa: BLE001 - as above
-                    log.debug("model_list_refresh_failed", error=str(exc)[:200])
-            elif models is not None:
+        if models is None:
+            return
+        if batch is None:  # no probe of every model: list them again on the list's own timer
+            reload = now - models[0] >= self._models_ttl() / 2
+        else:  # the probe names every registered model: list them again only when the names moved
+            reload = set(batch) != {m.name for m in models[1]}
+            if not reload:
                 with self._cache_lock:  # the same names: the list is confirmed as of this probe
                     if self._cache.models is models:
                         self._cache.models = (started, models[1])
-        elif models is not None and now - models[0] >= self._models_ttl() / 2:
+        if reload:
             try:
                 self._load_models()
             except Exception as exc:  # noqa: BLE001 - as above
