@@ -4,7 +4,8 @@ Every system answers the same question on the same database, measured from this 
 client process separate from every server), interleaved run by run so that the ratios compare
 calls made side by side:
 
-- ``aqimodels``: the registry (``aqimodels serve``, its own process) over gRPC;
+- ``aqimodels``: the registry (``aqimodels serve``, its own process) over gRPC, driven from one
+  asyncio loop (``common.AioLoad``: a client that costs the machine less per call than threads);
 - ``inproc``: the same answer assembled with MlflowClient in this process;
 - ``rest``: the same MlflowClient code against ``mlflow server`` over REST on the same database,
   with its default workers, and ``rest_w1`` with ``--workers 1`` (both with job execution off);
@@ -37,11 +38,40 @@ class GrpcOps:
         from aqimodels.api.registry.v1 import registry_pb2_grpc
 
         self.pb = pb
+        self.target = target
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
         self.stub = registry_pb2_grpc.ModelRegistryStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self._check = health_pb2.HealthCheckRequest()
         self._status = pb.GetStatusRequest()
+        self.load = common.AioLoad()
+        self.load.run(self._open_aio(target))
+
+    async def _open_aio(self, target: str) -> None:
+        """The same stubs on a grpc.aio channel, on the load's event loop (where they must be used)."""
+        import grpc
+        from grpc_health.v1 import health_pb2_grpc
+
+        from aqimodels.api.registry.v1 import registry_pb2_grpc
+
+        self.aio_channel = grpc.aio.insecure_channel(self.target,
+                                                     options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.aio_stub = registry_pb2_grpc.ModelRegistryStub(self.aio_channel)
+        self.aio_health = health_pb2_grpc.HealthStub(self.aio_channel)
+
+    def measured(self, op: str, *args: Any) -> Aio:
+        """``op`` (noop, status, list_page, compare) as measured under load: from the event loop."""
+        pb = self.pb
+        calls: dict[str, Callable[[], Any]] = {
+            "noop": lambda: self.aio_health.Check(self._check, timeout=30),
+            "status": lambda: self.aio_stub.GetStatus(self._status, timeout=60),
+            "list_page": lambda: self.aio_stub.ListModelVersions(pb.ListModelVersionsRequest(
+                name=args[0], page_size=PAGE, page_token=args[1] if len(args) > 1 else ""), timeout=60),
+            "compare": lambda: self.aio_stub.CompareModelVersions(
+                pb.CompareModelVersionsRequest(name=args[0], metric=METRIC), timeout=60),
+        }
+        sync: Callable[..., Any] = getattr(self, op)
+        return Aio(self.load, calls[op], lambda: sync(*args))
 
     def noop(self) -> Any:
         return self.health.Check(self._check, timeout=30)
@@ -79,6 +109,18 @@ class GrpcOps:
 
     def close(self) -> None:
         self.channel.close()
+        self.load.run(self.aio_channel.close())
+        self.load.close()
+
+
+class Aio:
+    """An operation measured from an asyncio loop; calling it runs the plain stub (warm-up, checks)."""
+
+    def __init__(self, load: common.AioLoad, call: Callable[[], Any], sync: Callable[[], Any]) -> None:
+        self.load, self.call, self.sync = load, call, sync
+
+    def __call__(self) -> Any:
+        return self.sync()
 
 
 class MlflowOps:
@@ -160,7 +202,10 @@ class MlflowOps:
 
 
 def _measure(call: Callable[[], Any], conc: int, seconds: float, max_calls: int) -> dict[str, Any]:
-    r = common.closed_loop(call, conc, seconds, max_calls=max_calls, min_calls=min(conc, 3))
+    if isinstance(call, Aio):
+        r = call.load.closed_loop(call.call, conc, seconds, max_calls=max_calls, min_calls=min(conc, 3))
+    else:
+        r = common.closed_loop(call, conc, seconds, max_calls=max_calls, min_calls=min(conc, 3))
     if r["errors"]:
         raise RuntimeError(f"{len(r['errors'])} errors, first: {r['errors'][0]}")
     return {"p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "per_second": r["per_second"], "calls": len(r["latencies"])}
@@ -284,14 +329,14 @@ def run(folder: Path, sizes: tuple[int, ...] = (100, 1000, 10000), runs: int = 3
         tokens = {"aqimodels": aq.last_token(name), "inproc": inproc.last_token(name)}
         mlflow_systems: dict[str, MlflowOps] = {"inproc": inproc, **rests}
         ops: dict[str, dict[str, Callable[[], Any]]] = {
-            "noop": {"aqimodels": aq.noop},
-            "GetStatus": {"aqimodels": aq.status, **{k: v.status for k, v in mlflow_systems.items()}},
-            "ListModelVersions_first": {"aqimodels": lambda: aq.list_page(name),
+            "noop": {"aqimodels": aq.measured("noop")},
+            "GetStatus": {"aqimodels": aq.measured("status"), **{k: v.status for k, v in mlflow_systems.items()}},
+            "ListModelVersions_first": {"aqimodels": aq.measured("list_page", name),
                                         **{k: (lambda o=v: o.list_page(name)) for k, v in mlflow_systems.items()}},
-            "ListModelVersions_last": {"aqimodels": lambda: aq.list_page(name, tokens["aqimodels"]),
+            "ListModelVersions_last": {"aqimodels": aq.measured("list_page", name, tokens["aqimodels"]),
                                        **{k: (lambda o=v: o.list_page(name, tokens["inproc"]))
                                           for k, v in mlflow_systems.items()}},
-            "CompareModelVersions": {"aqimodels": lambda: aq.compare(name),
+            "CompareModelVersions": {"aqimodels": aq.measured("compare", name),
                                      **{k: (lambda o=v: o.compare(name)) for k, v in mlflow_systems.items()}},
         }
         plan = {"aqimodels": [1, 8, 32], "inproc": [1, 8], "rest": [1, 8], "rest_w1": [1, 8]}
@@ -320,10 +365,10 @@ def run(folder: Path, sizes: tuple[int, ...] = (100, 1000, 10000), runs: int = 3
             inproc_n = MlflowOps(uri_n)
             tok = {"aq": aq_n.last_token(name), "in": inproc_n.last_token(name)}
             ops_n = {
-                "GetStatus": {"aqimodels": aq_n.status, "inproc": inproc_n.status},
-                "ListModelVersions_first": {"aqimodels": lambda a=aq_n: a.list_page(name),
+                "GetStatus": {"aqimodels": aq_n.measured("status"), "inproc": inproc_n.status},
+                "ListModelVersions_first": {"aqimodels": aq_n.measured("list_page", name),
                                             "inproc": lambda o=inproc_n: o.list_page(name)},
-                "ListModelVersions_last": {"aqimodels": lambda a=aq_n, t=tok: a.list_page(name, t["aq"]),
+                "ListModelVersions_last": {"aqimodels": aq_n.measured("list_page", name, tok["aq"]),
                                            "inproc": lambda o=inproc_n, t=tok: o.list_page(name, t["in"])},
             }
             print(f"sizes: 4 x {n}", flush=True)

@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.server.domain import AuditRecord, BackendHealth, ModelVersion, RegisteredModel, Stage
+from aqimodels.server.interceptors import Wire
 from aqimodels.server.monitoring import Alert, Health, History
 from aqimodels.server.service import Comparison, ModelStatusView
 
@@ -69,13 +70,16 @@ def _version_bytes(v: ModelVersion) -> bytes:
     return data
 
 
-def versions_page_to_proto(versions: list[ModelVersion], next_page_token: str,
-                           total_size: int) -> pb.ListModelVersionsResponse:
-    """A page of versions, written around each version's kept bytes and parsed once."""
-    out = pb.ListModelVersionsResponse(next_page_token=next_page_token, total_size=total_size)
-    out.MergeFromString(b"".join(b"\x0a" + _varint(len(vb)) + vb  # versions = 1
-                                 for vb in (_version_bytes(v) for v in versions)))
-    return out
+def versions_page_wire(versions: list[ModelVersion], next_page_token: str, total_size: int) -> Wire:
+    """A ListModelVersionsResponse in wire format, written around each version's kept bytes."""
+    return Wire(b"".join(_field(1, _version_bytes(v)) for v in versions)  # versions = 1
+                + pb.ListModelVersionsResponse(next_page_token=next_page_token,
+                                               total_size=total_size).SerializeToString())
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (a nested message) in wire format."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def _varint(n: int) -> bytes:
@@ -125,23 +129,43 @@ def model_status_to_proto(view: ModelStatusView) -> pb.ModelStatus:
     return status
 
 
-def comparison_to_proto(c: Comparison) -> pb.CompareModelVersionsResponse:
-    out = pb.CompareModelVersionsResponse(
-        metric=c.metric,
-        direction=(pb.METRIC_DIRECTION_HIGHER_IS_BETTER if c.higher_is_better
-                   else pb.METRIC_DIRECTION_LOWER_IS_BETTER),
-        best_version=c.best_version, metric_names=c.metric_names)
-    # The rows are written in wire format around each version's kept bytes and parsed once:
-    # building 1,000 nested messages in Python was most of the RPC's time.
+def model_status_bytes(view: ModelStatusView) -> bytes:
+    """The model's status serialised; kept on its (immutable) snapshot while no job runs for it."""
+    if view.running_jobs:  # their progress moves: built each time
+        return model_status_to_proto(view).SerializeToString()
+    kept: tuple[bool, bytes] | None = view.snapshot.__dict__.get("_status_bytes")
+    if kept is None or kept[0] != view.degraded:
+        kept = (view.degraded, model_status_to_proto(view).SerializeToString())
+        object.__setattr__(view.snapshot, "_status_bytes", kept)  # frozen dataclass: a cache, not a field
+    return kept[1]
+
+
+def status_wire(views: list[ModelStatusView], health: BackendHealth, workers: list[pb.WorkerStatus],
+                server_version: str) -> Wire:
+    """A GetStatusResponse in wire format: every model's kept status, then the parts that move."""
+    rest = pb.GetStatusResponse(backend=backend_to_proto(health), workers=workers, server_version=server_version)
+    rest.time.GetCurrentTime()
+    return Wire(b"".join(_field(1, model_status_bytes(v)) for v in views) + rest.SerializeToString())
+
+
+def comparison_wire(c: Comparison) -> Wire:
+    """A CompareModelVersionsResponse in wire format, written around each version's kept bytes.
+
+    Building 1,000 nested messages in Python was most of the RPC's time, then parsing the
+    written bytes into a message and serialising it back for grpc most of the rest.
+    """
     # VersionComparison: version = 1 (message), rank = 2 (varint), value = 3, delta_to_best = 4 (doubles).
     parts = []
     for v, rank, value, delta in c.rows:
-        vb = _version_bytes(v)
-        entry = b"\x0a" + _varint(len(vb)) + vb + b"\x10" + _varint(rank & 0xFFFFFFFFFFFFFFFF) + \
+        entry = _field(1, _version_bytes(v)) + b"\x10" + _varint(rank & 0xFFFFFFFFFFFFFFFF) + \
             _DOUBLES.pack(0x19, value, 0x21, delta)
-        parts.append(b"\x0a" + _varint(len(entry)) + entry)
-    out.MergeFromString(b"".join(parts))
-    return out
+        parts.append(_field(1, entry))  # versions = 1
+    parts.append(pb.CompareModelVersionsResponse(
+        metric=c.metric,
+        direction=(pb.METRIC_DIRECTION_HIGHER_IS_BETTER if c.higher_is_better
+                   else pb.METRIC_DIRECTION_LOWER_IS_BETTER),
+        best_version=c.best_version, metric_names=c.metric_names).SerializeToString())
+    return Wire(b"".join(parts))
 
 
 _DOUBLES = struct.Struct("<BdBd")

@@ -10,6 +10,7 @@ traceback logged), and logs one ``rpc_finished`` event per call with ``code`` an
 from __future__ import annotations
 
 import contextvars
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +31,40 @@ Authenticator = Callable[[str, dict[str, str]], Any]
 Observer = Callable[[str, str, float], None]  # (rpc, code name, seconds)
 
 
+class Wire:
+    """A response already in protobuf wire format: sent as it is, without a parse and a re-serialise.
+
+    The registry's hot reads (GetStatus, ListModelVersions, CompareModelVersions) are written
+    around bytes kept in the read model; handing grpc a message would cost a parse of them and a
+    serialisation back, the larger part of a 1,000-version comparison. (A holder, not a bytes
+    subclass: grpc's send operation takes exact bytes.)
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _passing_wire(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    if serialize is None:
+        return None
+
+    def serializer(response: Any) -> bytes:
+        return response.data if response.__class__ is Wire else serialize(response)
+
+    return serializer
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]  # per process
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """32 hex digits, unique: a random per-process prefix and a counter (uuid4 costs a syscall per call)."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+
+
 def current_request_id() -> str:
     return _request_id.get()
 
@@ -48,20 +83,29 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authenticate: Authenticator | None = None, observe: Observer | None = None) -> None:
         self._authenticate = authenticate
         self._observe = observe
+        # grpc asks for the handler on every call: the wrapped one is built once per method.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method: str = handler_call_details.method
-        rpc = method.rsplit("/", 1)[-1]
         if method.startswith("/grpc."):  # health and reflection pass through untouched
             return handler
+        kept = self._wrapped.get(method)
+        if kept is None or kept[0] is not handler:
+            kept = (handler, self._wrap(handler, method))
+            self._wrapped[method] = kept
+        return kept[1]
+
+    def _wrap(self, handler: Any, method: str) -> Any:
+        rpc = method.rsplit("/", 1)[-1]
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, rpc),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                response_serializer=_passing_wire(handler.response_serializer))
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, rpc),
@@ -71,7 +115,7 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _begin(self, context: grpc.ServicerContext, method: str, rpc: str) -> None:
         md = _metadata(context)
-        request_id = (md.get("x-request-id") or "")[:128] or uuid.uuid4().hex
+        request_id = (md.get("x-request-id") or "")[:128] or _new_request_id()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
         _request_id.set(request_id)

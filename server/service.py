@@ -95,6 +95,8 @@ class ModelSnapshot:
     # Sorted indexes of the versions, built on first use per (stage filter, order); shared by the
     # copies that only re-confirm the snapshot, replaced with the versions (see _Writes.apply).
     orders: dict[tuple[Any, ...], SortedIndex] = field(default_factory=dict, compare=False, repr=False)
+    # Version number -> version, built on first use like ``orders`` and replaced with the versions.
+    numbers: dict[int, ModelVersion] = field(default_factory=dict, compare=False, repr=False)
 
     def order(self, stage: Stage | None, field_name: str, descending: bool | None) -> SortedIndex:
         key = (stage, field_name, descending)
@@ -105,15 +107,21 @@ class ModelSnapshot:
             self.orders[key] = index
         return index
 
+    def _by_number(self) -> dict[int, ModelVersion]:
+        if not self.numbers and self.versions:
+            # Built whole, then merged in one C-level step: another thread never sees half of it.
+            self.numbers.update({v.version: v for v in self.versions})
+        return self.numbers
+
     def version(self, number: int) -> ModelVersion:
-        for v in self.versions:
-            if v.version == number:
-                return v
-        raise VersionNotFoundError(f"model {self.model.name!r} has no version {number}")
+        found = self._by_number().get(number)
+        if found is None:
+            raise VersionNotFoundError(f"model {self.model.name!r} has no version {number}")
+        return found
 
     def alias(self, alias: str) -> ModelVersion | None:
         number = self.model.aliases.get(alias)
-        return next((v for v in self.versions if v.version == number), None) if number else None
+        return self._by_number().get(number) if number else None
 
 
 @dataclass(frozen=True)
@@ -203,7 +211,10 @@ class _Writes:
                         tags[key] = value
                 v = replace(v, aliases=new_aliases, tags=tags)
             versions.append(v)
-        return replace(snap, model=replace(snap.model, aliases=aliases), versions=versions, orders={})
+        return replace(snap, model=replace(snap.model, aliases=aliases), versions=versions, orders={}, numbers={})
+
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
 
 
 def validate_name(name: str, field_name: str = "name") -> str:
@@ -212,7 +223,7 @@ def validate_name(name: str, field_name: str = "name") -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgumentError(f"{field_name} is longer than {MAX_NAME_LENGTH} characters",
                                    field=field_name)
-    if any(ord(c) < 32 for c in name):
+    if _CONTROL_CHARACTERS.search(name):
         raise InvalidArgumentError(f"{field_name} contains control characters", field=field_name)
     return name
 

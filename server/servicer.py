@@ -15,7 +15,7 @@ from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.client.errors import InvalidArgumentError, UnimplementedError
 from aqimodels.server import convert
 from aqimodels.server.domain import Stage
-from aqimodels.server.interceptors import current_caller, current_request_id
+from aqimodels.server.interceptors import Wire, current_caller, current_request_id
 from aqimodels.server.service import Caller, RegistryService
 
 SERVER_VERSION = "0.1.0"
@@ -50,14 +50,12 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     # ---- status and listing ----
 
-    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+    # The hot reads answer in wire format (see interceptors.Wire): the same bytes, sent as they are.
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> Wire:
         views, health = self._service.status()
-        response = pb.GetStatusResponse(
-            models=[convert.model_status_to_proto(v) for v in views],
-            backend=convert.backend_to_proto(health), server_version=SERVER_VERSION,
-            workers=self._workers.status() if self._workers is not None else [])
-        response.time.GetCurrentTime()
-        return response
+        return convert.status_wire(views, health, self._workers.status() if self._workers is not None else [],
+                                   SERVER_VERSION)
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         page = self._service.list_models(request.page_size, request.page_token)
@@ -65,10 +63,10 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                                      next_page_token=page.next_page_token, total_size=page.total_size)
 
     def ListModelVersions(self, request: pb.ListModelVersionsRequest,
-                          context: grpc.ServicerContext) -> pb.ListModelVersionsResponse:
+                          context: grpc.ServicerContext) -> Wire:
         page = self._service.list_versions(request.name, request.page_size, request.page_token,
                                            _stage_filter(request.stage, "stage"), request.order_by)
-        return convert.versions_page_to_proto(page.items, page.next_page_token, page.total_size)
+        return convert.versions_page_wire(page.items, page.next_page_token, page.total_size)
 
     def GetModelVersion(self, request: pb.GetModelVersionRequest,
                         context: grpc.ServicerContext) -> pb.GetModelVersionResponse:
@@ -76,9 +74,9 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         return pb.GetModelVersionResponse(version=convert.model_version_to_proto(version))
 
     def CompareModelVersions(self, request: pb.CompareModelVersionsRequest,
-                             context: grpc.ServicerContext) -> pb.CompareModelVersionsResponse:
+                             context: grpc.ServicerContext) -> Wire:
         comparison = self._service.compare(request.name, list(request.versions), request.metric)
-        return convert.comparison_to_proto(comparison)
+        return convert.comparison_wire(comparison)
 
     # ---- lifecycle ----
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.server import convert
-from aqimodels.server.domain import ModelVersion, RegisteredModel
+from aqimodels.server.domain import BackendHealth, ModelVersion, RegisteredModel
 from aqimodels.server.service import Comparison, ModelSnapshot, ModelStatusView
 
 
@@ -32,11 +33,11 @@ def _wire(message: object) -> bytes:
 
 def test_a_page_of_versions_is_the_same_message() -> None:
     versions = [_version(n) for n in (300, 2, 1)]
-    fast = convert.versions_page_to_proto(versions, "tok", 1234)
+    fast = pb.ListModelVersionsResponse.FromString(convert.versions_page_wire(versions, "tok", 1234).data)
     plain = pb.ListModelVersionsResponse(versions=[_plain(v) for v in versions], next_page_token="tok",
                                          total_size=1234)
     assert _wire(fast) == _wire(plain)  # NaN metrics travel as NaN: compare bytes, not messages
-    assert convert.versions_page_to_proto([], "", 0) == pb.ListModelVersionsResponse()
+    assert convert.versions_page_wire([], "", 0).data == b""  # an empty page: the empty message
 
 
 def test_a_comparison_is_the_same_message() -> None:
@@ -44,7 +45,7 @@ def test_a_comparison_is_the_same_message() -> None:
     rows = [(versions[0], 1, 20.14, 0.0), (versions[1], 2, 20.28, 0.14), (versions[2], -1, math.nan, -3.5)]
     c = Comparison(name="aqi_predictor_lstm", metric="rmse", higher_is_better=False, rows=rows, best_version=1,
                    metric_names=["r2", "rmse"])
-    fast = convert.comparison_to_proto(c)
+    fast = pb.CompareModelVersionsResponse.FromString(convert.comparison_wire(c).data)
     plain = pb.CompareModelVersionsResponse(
         versions=[pb.VersionComparison(version=_plain(v), rank=r, value=x, delta_to_best=d) for v, r, x, d in rows],
         metric="rmse", direction=pb.METRIC_DIRECTION_LOWER_IS_BETTER, best_version=1, metric_names=["r2", "rmse"])
@@ -58,3 +59,34 @@ def test_a_status_carries_the_same_versions() -> None:
     status = convert.model_status_to_proto(ModelStatusView(ModelSnapshot(model, versions, 0.0), []))
     assert _wire(status.production) == _wire(_plain(versions[1])) and _wire(status.latest) == _wire(_plain(versions[0]))
     assert not status.HasField("staging") and status.health == pb.MODEL_HEALTH_HEALTHY
+
+
+def test_a_status_response_is_the_same_message_and_its_kept_bytes_follow_the_model() -> None:
+    versions = [_version(n) for n in (3, 2, 1)]
+    model = RegisteredModel(name="aqi_predictor_lstm", description="", create_time_ms=1, update_time_ms=2,
+                            aliases={"production": 2}, version_count=3, latest_version=3)
+    snap = ModelSnapshot(model, versions, 0.0)
+    health = BackendHealth(healthy=True, tracking_uri="sqlite:///x.db", message="ok", latency_ms=1.5)
+    workers = [pb.WorkerStatus(target="127.0.0.1:1", healthy=True, capacity=1)]
+
+    def plain(view: ModelStatusView) -> pb.GetStatusResponse:
+        return pb.GetStatusResponse(models=[convert.model_status_to_proto(view)],
+                                    backend=convert.backend_to_proto(health), workers=workers,
+                                    server_version="9.9")
+
+    def fast(view: ModelStatusView) -> pb.GetStatusResponse:
+        response = pb.GetStatusResponse.FromString(convert.status_wire([view], health, workers, "9.9").data)
+        assert response.time.seconds > 0
+        response.ClearField("time")
+        return response
+
+    healthy = ModelStatusView(snap, [])
+    assert _wire(fast(healthy)) == _wire(plain(healthy))
+    degraded = ModelStatusView(snap, [], degraded=True)  # the same snapshot, another health: not the kept bytes
+    assert fast(degraded).models[0].health == pb.MODEL_HEALTH_DEGRADED
+    job = pb.RetrainJob(job_id="j1", model_name="aqi_predictor_lstm", epoch=3)
+    running = ModelStatusView(snap, [job])
+    assert list(fast(running).models[0].running_jobs) == [job]
+    assert list(fast(healthy).models[0].running_jobs) == []
+    promoted = ModelSnapshot(replace(model, aliases={"production": 3}), versions, 0.0)
+    assert fast(ModelStatusView(promoted, [])).models[0].production.version == 3
