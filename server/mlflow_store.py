@@ -158,7 +158,15 @@ class MlflowModelStore:
         return BackendHealth(True, _redact(self.tracking_uri), "", (time.perf_counter() - start) * 1000)
 
     def list_models(self) -> list[RegisteredModel]:
-        """Every registered model, by name, with aliases (no version counts)."""
+        """Every registered model (prompts excluded, as MLflow's search does), by name, with aliases
+        and newest version (no version counts).
+
+        SQL stores: three queries on MLflow's tables. search_registered_models builds each
+        model's latest_versions from every version row: seconds at 4 x 10,000 versions.
+        """
+        store = self._sql_registry_store()
+        if store is not None:
+            return self._call(lambda: _sql_list_models(store))
         out: list[RegisteredModel] = []
         token: str | None = None
         while True:
@@ -195,6 +203,29 @@ class MlflowModelStore:
         metrics = self.run_metrics([mv.run_id for mv in raw if mv.run_id])
         return [_version(mv, tuple(sorted(by_version.get(int(mv.version), ()))), metrics.get(mv.run_id, {}))
                 for mv in raw]
+
+    def load_model(self, name: str) -> tuple[RegisteredModel, list[ModelVersion]]:
+        """The model and all its versions with aliases, tags and run metrics, newest first.
+
+        SQL stores: four indexed queries on MLflow's own tables through its own session and
+        workspace filter. Through MlflowClient, get_registered_model builds latest_versions from
+        every version and search_model_versions one entity per version with its tags and
+        aliases: the first GetStatus at 4 x 10,000 versions took 47 s (bench/NOTES.md).
+        """
+        store = self._sql_registry_store()
+        if store is None:
+            model = self.get_model(name)
+            return model, self.list_versions(name, model)
+        found = self._call(lambda: _sql_load_model(store, name), name=name)
+        if found is None:
+            raise ModelNotFoundError(f"model {name!r} is not registered")
+        model, rows = found
+        metrics = self.run_metrics([r[1] for r in rows if r[1]])
+        return model, [ModelVersion(name=name, version=number, run_id=run_id or "", source=source or "",
+                                    create_time_ms=int(created or 0), update_time_ms=int(updated or 0),
+                                    aliases=aliases, tags=tags, metrics=metrics.get(run_id, {}) if run_id else {},
+                                    description=description or "")
+                       for number, run_id, source, created, updated, description, aliases, tags in rows]
 
     def probe(self, name: str) -> tuple[dict[str, int], int]:
         """The production and staging aliases and the newest version number of a model.
@@ -420,7 +451,68 @@ def _sql_latest_metrics(store: Any, run_ids: list[str]) -> dict[str, tuple[str, 
     return out
 
 
-def _sql_probe_all(store: Any) -> dict[str, tuple[dict[str, int], int]]:
+def _sql_list_models(store: Any) -> list[RegisteredModel]:
+    """What ``list_models`` reads through MlflowClient, from the registry store's tables."""
+    from mlflow.prompt.constants import IS_PROMPT_TAG_KEY
+    from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModel, SqlRegisteredModelTag
+
+    probed = _sql_probe_all(store, all_aliases=True)
+    with store.ManagedSessionMaker() as session:
+        prompts = {name for (name,) in store._get_query(session, SqlRegisteredModelTag).filter(
+            SqlRegisteredModelTag.key == IS_PROMPT_TAG_KEY, SqlRegisteredModelTag.value == "true").with_entities(
+            SqlRegisteredModelTag.name)}
+        rows = store._get_query(session, SqlRegisteredModel).with_entities(
+            SqlRegisteredModel.name, SqlRegisteredModel.description, SqlRegisteredModel.creation_time,
+            SqlRegisteredModel.last_updated_time).order_by(SqlRegisteredModel.name).all()
+    return [RegisteredModel(name=name, description=description or "", create_time_ms=int(created or 0),
+                            update_time_ms=int(updated or 0), aliases=probed.get(name, ({}, 0))[0],
+                            latest_version=probed.get(name, ({}, 0))[1])
+            for name, description, created, updated in rows if name not in prompts]
+
+
+def _sql_load_model(store: Any, name: str) -> tuple[RegisteredModel, list[tuple[Any, ...]]] | None:
+    """The model and its live versions as (number, run id, source, created, updated, description,
+    aliases, tags), newest first; None when no such model."""
+    from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL
+    from mlflow.store.model_registry.dbmodels.models import (
+        SqlModelVersion,
+        SqlModelVersionTag,
+        SqlRegisteredModel,
+        SqlRegisteredModelAlias,
+    )
+
+    with store.ManagedSessionMaker() as session:
+        row = store._get_query(session, SqlRegisteredModel).filter(SqlRegisteredModel.name == name).with_entities(
+            SqlRegisteredModel.description, SqlRegisteredModel.creation_time,
+            SqlRegisteredModel.last_updated_time).first()
+        if row is None:
+            return None
+        aliases = {str(alias): int(v) for alias, v in store._get_query(session, SqlRegisteredModelAlias).filter(
+            SqlRegisteredModelAlias.name == name).with_entities(SqlRegisteredModelAlias.alias,
+                                                                SqlRegisteredModelAlias.version)}
+        tags: dict[int, dict[str, str]] = {}
+        for number, key, value in store._get_query(session, SqlModelVersionTag).filter(
+                SqlModelVersionTag.name == name).with_entities(SqlModelVersionTag.version, SqlModelVersionTag.key,
+                                                               SqlModelVersionTag.value):
+            tags.setdefault(int(number), {})[key] = value
+        versions = store._get_query(session, SqlModelVersion).filter(
+            SqlModelVersion.name == name, SqlModelVersion.current_stage != STAGE_DELETED_INTERNAL).with_entities(
+            SqlModelVersion.version, SqlModelVersion.run_id, SqlModelVersion.source, SqlModelVersion.creation_time,
+            SqlModelVersion.last_updated_time, SqlModelVersion.description).order_by(
+            SqlModelVersion.version.desc()).all()
+    by_version: dict[int, list[str]] = {}
+    for alias, v in aliases.items():
+        by_version.setdefault(v, []).append(alias)
+    rows = [(int(number), run_id, source, created, updated, description,
+             tuple(sorted(by_version.get(int(number), ()))), tags.get(int(number), {}))
+            for number, run_id, source, created, updated, description in versions]
+    model = RegisteredModel(name=name, description=row[0] or "", create_time_ms=int(row[1] or 0),
+                            update_time_ms=int(row[2] or 0), aliases=aliases,
+                            latest_version=rows[0][0] if rows else 0)
+    return model, rows
+
+
+def _sql_probe_all(store: Any, all_aliases: bool = False) -> dict[str, tuple[dict[str, int], int]]:
     """Every registered model's production/staging aliases and newest live version, through the
     registry store's own session and workspace filter (the same rows ``probe`` reads model by model)."""
     import sqlalchemy as sa
@@ -435,8 +527,10 @@ def _sql_probe_all(store: Any) -> dict[str, tuple[dict[str, int], int]]:
     with store.ManagedSessionMaker() as session:
         for (name,) in store._get_query(session, SqlRegisteredModel).with_entities(SqlRegisteredModel.name):
             out[name] = ({}, 0)
-        aliases = store._get_query(session, SqlRegisteredModelAlias).filter(
-            SqlRegisteredModelAlias.alias.in_(("production", "staging"))).with_entities(
+        aliases = store._get_query(session, SqlRegisteredModelAlias)
+        if not all_aliases:
+            aliases = aliases.filter(SqlRegisteredModelAlias.alias.in_(("production", "staging")))
+        aliases = aliases.with_entities(
             SqlRegisteredModelAlias.name, SqlRegisteredModelAlias.alias, SqlRegisteredModelAlias.version)
         for name, alias, version in aliases:
             if name in out:

@@ -162,8 +162,15 @@ class Registry:
         return f"127.0.0.1:{self.port}"
 
     def seed(self, name: str, metrics_list: list[dict[str, float]], tags: dict[str, str] | None = None) -> list[int]:
-        """Registers one version per metrics dict (a finished run with those metrics)."""
-        return [self.store.create_version(name, m, tags) for m in metrics_list]  # type: ignore[attr-defined]
+        """Registers one version per metrics dict (a finished run with those metrics).
+
+        The versions are written straight to MLflow, as another writer would: the registry would
+        see them within its cache bound (test_read_model.py tests that bound). The read model is
+        told here instead, so that a test reading right after seeding reads what it seeded.
+        """
+        versions = [self.store.create_version(name, m, tags) for m in metrics_list]  # type: ignore[attr-defined]
+        self.server.service.invalidate(name)  # type: ignore[attr-defined]
+        return versions
 
 
 def realistic_metrics(i: int, seed: int = 0) -> dict[str, float]:

@@ -66,3 +66,52 @@ def test_probe_all_matches_probe_model_by_model(store_uri: str) -> None:
     assert batch["a_model"] == ({"production": 2, "staging": 3}, 3)
     assert batch["b_model"] == ({"production": 1}, 1)
     assert batch["empty_model"] == ({}, 0)
+
+
+def test_sql_model_load_matches_mlflowclient(store_uri: str) -> None:
+    """The read model's load and model list from MLflow's tables equal what MlflowClient reads."""
+    from mlflow.tracking import MlflowClient
+
+    from aqimodels.server.mlflow_store import MlflowModelStore
+
+    client = MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
+    exp = client.create_experiment("load")
+    client.create_registered_model("a_model", description="the first")
+    client.create_registered_model("b_model")
+    client.create_registered_model("empty_model")
+    client.register_prompt(name="a_prompt", template="Forecast {{city}}")  # a registered model MLflow hides
+    for name, count in (("a_model", 4), ("b_model", 2)):
+        for i in range(count):
+            run = client.create_run(exp).info.run_id
+            client.log_metric(run, "rmse", 20.0 + i)
+            client.set_terminated(run)
+            client.create_model_version(name, f"runs:/{run}/model", run_id=run, description=f"v{i + 1}",
+                                        tags={"job_id": f"job-{i}"})
+    client.set_model_version_tag("a_model", "2", "aqimodels.archived", "true")
+    client.set_registered_model_alias("a_model", "production", "3")
+    client.set_registered_model_alias("a_model", "champion", "3")
+    client.set_registered_model_alias("a_model", "staging", "4")
+    client.delete_model_version("a_model", "1")
+    client.delete_model_version("b_model", "2")
+
+    sql = MlflowModelStore(store_uri)
+    assert sql._sql_registry_store() is not None
+    rest_like = MlflowModelStore(store_uri)
+    rest_like._sql_registry_store = lambda: None  # type: ignore[method-assign] # the path REST stores take
+
+    assert sql.list_models() == rest_like.list_models()
+    assert [m.name for m in sql.list_models()] == ["a_model", "b_model", "empty_model"]
+    for name in ("a_model", "b_model", "empty_model"):
+        assert sql.load_model(name) == rest_like.load_model(name)
+    model, versions = sql.load_model("a_model")
+    assert model.aliases == {"production": 3, "champion": 3, "staging": 4} and model.latest_version == 4
+    assert [v.version for v in versions] == [4, 3, 2]
+    assert versions[1].aliases == ("champion", "production") and versions[1].metrics == {"rmse": 22.0}
+    assert versions[2].tags == {"job_id": "job-1", "aqimodels.archived": "true"}
+    import pytest
+
+    from aqimodels.client.errors import ModelNotFoundError
+
+    for store in (sql, rest_like):
+        with pytest.raises(ModelNotFoundError):
+            store.load_model("no_such_model")
