@@ -426,8 +426,12 @@ class JobManager:
 
     def _follow(self, job_ids: list[str], context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
         """Merges the events of several jobs (replayed, then live) until all have ended."""
-        merged: queue.Queue[tuple[str, pb.RetrainEvent | None]] = queue.Queue()
         stop = threading.Event()
+        if len(job_ids) == 1:  # one job: its events straight from its queue, without a merging thread
+            if context.add_callback(stop.set):  # False: the caller is already gone
+                yield from self._watch_iter(job_ids[0], 0, stop)
+            return
+        merged: queue.Queue[tuple[str, pb.RetrainEvent | None]] = queue.Queue()
         threads = []
         for job_id in job_ids:
             def pump(jid: str = job_id) -> None:

@@ -29,6 +29,11 @@ def main(host: str | None = None, port: int | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(json=config.log_json, level=config.log_level)
+    # The registry reads no data files. pandas 3 (imported by MLflow) loads pyarrow whenever it
+    # is installed, as the worker needs it: 67 MB of the registry's resident memory and part of
+    # its start-up. Marked absent here, pandas keeps its own string storage. The local worker is
+    # its own process and loads pyarrow as usual.
+    sys.modules.setdefault("pyarrow", None)  # type: ignore[assignment]
     from aqimodels.server.app import serve
     from aqimodels.server.jobs import jobs_factory
 

@@ -289,8 +289,8 @@ class MlflowModelStore:
                         self._run_metrics[run_id] = metrics
                 else:
                     live[run_id] = metrics
-        with self._metrics_lock:
-            return {r: dict(self._run_metrics.get(r, live.get(r, {}))) for r in wanted}
+        with self._metrics_lock:  # shared, not copied: versions keep them read-only (4 x 1,000: 5 MB)
+            return {r: self._run_metrics.get(r, live.get(r, {})) for r in wanted}
 
     def _searched_metrics(self, run_ids: list[str]) -> dict[str, tuple[str, dict[str, float]]]:
         """(status, latest metrics) of runs through search_runs, one get_run for those it misses."""
@@ -447,7 +447,8 @@ def _sql_latest_metrics(store: Any, run_ids: list[str]) -> dict[str, tuple[str, 
                              SqlLatestMetric.is_nan).filter(SqlLatestMetric.run_uuid.in_(run_ids))
         for run_uuid, key, value, is_nan in rows:
             if run_uuid in out:
-                out[run_uuid][1][key] = float("nan") if is_nan else float(value)
+                # one string object per metric name, not one per row: 108,000 rows at 4 x 1,000
+                out[run_uuid][1][sys.intern(key)] = float("nan") if is_nan else float(value)
     return out
 
 
