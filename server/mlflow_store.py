@@ -234,6 +234,12 @@ class MlflowModelStore:
         the registered model itself makes MLflow load every version to compute latest_versions:
         0.5 s at 10,000 versions.)
         """
+        store = self._sql_registry_store()
+        if store is not None:  # one session of three queries: 1-2 ms, against 18 ms for the client's three calls
+            found = self._call(lambda: _sql_probe_all(store, only=name), name=name).get(name)
+            if found is None:
+                raise ModelNotFoundError(f"model {name!r} is not registered")
+            return found
         aliases: dict[str, int] = {}
         for alias in ("production", "staging"):
             try:
@@ -513,7 +519,8 @@ def _sql_load_model(store: Any, name: str) -> tuple[RegisteredModel, list[tuple[
     return model, rows
 
 
-def _sql_probe_all(store: Any, all_aliases: bool = False) -> dict[str, tuple[dict[str, int], int]]:
+def _sql_probe_all(store: Any, all_aliases: bool = False,
+                   only: str | None = None) -> dict[str, tuple[dict[str, int], int]]:
     """Every registered model's production/staging aliases and newest live version, through the
     registry store's own session and workspace filter (the same rows ``probe`` reads model by model)."""
     import sqlalchemy as sa
@@ -526,20 +533,24 @@ def _sql_probe_all(store: Any, all_aliases: bool = False) -> dict[str, tuple[dic
 
     out: dict[str, tuple[dict[str, int], int]] = {}
     with store.ManagedSessionMaker() as session:
-        for (name,) in store._get_query(session, SqlRegisteredModel).with_entities(SqlRegisteredModel.name):
-            out[name] = ({}, 0)
+        models = store._get_query(session, SqlRegisteredModel)
         aliases = store._get_query(session, SqlRegisteredModelAlias)
+        newest = store._get_query(session, SqlModelVersion).filter(
+            SqlModelVersion.current_stage != STAGE_DELETED_INTERNAL)
+        if only is not None:  # one model (``probe``): the same three queries, on its rows only
+            models = models.filter(SqlRegisteredModel.name == only)
+            aliases = aliases.filter(SqlRegisteredModelAlias.name == only)
+            newest = newest.filter(SqlModelVersion.name == only)
+        for (name,) in models.with_entities(SqlRegisteredModel.name):
+            out[name] = ({}, 0)
         if not all_aliases:
             aliases = aliases.filter(SqlRegisteredModelAlias.alias.in_(("production", "staging")))
-        aliases = aliases.with_entities(
-            SqlRegisteredModelAlias.name, SqlRegisteredModelAlias.alias, SqlRegisteredModelAlias.version)
-        for name, alias, version in aliases:
+        for name, alias, version in aliases.with_entities(
+                SqlRegisteredModelAlias.name, SqlRegisteredModelAlias.alias, SqlRegisteredModelAlias.version):
             if name in out:
                 out[name][0][alias] = int(version)
-        newest = store._get_query(session, SqlModelVersion).filter(
-            SqlModelVersion.current_stage != STAGE_DELETED_INTERNAL).with_entities(
-            SqlModelVersion.name, sa.func.max(SqlModelVersion.version)).group_by(SqlModelVersion.name)
-        for name, number in newest:
+        for name, number in newest.with_entities(SqlModelVersion.name, sa.func.max(SqlModelVersion.version)).group_by(
+                SqlModelVersion.name):
             if name in out:
                 out[name] = (out[name][0], int(number))
     return out

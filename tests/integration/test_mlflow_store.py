@@ -62,7 +62,17 @@ def test_probe_all_matches_probe_model_by_model(store_uri: str) -> None:
     store = MlflowModelStore(store_uri)
     batch = store.probe_all()
     assert batch is not None
+    rest_like = MlflowModelStore(store_uri)
+    rest_like._sql_registry_store = lambda: None  # type: ignore[method-assign] # the path REST stores take
     assert batch == {name: store.probe(name) for name in ("a_model", "b_model", "empty_model")}
+    assert batch == {name: rest_like.probe(name) for name in ("a_model", "b_model", "empty_model")}
+    import pytest
+
+    from aqimodels.client.errors import ModelNotFoundError
+
+    for s in (store, rest_like):
+        with pytest.raises(ModelNotFoundError):
+            s.probe("no_such_model")
     assert batch["a_model"] == ({"production": 2, "staging": 3}, 3)
     assert batch["b_model"] == ({"production": 1}, 1)
     assert batch["empty_model"] == ({}, 0)
