@@ -143,3 +143,31 @@ def test_per_horizon_weights_follow_the_best_member_at_each_horizon() -> None:
     for h in range(2):
         best = min(np.mean((p[..., h] - y[..., h]) ** 2) for p in preds)
         assert np.mean((combined[..., h] - y[..., h]) ** 2) <= best + 1e-9
+
+
+def test_combining_is_kept_only_where_it_wins_out_of_sample() -> None:
+    """Two members with independent errors combine; a member whose small gain on the first half
+    of validation does not hold on the second half is dropped for the best single member."""
+    from aqimodels.training.trainers.ensemble import fit_horizon_weights
+
+    rng = np.random.default_rng(3)
+    y = rng.normal(50, 10, size=(400, 3, 2))
+    independent = np.stack([y + rng.normal(0, 2.0, y.shape), y + rng.normal(0, 2.0, y.shape)])
+    w = fit_horizon_weights(independent, y)
+    assert np.all(w.max(axis=0) < 0.8)  # a real gain: both members weigh at every horizon
+
+    shared = rng.normal(0, 6.0, y.shape)  # the error both members make (weather they cannot know)
+    steady = y + shared + rng.normal(0, 1.0, y.shape)
+    drifting = y + shared + rng.normal(0, 1.3, y.shape)  # a little worse, then much worse on later origins
+    drifting[200:] += rng.normal(0, 5.0, drifting[200:].shape)
+    w = fit_horizon_weights(np.stack([steady, drifting]), y)
+    np.testing.assert_array_equal(w, np.array([[1.0, 1.0], [0.0, 0.0]]))
+
+
+def test_a_short_validation_set_is_combined_in_sample() -> None:
+    from aqimodels.training.trainers.ensemble import HOLDOUT_MIN_ORIGINS, fit_horizon_weights
+
+    preds, y = _members(shape=(2 * HOLDOUT_MIN_ORIGINS - 1, 4, 2))
+    w = fit_horizon_weights(preds, y)
+    np.testing.assert_allclose(w, np.stack([fit_weights(preds[..., h:h + 1], y[..., h:h + 1]) for h in range(2)],
+                                           axis=1))

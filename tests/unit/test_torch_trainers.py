@@ -353,11 +353,11 @@ def test_haversine_known_distance() -> None:
     assert haversine_km(np.array([[0.0, 0.0], [0.0, 1.0]]))[0, 1] == pytest.approx(111.195, rel=1e-4)
 
 
-def test_gnn_trainer_builds_the_k3_graph(toy: FeatureSet) -> None:
+def test_gnn_trainer_joins_every_station_by_default(toy: FeatureSet) -> None:
     trainer = GNNTrainer()
     list(trainer.fit(toy, TrainConfig(max_epochs=1, hidden_size=8), threading.Event()))
     assert trainer.edge_index is not None and trainer.edge_weight is not None
-    # 4 stations, k=3: every station is connected to every other.
+    # 4 stations: every station is connected to every other.
     assert trainer.edge_index.shape == (2, 12)
     # Equal spacing on a line: weights are 1 (neighbours), 1/2 and 1/3.
     np.testing.assert_allclose(sorted(set(np.round(trainer.edge_weight, 4))), [0.3333, 0.5, 1.0], atol=1e-3)
@@ -367,6 +367,27 @@ def test_gnn_trainer_builds_the_k3_graph(toy: FeatureSet) -> None:
         )
     )
     assert trainer.edge_index.shape == (2, 6)
+
+
+@pytest.mark.parametrize("conv", ["gat", "gcn"])
+def test_gnn_layers_and_pickles_from_before_attention(conv: str) -> None:
+    edge_index, edge_weight = knn_graph(np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 3.0]]), k=2)
+    net = GNNNet(n_features=2, n_stations=3, horizon=4, edge_index=edge_index, edge_weight=edge_weight, conv=conv)
+    x = torch.randn(5, 6, 3, 2)
+    assert net(x).shape == (5, 3, 4)
+    if conv == "gcn":  # a model pickled before conv_kind existed was a GCN: it still predicts the same
+        old = pickle.loads(pickle.dumps(net))
+        del old.conv_kind
+        net.eval(), old.eval()
+        torch.testing.assert_close(old(x), net(x))
+
+
+def test_an_unknown_gnn_layer_is_invalid_argument() -> None:
+    from aqimodels.client.errors import InvalidArgumentError
+
+    edge_index, edge_weight = knn_graph(np.array([[0.0, 0.0], [0.0, 1.0]]), k=1)
+    with pytest.raises(InvalidArgumentError, match="conv must be gat or gcn"):
+        GNNNet(n_features=2, n_stations=2, horizon=4, edge_index=edge_index, edge_weight=edge_weight, conv="gin")
 
 
 def test_batched_graph_offsets_each_sample() -> None:
