@@ -1,8 +1,12 @@
-"""The MLflow adapter's two ways to read run metrics agree: SQL tables on a database, search_runs over REST."""
+"""The MLflow adapter's two read paths agree: MLflow's SQL tables on a database, MlflowClient over REST."""
 
 from __future__ import annotations
 
 import math
+
+import pytest
+
+from aqimodels.client.errors import ModelNotFoundError
 
 
 def test_sql_metrics_path_matches_search_runs(store_uri: str) -> None:
@@ -66,10 +70,6 @@ def test_probe_all_matches_probe_model_by_model(store_uri: str) -> None:
     rest_like._sql_registry_store = lambda: None  # type: ignore[method-assign] # the path REST stores take
     assert batch == {name: store.probe(name) for name in ("a_model", "b_model", "empty_model")}
     assert batch == {name: rest_like.probe(name) for name in ("a_model", "b_model", "empty_model")}
-    import pytest
-
-    from aqimodels.client.errors import ModelNotFoundError
-
     for s in (store, rest_like):
         with pytest.raises(ModelNotFoundError):
             s.probe("no_such_model")
@@ -118,10 +118,6 @@ def test_sql_model_load_matches_mlflowclient(store_uri: str) -> None:
     assert [v.version for v in versions] == [4, 3, 2]
     assert versions[1].aliases == ("champion", "production") and versions[1].metrics == {"rmse": 22.0}
     assert versions[2].tags == {"job_id": "job-1", "aqimodels.archived": "true"}
-    import pytest
-
-    from aqimodels.client.errors import ModelNotFoundError
-
     for store in (sql, rest_like):
         with pytest.raises(ModelNotFoundError):
             store.load_model("no_such_model")
