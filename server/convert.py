@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -129,23 +130,25 @@ def model_status_to_proto(view: ModelStatusView) -> pb.ModelStatus:
     return status
 
 
-def model_status_bytes(view: ModelStatusView) -> bytes:
-    """The model's status serialised; kept on its (immutable) snapshot while no job runs for it."""
+def model_status_field(view: ModelStatusView) -> bytes:
+    """The model's status as a ``models`` field (number 1) of GetStatusResponse, in wire format;
+    kept on its (immutable) snapshot while no job runs for the model."""
     if view.running_jobs:  # their progress moves: built each time
-        return model_status_to_proto(view).SerializeToString()
-    kept: tuple[bool, bytes] | None = view.snapshot.__dict__.get("_status_bytes")
+        return _field(1, model_status_to_proto(view).SerializeToString())
+    kept: tuple[bool, bytes] | None = view.snapshot.__dict__.get("_status_field")
     if kept is None or kept[0] != view.degraded:
-        kept = (view.degraded, model_status_to_proto(view).SerializeToString())
-        object.__setattr__(view.snapshot, "_status_bytes", kept)  # frozen dataclass: a cache, not a field
+        kept = (view.degraded, _field(1, model_status_to_proto(view).SerializeToString()))
+        object.__setattr__(view.snapshot, "_status_field", kept)  # frozen dataclass: a cache, not a field
     return kept[1]
 
 
 def status_wire(views: list[ModelStatusView], health: BackendHealth, workers: list[pb.WorkerStatus],
                 server_version: str) -> Wire:
     """A GetStatusResponse in wire format: every model's kept status, then the parts that move."""
-    rest = pb.GetStatusResponse(backend=backend_to_proto(health), workers=workers, server_version=server_version)
-    rest.time.GetCurrentTime()
-    return Wire(b"".join(_field(1, model_status_bytes(v)) for v in views) + rest.SerializeToString())
+    now = time.time_ns()
+    rest = pb.GetStatusResponse(backend=backend_to_proto(health), workers=workers, server_version=server_version,
+                                time=timestamp_pb2.Timestamp(seconds=now // 1_000_000_000, nanos=now % 1_000_000_000))
+    return Wire(b"".join([model_status_field(v) for v in views]) + rest.SerializeToString())
 
 
 def comparison_wire(c: Comparison) -> Wire:

@@ -370,6 +370,10 @@ class RegistryService:
         validate_name(name)
         if fresh:
             return self._load(name)
+        return self._snapshot(name)
+
+    def _snapshot(self, name: str) -> ModelSnapshot:
+        """``snapshot`` of a name already known valid (from the store's own model list)."""
         with self._cache_lock:
             snap = self._cache.snapshots.get(name)
         if snap is None:
@@ -480,7 +484,7 @@ class RegistryService:
         if not health.healthy:
             return [], health
         jobs = self._running_jobs()
-        views = [ModelStatusView(self.snapshot(m.name), jobs.get(m.name, []), m.name in self._degraded)
+        views = [ModelStatusView(self._snapshot(m.name), jobs.get(m.name, []), m.name in self._degraded)
                  for m in self._models()]
         return views, health
 
