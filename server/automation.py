@@ -132,24 +132,28 @@ class RetrainScheduler:
                                                  for m in self.config.retrain_models],
                                     dataset=wpb.DatasetSpec(spec=self.config.retrain_dataset))
         models = ",".join(self.config.retrain_models) or "all"
+        # Intent first, as every other change: the record exists before the jobs do.
+        audit_id = self.db.audit_begin(actor=caller.name, role=caller.role, action="ScheduledRetrain", model_name="",
+                                       version=0, before={}, request_id=caller.request_id,
+                                       message=f"schedule {self.expression!r}: retrain {models} at {stamp}")
         try:
             job_ids: list[str] = self.jobs.submit(request, caller)
         except AqiModelsError as exc:
-            self.db.audit_record(actor=caller.name, role=caller.role, action="ScheduledRetrain", model_name="",
-                                 version=0, before={}, after={"scheduled_time": stamp, "models": models},
-                                 outcome="skipped", request_id=caller.request_id,
+            self.db.audit_finish(audit_id, outcome="skipped", after={"scheduled_time": stamp, "models": models},
                                  message=f"scheduled retrain at {stamp} not started: {exc.message}"[:500])
             log.warning("scheduled_retrain_skipped", scheduled_time=stamp, reason=exc.message)
             return
+        except Exception as exc:
+            self.db.audit_finish(audit_id, outcome="failed", after={"scheduled_time": stamp, "models": models},
+                                 message=f"scheduled retrain at {stamp} failed: {exc}"[:500])
+            raise
         with self.db.begin() as conn:
             conn.execute(claims_table.update().where(
                 claims_table.c.schedule == RETRAIN_SCHEDULE, claims_table.c.scheduled_ms == _ms(due)).values(
                 job_ids=",".join(job_ids)))
-        self.db.audit_record(actor=caller.name, role=caller.role, action="ScheduledRetrain", model_name="",
-                             version=0, before={}, after={"scheduled_time": stamp, "models": models,
-                                                          "job_ids": job_ids,
-                                                          "auto_promote": self.config.auto_promotion},
-                             outcome="ok", request_id=caller.request_id,
+        self.db.audit_finish(audit_id, outcome="ok",
+                             after={"scheduled_time": stamp, "models": models, "job_ids": job_ids,
+                                    "auto_promote": self.config.auto_promotion},
                              message=f"schedule {self.expression!r}: started {', '.join(job_ids)}")
         log.info("scheduled_retrain_started", scheduled_time=stamp, job_ids=job_ids)
 

@@ -278,6 +278,8 @@ def test_schedule_fires_once_per_time_across_two_replicas(sqlite_uri: str) -> No
         assert sorted(len(s.won) for s in schedulers) == [0, 1] and sorted(len(s.lost) for s in schedulers) == [0, 1]
         jobs = a.client.list_jobs().jobs  # type: ignore[attr-defined]
         assert len(jobs) == 1 and jobs[0].model_name == XGB and jobs[0].requested_by == "scheduler"
+        # the record is written before the job (pending) and completed just after it
+        wait_until(lambda: [r.outcome for r in audit(a, "ScheduledRetrain")] == ["ok"], what="the 00:01 record")
         runs = audit(a, "ScheduledRetrain")
         assert len(runs) == 1 and runs[0].outcome == "ok" and runs[0].actor == "scheduler"
         assert runs[0].after["scheduled_time"] == "2031-01-01T00:01Z" and runs[0].after["auto_promote"] is True
@@ -294,7 +296,8 @@ def test_schedule_fires_once_per_time_across_two_replicas(sqlite_uri: str) -> No
         assert sum(len(s.won) for s in schedulers) == 2
         wait_until(lambda: len(a.client.list_jobs().jobs) == 2, what="the second job")  # type: ignore[attr-defined]
         # the claim's audit record is completed just after its job is submitted
-        wait_until(lambda: len(audit(a, "ScheduledRetrain")) == 2, what="the 00:02 audit record")
+        wait_until(lambda: [r.outcome for r in audit(a, "ScheduledRetrain")] == ["ok", "ok"],
+                   what="the 00:02 audit record")
         assert [r.after["scheduled_time"] for r in audit(a, "ScheduledRetrain")] == ["2031-01-01T00:02Z",
                                                                                    "2031-01-01T00:01Z"]
         with a.server.service.db.engine.connect() as conn:  # type: ignore[attr-defined]
@@ -302,6 +305,22 @@ def test_schedule_fires_once_per_time_across_two_replicas(sqlite_uri: str) -> No
         assert len(claims) == 2 and all(job_ids for _, job_ids in claims)
     finally:
         stop(a, b)
+
+
+def test_a_scheduled_retrain_that_cannot_start_is_audited_as_skipped(sqlite_uri: str) -> None:
+    clock = FakeClock(datetime(2031, 1, 1, 0, 0, 30, tzinfo=UTC))
+    reg = start(sqlite_uri, clock, jobs_factory=jobs_factory, retrain_schedule="* * * * *",
+                retrain_models=("xgboost",), retrain_dataset="x" * 5000, monitor_poll_seconds=0.05)
+    try:
+        clock.set(datetime(2031, 1, 1, 0, 1, 5, tzinfo=UTC))
+        wait_until(lambda: [r.outcome for r in audit(reg, "ScheduledRetrain")] == ["skipped"],
+                   what="the skipped run's record")
+        record = audit(reg, "ScheduledRetrain")[0]
+        assert "dataset.spec is longer than 4096 characters" in record.message
+        assert record.after["scheduled_time"] == "2031-01-01T00:01Z"
+        assert reg.client.list_jobs().jobs == []  # type: ignore[attr-defined]
+    finally:
+        stop(reg)
 
 
 # ---- retention ----
