@@ -459,8 +459,11 @@ def test_ctrl_c_while_following_detaches_and_tells_how_to_watch_again(
     for e in scripted.events["job1-slow"]:
         e.job_id = "job1-slow"
     scripted.jobs["job1-slow"] = scripted.jobs["job1"]
+    # SIGINT back to its default in the child: a suite started in the background by a shell
+    # without job control inherits SIGINT ignored, and Python then installs no Ctrl-C handler.
     proc = subprocess.Popen([str(AQIMODELS), "jobs", "watch", "job1-slow"], env=_subprocess_env(reg.target),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the first event line: the stream is live
     assert "job1-slow" in line
