@@ -93,6 +93,10 @@ def closed_loop(call: Callable[[], Any], concurrency: int, seconds: float, max_c
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    return _load_result(latencies, errors, wall)
+
+
+def _load_result(latencies: list[float], errors: list[str], wall: float) -> dict[str, Any]:
     return {"latencies": latencies, "wall": wall, "per_second": len(latencies) / wall if wall else 0.0,
             "errors": errors, "p50_ms": pct(latencies, 0.5) * 1000, "p99_ms": pct(latencies, 0.99) * 1000}
 
@@ -142,8 +146,7 @@ class AioLoad:
         start = time.perf_counter()
         await self._asyncio.gather(*(loop() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-        return {"latencies": latencies, "wall": wall, "per_second": len(latencies) / wall if wall else 0.0,
-                "errors": errors, "p50_ms": pct(latencies, 0.5) * 1000, "p99_ms": pct(latencies, 0.99) * 1000}
+        return _load_result(latencies, errors, wall)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -59,25 +59,36 @@ class GrpcOps:
         self.aio_stub = registry_pb2_grpc.ModelRegistryStub(self.aio_channel)
         self.aio_health = health_pb2_grpc.HealthStub(self.aio_channel)
 
+    def _rpc(self, op: str, *args: Any) -> tuple[str, str, Any, float]:
+        """(service, method, request, timeout) of ``op``: the same request from either channel."""
+        pb = self.pb
+        if op == "noop":
+            return "health", "Check", self._check, 30
+        if op == "status":
+            return "registry", "GetStatus", self._status, 60
+        if op == "list_page":
+            return "registry", "ListModelVersions", pb.ListModelVersionsRequest(
+                name=args[0], page_size=PAGE, page_token=args[1] if len(args) > 1 else ""), 60
+        if op == "compare":
+            return "registry", "CompareModelVersions", pb.CompareModelVersionsRequest(name=args[0], metric=METRIC), 60
+        raise ValueError(f"unknown operation {op!r}")
+
+    def _send(self, op: str, *args: Any, timeout: float | None = None) -> Any:
+        service, method, request, default = self._rpc(op, *args)
+        stub = self.health if service == "health" else self.stub
+        return getattr(stub, method)(request, timeout=timeout or default)
+
     def measured(self, op: str, *args: Any) -> Aio:
         """``op`` (noop, status, list_page, compare) as measured under load: from the event loop."""
-        pb = self.pb
-        calls: dict[str, Callable[[], Any]] = {
-            "noop": lambda: self.aio_health.Check(self._check, timeout=30),
-            "status": lambda: self.aio_stub.GetStatus(self._status, timeout=60),
-            "list_page": lambda: self.aio_stub.ListModelVersions(pb.ListModelVersionsRequest(
-                name=args[0], page_size=PAGE, page_token=args[1] if len(args) > 1 else ""), timeout=60),
-            "compare": lambda: self.aio_stub.CompareModelVersions(
-                pb.CompareModelVersionsRequest(name=args[0], metric=METRIC), timeout=60),
-        }
-        sync: Callable[..., Any] = getattr(self, op)
-        return Aio(self.load, calls[op], lambda: sync(*args))
+        service, method, request, timeout = self._rpc(op, *args)
+        send = getattr(self.aio_health if service == "health" else self.aio_stub, method)
+        return Aio(self.load, lambda: send(request, timeout=timeout), lambda: self._send(op, *args))
 
     def noop(self) -> Any:
-        return self.health.Check(self._check, timeout=30)
+        return self._send("noop")
 
     def status(self, timeout: float = 60) -> Any:
-        return self.stub.GetStatus(self._status, timeout=timeout)
+        return self._send("status", timeout=timeout)
 
     def cold_status(self) -> float:
         """Seconds of the first GetStatus after start (the read model loads every model)."""
@@ -86,8 +97,7 @@ class GrpcOps:
         return time.perf_counter() - t0
 
     def list_page(self, name: str, token: str = "") -> Any:
-        return self.stub.ListModelVersions(self.pb.ListModelVersionsRequest(name=name, page_size=PAGE,
-                                                                            page_token=token), timeout=60)
+        return self._send("list_page", name, token)
 
     def last_token(self, name: str) -> str:
         """The token of the last page (tokens are reusable)."""
@@ -99,8 +109,7 @@ class GrpcOps:
             token = nxt
 
     def compare(self, name: str) -> Any:
-        return self.stub.CompareModelVersions(self.pb.CompareModelVersionsRequest(name=name, metric=METRIC),
-                                              timeout=60)
+        return self._send("compare", name)
 
     def promote(self, name: str, version: int) -> Any:
         return self.stub.PromoteModelVersion(

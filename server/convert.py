@@ -133,13 +133,13 @@ def model_status_to_proto(view: ModelStatusView) -> pb.ModelStatus:
 def model_status_field(view: ModelStatusView) -> bytes:
     """The model's status as a ``models`` field (number 1) of GetStatusResponse, in wire format;
     kept on its (immutable) snapshot while no job runs for the model."""
-    if view.running_jobs:  # their progress moves: built each time
-        return _field(1, model_status_to_proto(view).SerializeToString())
     kept: tuple[bool, bytes] | None = view.snapshot.__dict__.get("_status_field")
-    if kept is None or kept[0] != view.degraded:
-        kept = (view.degraded, _field(1, model_status_to_proto(view).SerializeToString()))
-        object.__setattr__(view.snapshot, "_status_field", kept)  # frozen dataclass: a cache, not a field
-    return kept[1]
+    if kept is not None and kept[0] == view.degraded and not view.running_jobs:
+        return kept[1]
+    data = _field(1, model_status_to_proto(view).SerializeToString())
+    if not view.running_jobs:  # their progress moves: built each time while jobs run
+        object.__setattr__(view.snapshot, "_status_field", (view.degraded, data))  # frozen: a cache, not a field
+    return data
 
 
 def status_wire(views: list[ModelStatusView], health: BackendHealth, workers: list[pb.WorkerStatus],

@@ -426,11 +426,10 @@ class JobManager:
 
     def _follow(self, job_ids: list[str], context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
         """Merges the events of several jobs (replayed, then live) until all have ended."""
-        stop = threading.Event()
         if len(job_ids) == 1:  # one job: its events straight from its queue, without a merging thread
-            if context.add_callback(stop.set):  # False: the caller is already gone
-                yield from self._watch_iter(job_ids[0], 0, stop)
+            yield from self._stream(job_ids[0], 0, context)
             return
+        stop = threading.Event()
         merged: queue.Queue[tuple[str, pb.RetrainEvent | None]] = queue.Queue()
         threads = []
         for job_id in job_ids:
@@ -501,10 +500,13 @@ class JobManager:
         if after < 0:
             raise InvalidArgumentError("after_sequence must not be negative", field="after_sequence")
         self._load(job_id)  # NOT_FOUND before the stream starts
+        yield from self._stream(job_id, after, context)
+
+    def _stream(self, job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
+        """One job's events after ``after``, until it ends or the caller goes away."""
         stop = threading.Event()
-        if not context.add_callback(stop.set):  # False: the caller is already gone
-            return
-        yield from self._watch_iter(job_id, after, stop)
+        if context.add_callback(stop.set):  # False: the caller is already gone
+            yield from self._watch_iter(job_id, after, stop)
 
     def get(self, job_id: str) -> pb.RetrainJob:
         return self._with_position(self._load(job_id))

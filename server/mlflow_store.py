@@ -186,9 +186,7 @@ class MlflowModelStore:
         ``model``: the model as just read (its aliases), to save reading it again.
         """
         model = model if model is not None else self.get_model(name)
-        by_version: dict[int, list[str]] = {}
-        for alias, v in model.aliases.items():
-            by_version.setdefault(v, []).append(alias)
+        by_version = _aliases_by_version(model.aliases)
         raw: list[Any] = []
         token: str | None = None
         escaped = name.replace("'", "\\'")
@@ -201,8 +199,7 @@ class MlflowModelStore:
             if not token:
                 break
         metrics = self.run_metrics([mv.run_id for mv in raw if mv.run_id])
-        return [_version(mv, tuple(sorted(by_version.get(int(mv.version), ()))), metrics.get(mv.run_id, {}))
-                for mv in raw]
+        return [_version(mv, by_version.get(int(mv.version), ()), metrics.get(mv.run_id, {})) for mv in raw]
 
     def load_model(self, name: str) -> tuple[RegisteredModel, list[ModelVersion]]:
         """The model and all its versions with aliases, tags and run metrics, newest first.
@@ -273,9 +270,8 @@ class MlflowModelStore:
     def get_version(self, name: str, version: int) -> ModelVersion:
         model = self.get_model(name)
         mv = self._call(lambda: self._client.get_model_version(name, str(version)), name=name, version=version)
-        aliases = tuple(sorted(a for a, v in model.aliases.items() if v == version))
         metrics = self.run_metrics([mv.run_id] if mv.run_id else [])
-        return _version(mv, aliases, metrics.get(mv.run_id, {}))
+        return _version(mv, _aliases_by_version(model.aliases).get(version, ()), metrics.get(mv.run_id, {}))
 
     def run_metrics(self, run_ids: Iterable[str]) -> dict[str, dict[str, float]]:
         """Latest metric values by run id; finished runs are cached for good."""
@@ -405,6 +401,14 @@ def _model(m: Any) -> RegisteredModel:
     )
 
 
+def _aliases_by_version(aliases: dict[str, int]) -> dict[int, tuple[str, ...]]:
+    """A model's aliases grouped by the version they point at, each group sorted."""
+    grouped: dict[int, list[str]] = {}
+    for alias, version in aliases.items():
+        grouped.setdefault(int(version), []).append(alias)
+    return {version: tuple(sorted(names)) for version, names in grouped.items()}
+
+
 def _version(mv: Any, aliases: tuple[str, ...], metrics: dict[str, float]) -> ModelVersion:
     return ModelVersion(
         name=mv.name,
@@ -507,11 +511,9 @@ def _sql_load_model(store: Any, name: str) -> tuple[RegisteredModel, list[tuple[
             SqlModelVersion.version, SqlModelVersion.run_id, SqlModelVersion.source, SqlModelVersion.creation_time,
             SqlModelVersion.last_updated_time, SqlModelVersion.description).order_by(
             SqlModelVersion.version.desc()).all()
-    by_version: dict[int, list[str]] = {}
-    for alias, v in aliases.items():
-        by_version.setdefault(v, []).append(alias)
+    by_version = _aliases_by_version(aliases)
     rows = [(int(number), run_id, source, created, updated, description,
-             tuple(sorted(by_version.get(int(number), ()))), tags.get(int(number), {}))
+             by_version.get(int(number), ()), tags.get(int(number), {}))
             for number, run_id, source, created, updated, description in versions]
     model = RegisteredModel(name=name, description=row[0] or "", create_time_ms=int(row[1] or 0),
                             update_time_ms=int(row[2] or 0), aliases=aliases,

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
 from aqimodels.client.errors import ModelNotFoundError
+
+
+def _registry_through_client(store_uri: str) -> Any:
+    """The adapter reading the registry through MlflowClient, as it does over REST."""
+    from aqimodels.server.mlflow_store import MlflowModelStore
+
+    store = MlflowModelStore(store_uri)
+    store._sql_registry_store = lambda: None  # type: ignore[method-assign]
+    return store
 
 
 def test_sql_metrics_path_matches_search_runs(store_uri: str) -> None:
@@ -66,8 +76,7 @@ def test_probe_all_matches_probe_model_by_model(store_uri: str) -> None:
     store = MlflowModelStore(store_uri)
     batch = store.probe_all()
     assert batch is not None
-    rest_like = MlflowModelStore(store_uri)
-    rest_like._sql_registry_store = lambda: None  # type: ignore[method-assign] # the path REST stores take
+    rest_like = _registry_through_client(store_uri)
     assert batch == {name: store.probe(name) for name in ("a_model", "b_model", "empty_model")}
     assert batch == {name: rest_like.probe(name) for name in ("a_model", "b_model", "empty_model")}
     for s in (store, rest_like):
@@ -106,8 +115,7 @@ def test_sql_model_load_matches_mlflowclient(store_uri: str) -> None:
 
     sql = MlflowModelStore(store_uri)
     assert sql._sql_registry_store() is not None
-    rest_like = MlflowModelStore(store_uri)
-    rest_like._sql_registry_store = lambda: None  # type: ignore[method-assign] # the path REST stores take
+    rest_like = _registry_through_client(store_uri)
 
     assert sql.list_models() == rest_like.list_models()
     assert [m.name for m in sql.list_models()] == ["a_model", "b_model", "empty_model"]

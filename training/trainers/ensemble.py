@@ -96,7 +96,7 @@ def fit_weights(member_preds: np.ndarray, y: np.ndarray) -> np.ndarray:
         raw, _ = optimize.nnls(a, b)
         weights = raw / raw.sum() if raw.sum() > 0 else equal
         # Normalising NNLS is not the simplex optimum: keep the guarantee by checking the vertices.
-        member_mse = np.mean((a - b[:, None]) ** 2, axis=0)
+        member_mse = _column_mse(a, b)
         best_member = int(np.argmin(member_mse))
         if member_mse[best_member] < float(np.mean((a @ weights - b) ** 2)):
             weights = np.eye(m)[best_member]
@@ -133,20 +133,21 @@ def fit_horizon_weights(member_preds: np.ndarray, y: np.ndarray) -> np.ndarray:
     out = []
     for h in range(preds.shape[-1]):
         p_h, y_h = preds[..., h:h + 1], target[..., h:h + 1]
-        weights = fit_weights(p_h, y_h)
         if preds.shape[0] > 1 and half >= HOLDOUT_MIN_ORIGINS and not _pays_out_of_sample(p_h, y_h, half):
-            weights = np.eye(preds.shape[0])[_best_member(p_h, y_h)]
-        out.append(weights)
+            out.append(np.eye(preds.shape[0])[_best_member(p_h, y_h)])
+        else:
+            out.append(fit_weights(p_h, y_h))
     return np.stack(out, axis=1)
 
 
-def _member_mse(member_preds: np.ndarray, y: np.ndarray) -> np.ndarray:
-    a, b = _masked_design(member_preds, y)
-    return np.mean((a - b[:, None]) ** 2, axis=0) if b.size else np.full(a.shape[1], np.inf)
+def _column_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Each member's (column's) mean squared error against ``b``."""
+    return np.mean((a - b[:, None]) ** 2, axis=0)
 
 
 def _best_member(member_preds: np.ndarray, y: np.ndarray) -> int:
-    return int(np.argmin(_member_mse(member_preds, y)))
+    a, b = _masked_design(member_preds, y)
+    return int(np.argmin(_column_mse(a, b))) if b.size else 0
 
 
 def _pays_out_of_sample(member_preds: np.ndarray, y: np.ndarray, half: int) -> bool:
@@ -158,7 +159,7 @@ def _pays_out_of_sample(member_preds: np.ndarray, y: np.ndarray, half: int) -> b
     if b.size == 0:
         return True
     combined = float(np.mean((a @ weights - b) ** 2))
-    single = float(np.mean((a[:, _best_member(first_p, first_y)] - b) ** 2))
+    single = float(_column_mse(a, b)[_best_member(first_p, first_y)])
     return combined < single
 
 
