@@ -204,8 +204,12 @@ def tree_rss_mb(pid: int) -> tuple[float, int]:
     return total / 2**20, n
 
 
-def wait_grpc_serving(target: str, timeout: float = 120, proc: subprocess.Popen[Any] | None = None) -> float:
-    """Polls the gRPC health Check until SERVING; returns the time it took."""
+REGISTRY_SERVICE = "aqimodels.api.registry.v1.ModelRegistry"
+
+
+def wait_grpc_serving(target: str, timeout: float = 120, proc: subprocess.Popen[Any] | None = None,
+                      service: str = "") -> float:
+    """Polls the gRPC health Check of ``service`` ("" = the process) until SERVING; returns the time it took."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -222,7 +226,7 @@ def wait_grpc_serving(target: str, timeout: float = 120, proc: subprocess.Popen[
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"process exited with {proc.returncode} before SERVING")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == \
+                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=0.5).status == \
                         health_pb2.HealthCheckResponse.SERVING:
                     return time.perf_counter() - start
             except grpc.RpcError:
@@ -251,17 +255,18 @@ def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen[Any] | None
 
 
 def start_registry(uri: str, folder: Path, workers: str = "none", **env: str) -> tuple[subprocess.Popen[Any], str, float]:
-    """``aqimodels serve`` on an ephemeral port (its own process); returns it, target, seconds to SERVING."""
+    """``aqimodels serve`` on an ephemeral port (its own process); returns it, target, seconds to
+    SERVING of the registry's own service name (readiness: the read model is warm)."""
     port = free_port()
     log = open(folder / f"registry-{port}.log", "w")  # noqa: SIM115 - closed with the process
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(BIN / "aqimodels"), "serve"], cwd=folder, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True,
-                            env=base_env(MLFLOW_TRACKING_URI=uri, AQIMODELS_PORT=str(port), AQIMODELS_HOST="127.0.0.1",
-                                         AQIMODELS_WORKERS=workers, AQIMODELS_LOG_FORMAT="json",
-                                         AQIMODELS_LOG_LEVEL="warning", **env))
+                            env=base_env(**{"MLFLOW_TRACKING_URI": uri, "AQIMODELS_PORT": str(port),
+                                            "AQIMODELS_HOST": "127.0.0.1", "AQIMODELS_WORKERS": workers,
+                                            "AQIMODELS_LOG_FORMAT": "json", "AQIMODELS_LOG_LEVEL": "warning", **env}))
     target = f"127.0.0.1:{port}"
-    wait_grpc_serving(target, 180, proc)
+    wait_grpc_serving(target, 180, proc, REGISTRY_SERVICE)
     return proc, target, time.perf_counter() - t0
 
 

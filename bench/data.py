@@ -1,4 +1,5 @@
-"""Builds benchmark registries: 4 models x N versions with realistic finished runs and metrics.
+"""Builds benchmark registries: M models (4 by default, up to hundreds) x N versions with
+realistic finished runs and metrics.
 
 MLflow's schema is created by MLflow itself (a migrated SQLite file), then the rows are written
 with plain SQL inserts in one transaction: about three orders of magnitude faster than the
@@ -21,6 +22,17 @@ from typing import Any
 
 MODELS = ("aqi_predictor_xgboost", "aqi_predictor_lstm", "aqi_predictor_gnn", "aqi_predictor_ensemble")
 EXPERIMENT = "aqi-predictor"
+POLLUTANTS = ("pm25", "pm10", "no2", "o3", "so2", "co")
+KINDS = ("xgboost", "lstm", "gnn", "ensemble")
+
+
+def model_names(count: int = 4) -> tuple[str, ...]:
+    """The four benchmark models, or ``count`` models named as a platform team would host them:
+    one per pollutant, region and model type (``aqi_pm25_r007_lstm``)."""
+    if count == len(MODELS):
+        return MODELS
+    names = [f"aqi_{p}_r{r:03d}_{k}" for r in range(1000) for p in POLLUTANTS for k in KINDS]
+    return tuple(sorted(names[:count]))
 
 _MIGRATE = (
     "import sys; from mlflow.tracking import MlflowClient; c = MlflowClient(tracking_uri=sys.argv[1]); "
@@ -53,8 +65,8 @@ def realistic_metrics(rng: random.Random) -> dict[str, float]:
     return out
 
 
-def build_sql(path: Path, versions_per_model: int, folder: Path, seed: int = 7) -> dict[str, Any]:
-    """Copies the template to ``path`` and inserts 4 x ``versions_per_model`` versions; returns timings."""
+def build_sql(path: Path, versions_per_model: int, folder: Path, seed: int = 7, models: int = 4) -> dict[str, Any]:
+    """Copies the template to ``path`` and inserts ``models`` x ``versions_per_model`` versions; returns timings."""
     template = migrated_template(folder)
     shutil.copy(template, path)
     rng = random.Random(seed)
@@ -64,11 +76,12 @@ def build_sql(path: Path, versions_per_model: int, folder: Path, seed: int = 7) 
     con.execute("PRAGMA journal_mode=MEMORY")
     exp_id = con.execute("SELECT experiment_id FROM experiments WHERE name=?", (EXPERIMENT,)).fetchone()[0]
     art = con.execute("SELECT artifact_location FROM experiments WHERE experiment_id=?", (exp_id,)).fetchone()[0]
-    runs, metrics, latest, params, tags, mvs, mv_tags, aliases, models = [], [], [], [], [], [], [], [], []
-    now = int(time.time() * 1000) - versions_per_model * 4 * 60_000
-    for name in MODELS:
+    runs, metrics, latest, params, tags, mvs, mv_tags, aliases, model_rows = [], [], [], [], [], [], [], [], []
+    names = model_names(models)
+    now = int(time.time() * 1000) - versions_per_model * len(names) * 60_000
+    for name in names:
         kind = name.rsplit("_", 1)[1]
-        models.append((name, now, now, f"PM2.5 forecaster ({kind})", "default"))
+        model_rows.append((name, now, now, f"PM2.5 forecaster ({kind})", "default"))
         production = max(1, versions_per_model - 5)
         staging = versions_per_model
         for v in range(1, versions_per_model + 1):
@@ -107,7 +120,7 @@ def build_sql(path: Path, versions_per_model: int, folder: Path, seed: int = 7) 
         con.executemany('INSERT INTO params ("key", value, run_uuid) VALUES (?,?,?)', params)
         con.executemany('INSERT INTO tags ("key", value, run_uuid) VALUES (?,?,?)', tags)
         con.executemany("INSERT INTO registered_models (name, creation_time, last_updated_time, description, workspace)"
-                        " VALUES (?,?,?,?,?)", models)
+                        " VALUES (?,?,?,?,?)", model_rows)
         con.executemany("INSERT INTO model_versions (name, version, creation_time, last_updated_time, description,"
                         " user_id, current_stage, source, run_id, status, status_message, run_link, storage_location,"
                         " workspace) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", mvs)
@@ -118,17 +131,20 @@ def build_sql(path: Path, versions_per_model: int, folder: Path, seed: int = 7) 
     con.execute("ANALYZE")
     con.close()
     seconds = time.perf_counter() - t0
-    n = versions_per_model * len(MODELS)
-    return {"versions": n, "seconds": seconds, "versions_per_second": n / seconds, "metric_rows": len(metrics),
+    n = versions_per_model * len(names)
+    return {"models": len(names), "versions": n, "seconds": seconds, "versions_per_second": n / seconds,
+            "metric_rows": len(metrics),
             "path": str(path)}
 
 
-def verify(uri: str, versions_per_model: int) -> None:
-    """Reads the built store back through MlflowClient (aliases, versions, run metrics)."""
+def verify(uri: str, versions_per_model: int, models: int = 4) -> None:
+    """Reads the built store back through MlflowClient (aliases, versions, run metrics; at most
+    eight models of a large registry, first and last by name among them)."""
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(tracking_uri=uri)
-    for name in MODELS:
+    names = model_names(models)
+    for name in (names if len(names) <= 8 else names[:4] + names[-4:]):
         prod = c.get_model_version_by_alias(name, "production")
         run = c.get_run(prod.run_id)
         assert "rmse_h24" in run.data.metrics and run.info.status == "FINISHED", name

@@ -196,12 +196,19 @@ def worker(
 # ---- read commands ----
 
 @app.command()
-def health(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Print SERVING or NOT_SERVING; exit 0 only when SERVING (a container HEALTHCHECK)."""
+def health(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Option(
+        help="The service to ask about: empty for the process (liveness), "
+             "aqimodels.api.registry.v1.ModelRegistry for the registry's readiness (SERVING once its "
+             "read model is warm).")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Print SERVING or NOT_SERVING; exit 0 only when SERVING (a container HEALTHCHECK, a k8s probe)."""
     with _registry(ctx) as client:
-        state = client.health(timeout=min(_settings(ctx).timeout, 10.0))
+        state = client.health(service, timeout=min(_settings(ctx).timeout, 10.0))
     if as_json:
-        _print_json({"target": _settings(ctx).target, "status": state})
+        _print_json({"target": _settings(ctx).target, "service": service, "status": state})
     else:
         sys.stdout.write(state + "\n")
     if state != "SERVING":
@@ -209,10 +216,16 @@ def health(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def status(
+    ctx: typer.Context,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only this model (repeatable).",
+                                                    show_default=False)] = None,
+    prefix: Annotated[str, typer.Option(help="Only models whose name starts with this.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
     """Every model's production, staging and latest versions, jobs, backend and workers."""
     with _registry(ctx) as client:
-        resp = client.status()
+        resp = client.status(names=model or (), name_prefix=prefix)
     if as_json:
         _print_json(resp)
         return

@@ -174,8 +174,18 @@ class RegistryClient:
 
     # ---- status and listing ----
 
-    def status(self) -> pb.GetStatusResponse:
-        return self._unary(self._stub.GetStatus, pb.GetStatusRequest())
+    def status(self, *, page_size: int = 0, page_token: str = "", names: Sequence[str] = (),
+               name_prefix: str = "") -> pb.GetStatusResponse:
+        """The registry's status: every model (default), or one page of ``page_size`` models of
+        those in ``names`` / starting with ``name_prefix``; backend, workers and server version."""
+        return self._unary(self._stub.GetStatus, pb.GetStatusRequest(
+            page_size=page_size, page_token=page_token, names=list(names), name_prefix=name_prefix))
+
+    def iter_status(self, *, names: Sequence[str] = (), name_prefix: str = "",
+                    page_size: int = 100) -> Iterator[pb.ModelStatus]:
+        """Every matching model's status, a page at a time."""
+        return self._pages(lambda t: self.status(page_size=page_size, page_token=t, names=names,
+                                                 name_prefix=name_prefix), "models")
 
     def list_models(self, page_size: int = 0, page_token: str = "") -> pb.ListModelsResponse:
         return self._unary(self._stub.ListModels, pb.ListModelsRequest(page_size=page_size, page_token=page_token))

@@ -5,8 +5,10 @@ The MLflow adapter builds them; the converters turn them into protobuf messages.
 
 from __future__ import annotations
 
+import array
 import enum
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 PRODUCTION_ALIAS = "production"
@@ -48,8 +50,66 @@ def is_better(metric: str, candidate: float, reference: float, margin: float = 0
     return candidate < reference - abs(reference) * margin
 
 
-@dataclass(frozen=True)
+class MetricValues(Mapping[str, float]):
+    """A run's metrics, read-only: the names shared by every run with the same metric set, the
+    values in one array of doubles.
+
+    The read model holds one per version: as a dict of 27 metrics that was 1.5 KB (dict and float
+    objects), most of a version's memory; this is about 400 bytes (bench/NOTES.md).
+    """
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict[str, int], values: array.array) -> None:  # type: ignore[type-arg]
+        self._index = index
+        self._values = values
+
+    def __getitem__(self, key: str) -> float:
+        return self._values[self._index[key]]  # type: ignore[no-any-return]
+
+    def get(self, key: str, default: float | None = None) -> float | None:  # type: ignore[override]
+        i = self._index.get(key)
+        return default if i is None else self._values[i]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def items(self) -> Iterator[tuple[str, float]]:  # type: ignore[override]
+        return zip(self._index, self._values)
+
+    def __repr__(self) -> str:
+        return f"MetricValues({dict(self.items())!r})"
+
+
+_SCHEMAS: dict[tuple[str, ...], dict[str, int]] = {}
+_MAX_SCHEMAS = 10_000
+
+
+def metric_values(names: Sequence[str], values: Sequence[float]) -> MetricValues:
+    """MetricValues of ``names`` (unique) and their ``values``; the name index is shared by every
+    call with the same names in the same order (up to 10,000 distinct sets)."""
+    key = tuple(names)
+    index = _SCHEMAS.get(key)
+    if index is None:
+        index = {n: i for i, n in enumerate(key)}
+        if len(index) != len(key):  # a repeated name: the last value wins, as in a dict
+            merged = dict(zip(key, values))
+            return metric_values(list(merged), list(merged.values()))
+        if len(_SCHEMAS) < _MAX_SCHEMAS:
+            _SCHEMAS[key] = index
+    return MetricValues(index, array.array("d", values))
+
+
+@dataclass(frozen=True, slots=True)
 class ModelVersion:
+    """One version as the read model holds it (slots: a version is about 1 KB in all, bench/NOTES.md)."""
+
     name: str
     version: int
     run_id: str
@@ -58,7 +118,7 @@ class ModelVersion:
     update_time_ms: int
     aliases: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
 
     @property

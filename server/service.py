@@ -22,7 +22,9 @@ import math
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -31,6 +33,7 @@ import structlog
 from aqimodels.client.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
+    ModelNotFoundError,
     StaleVersionError,
     VersionNotFoundError,
 )
@@ -50,7 +53,7 @@ from aqimodels.server.domain import (
     Stage,
     higher_is_better,
 )
-from aqimodels.server.paging import SortedIndex, decode_token, encode_token, page_size, paginate
+from aqimodels.server.paging import MAX_PAGE_SIZE, SortedIndex, decode_token, encode_token, page_size, paginate
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +73,7 @@ class ModelStore(Protocol):
     def load_model(self, name: str) -> tuple[RegisteredModel, list[ModelVersion]]: ...
     def probe(self, name: str) -> tuple[dict[str, int], int]: ...
     def probe_all(self) -> dict[str, tuple[dict[str, int], int]] | None: ...
+    def load_concurrency(self) -> int: ...
     def set_alias(self, name: str, alias: str, version: int) -> None: ...
     def delete_alias(self, name: str, alias: str) -> None: ...
     def set_tag(self, name: str, version: int, key: str, value: str) -> None: ...
@@ -263,17 +267,25 @@ class RegistryService:
         self._degraded: set[str] = set()
         self._health: tuple[float, BackendHealth] | None = None
         self._load_cost: dict[str, float] = {}  # seconds of the last full load, per model ("" = model list)
+        self._load_total = 0.0  # their sum
         self._loading: dict[str, threading.Lock] = {}  # one load per model at a time (see _load)
         self._stop_refresh = threading.Event()
         self._refresher: threading.Thread | None = None
         # Write generations: a load that overlapped a write (or an invalidation) is not cached.
         self._gen: dict[str, int] = {}
         self._gen_all = 0
+        # Warm: every model the store listed is loaded (readiness waits for it; see warm_up).
+        self._warm = False
+        self._warm_listeners: list[Callable[[bool], None]] = []
 
     # ---- read model ----
 
     def invalidate(self, name: str | None = None) -> None:
-        """Drops cached state (one model, or everything) after a write."""
+        """Drops cached state (one model, or everything) after a write.
+
+        Everything dropped (the store came back after an outage): the read model is cold again
+        until the refresher's next warm-up.
+        """
         with self._cache_lock:
             self._cache.models = None
             if name is None:
@@ -282,6 +294,65 @@ class RegistryService:
             else:
                 self._gen[name] = self._gen.get(name, 0) + 1
                 self._cache.snapshots.pop(name, None)
+        if name is None:
+            self._set_warm(False)
+
+    @property
+    def warm(self) -> bool:
+        """Every registered model is in the read model: reads answer from memory."""
+        return self._warm
+
+    def on_warm_change(self, listener: Callable[[bool], None]) -> None:
+        """Calls ``listener(warm)`` whenever the read model turns warm or cold (readiness)."""
+        self._warm_listeners.append(listener)
+
+    def _set_warm(self, warm: bool) -> None:
+        with self._cache_lock:
+            changed, self._warm = warm != self._warm, warm
+        if changed:
+            for listener in list(self._warm_listeners):
+                listener(warm)
+
+    def warm_up(self) -> bool:
+        """Loads every registered model into the read model; True when warm.
+
+        Models load in parallel where the store allows (``load_concurrency``: its own session per
+        load on SQL stores), progress is logged about once a second, and the read model is warm
+        only when no invalidation of everything came during the load. Raises when the store fails.
+        """
+        started = time.monotonic()
+        with self._cache_lock:
+            gen_all = self._gen_all
+        models = self._load_models()
+        parallel = max(1, min(len(models), self.store.load_concurrency()))
+        log.info("read_model_warmup_started", models=len(models), parallel=parallel)
+        loaded = versions = 0
+        last_log = started
+        pool = ThreadPoolExecutor(parallel, thread_name_prefix="read-model-warmup")
+        try:
+            futures = [pool.submit(self._load, m.name, fresh=False) for m in models]
+            for future in as_completed(futures):
+                if self._stop_refresh.is_set():
+                    return False
+                try:
+                    versions += len(future.result().versions)
+                except ModelNotFoundError:  # deleted since it was listed: nothing to warm
+                    pass
+                loaded += 1
+                now = time.monotonic()
+                if now - last_log >= 1.0 and loaded < len(models):
+                    last_log = now
+                    log.info("read_model_warmup_progress", models_loaded=loaded, models=len(models),
+                             versions=versions, seconds=round(now - started, 2))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._cache_lock:
+            if self._gen_all != gen_all:  # everything was dropped meanwhile: not warm, try again
+                return False
+        self._set_warm(True)
+        log.info("read_model_warm", models=len(models), versions=versions,
+                 seconds=round(time.monotonic() - started, 2))
+        return True
 
     def _generation(self, name: str) -> tuple[int, int]:
         with self._cache_lock:
@@ -292,8 +363,20 @@ class RegistryService:
             self._gen[name] = self._gen.get(name, 0) + 1
 
     def _full_refresh_after(self, key: str) -> float:
-        """Seconds between full reloads: ``full_refresh_seconds``, stretched so reloading stays under 5%."""
-        return max(self.full_refresh, 20 * self._load_cost.get(key, 0.0))
+        """Seconds between full reloads of a model: ``full_refresh_seconds``, stretched so that
+        reloading every model stays under 2.5% of one core, and spread by up to half as much
+        again by name (a warm-up loads every model at once: their reloads would come in a burst).
+
+        Stretched by the whole registry's load time, not the model's own: at 400 models of 25
+        versions each load is 5 ms, the whole registry 2 s.
+        """
+        spread = 1.0 + (zlib.crc32(key.encode()) % 1000) / 2000
+        return spread * max(self.full_refresh, 40 * self._load_total)
+
+    def _cost(self, key: str, seconds: float) -> None:
+        with self._cache_lock:
+            self._load_total += seconds - self._load_cost.get(key, 0.0)
+            self._load_cost[key] = seconds
 
     def _models_ttl(self) -> float:
         # The model list comes from MLflow's search, which loads every version of every model:
@@ -303,7 +386,7 @@ class RegistryService:
     def _load_models(self) -> list[RegisteredModel]:
         started = time.monotonic()
         models = self.store.list_models()
-        self._load_cost[""] = time.monotonic() - started
+        self._cost("", time.monotonic() - started)
         with self._cache_lock:
             if self._cache.models is None or self._cache.models[0] < started:
                 self._cache.models = (started, models)
@@ -361,7 +444,7 @@ class RegistryService:
         gen = self._generation(name)
         started = time.monotonic()
         model, versions = self.store.load_model(name)
-        self._load_cost[name] = time.monotonic() - started
+        self._cost(name, time.monotonic() - started)
         return self._put(ModelSnapshot(model=_with_counts(model, versions), versions=versions, loaded_at=started,
                                        checked_at=started), gen)
 
@@ -460,14 +543,22 @@ class RegistryService:
         interval = min(1.0, max(0.02, self.cache_ttl / 4))
 
         def run() -> None:
-            try:  # warm: load every model once, off the request path (the list itself is not kept)
-                for m in self.store.list_models():
-                    if self._stop_refresh.is_set():
+            failures = 0
+            while not self._stop_refresh.is_set():
+                if not self._warm:  # at start, and after the store came back: load every model once
+                    try:
+                        if self.warm_up():
+                            failures = 0
+                            continue
+                    except Exception as exc:  # noqa: BLE001 - the store is down: retried, requests load on demand
+                        failures += 1
+                        (log.warning if failures == 1 else log.debug)(
+                            "read_model_warmup_failed", error=str(exc)[:200], attempt=failures)
+                    if self._stop_refresh.wait(min(5.0, 0.5 * failures)):
                         return
-                    self._load(m.name, fresh=False)
-            except Exception as exc:  # noqa: BLE001 - the store is down: requests load on demand
-                log.debug("read_model_warmup_failed", error=str(exc)[:200])
-            while not self._stop_refresh.wait(interval):
+                    continue
+                if self._stop_refresh.wait(interval):
+                    return
                 self.refresh_once()
 
         self._refresher = threading.Thread(target=run, name="read-model-refresher", daemon=True)
@@ -500,14 +591,36 @@ class RegistryService:
             return cached[1]
         return self.backend_health()
 
-    def status(self) -> tuple[list[ModelStatusView], BackendHealth]:
+    def status(self, size: int = 0, token: str = "", names: Iterable[str] = (),
+               prefix: str = "") -> tuple[Page, BackendHealth]:
+        """Every model's status, by name: one page of ``size`` (0: all) after ``token``, only the
+        models in ``names`` (if any; a name not registered is NOT_FOUND) whose name starts with
+        ``prefix``. A page of views (ModelStatusView) and the store's health."""
+        if size < 0:
+            raise InvalidArgumentError(f"page_size must not be negative, got {size}", field="page_size")
+        size = min(size, MAX_PAGE_SIZE)
+        wanted = sorted({validate_name(n, "names") for n in names})
+        if len(prefix) > MAX_NAME_LENGTH:
+            raise InvalidArgumentError(f"name_prefix is longer than {MAX_NAME_LENGTH} characters",
+                                       field="name_prefix")
+        query = ("status", wanted, prefix)
+        decode_token(token, query)  # a bad token is INVALID_ARGUMENT even while the store is down
         health = self.last_health()
         if not health.healthy:
-            return [], health
+            return Page([], "", 0), health
+        models = [m.name for m in self._models()]
+        if wanted:
+            known = set(models)
+            for name in wanted:
+                if name not in known:
+                    self._snapshot(name)  # registered since the list was read, else NOT_FOUND
+            models = wanted
+        if prefix:
+            models = [n for n in models if n.startswith(prefix)]
+        chosen, next_token = paginate(models, lambda n: (n,), size or len(models) or 1, token, query)
         jobs = self._running_jobs()
-        views = [ModelStatusView(self._snapshot(m.name), jobs.get(m.name, []), m.name in self._degraded)
-                 for m in self._models()]
-        return views, health
+        views = [ModelStatusView(self._snapshot(n), jobs.get(n, []), n in self._degraded) for n in chosen]
+        return Page(views, next_token, len(models)), health
 
     def list_models(self, size: int, token: str) -> Page:
         size = page_size(size)

@@ -53,9 +53,10 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     # The hot reads answer in wire format (see interceptors.Wire): the same bytes, sent as they are.
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> Wire:
-        views, health = self._service.status()
-        return convert.status_wire(views, health, self._workers.status() if self._workers is not None else [],
-                                   SERVER_VERSION)
+        page, health = self._service.status(request.page_size, request.page_token, list(request.names),
+                                            request.name_prefix)
+        return convert.status_wire(page.items, health, self._workers.status() if self._workers is not None else [],
+                                   SERVER_VERSION, page.next_page_token, page.total_size)
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         page = self._service.list_models(request.page_size, request.page_token)

@@ -121,6 +121,17 @@ def test_sql_model_load_matches_mlflowclient(store_uri: str) -> None:
     assert [m.name for m in sql.list_models()] == ["a_model", "b_model", "empty_model"]
     for name in ("a_model", "b_model", "empty_model"):
         assert sql.load_model(name) == rest_like.load_model(name)
+    # a model's first load with many runs not cached reads their metrics in one join on the model
+    joined = MlflowModelStore(store_uri)
+    import aqimodels.server.mlflow_store as adapter
+
+    by_model_above = adapter._BY_MODEL_ABOVE
+    adapter._BY_MODEL_ABOVE = 0
+    try:
+        for name in ("a_model", "b_model", "empty_model"):
+            assert joined.load_model(name) == rest_like.load_model(name)
+    finally:
+        adapter._BY_MODEL_ABOVE = by_model_above
     model, versions = sql.load_model("a_model")
     assert model.aliases == {"production": 3, "champion": 3, "staging": 4} and model.latest_version == 4
     assert [v.version for v in versions] == [4, 3, 2]

@@ -159,7 +159,11 @@ def test_probes_ask_the_grpc_health_service_on_the_grpc_port(deployment: str, po
             assert "AQIMODELS_TLS_CERT" not in env, "a native grpc probe cannot check a TLS port"
             continue
         cmd = spec["exec"]["command"]
-        assert cmd[0] == "aqimodels" and cmd[-1] == "health", cmd
+        assert cmd[0] == "aqimodels" and "health" in cmd, cmd
+        # the registry is ready when its read model is warm (its own service name), alive as a process
+        service = cmd[cmd.index("--service") + 1] if "--service" in cmd else ""
+        ready = deployment == "aqimodels-registry" and probe == "readinessProbe"
+        assert service == ("aqimodels.api.registry.v1.ModelRegistry" if ready else ""), cmd
         assert cmd[cmd.index("--target") + 1] == f"localhost:{port}"
         if "AQIMODELS_TLS_CERT" in env:
             ca = cmd[cmd.index("--ca-cert") + 1]

@@ -456,16 +456,41 @@ Global___WorkerStatus: _TypeAlias = WorkerStatus  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
-    """Request for GetStatus."""
+    """Request for GetStatus. Without fields: every registered model in one
+    answer, as before paging was added.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    NAME_PREFIX_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum models per page; 0 (default): every model in one answer; at most
+    1000.
+    """
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token, with the same filter."""
+    name_prefix: _builtins.str
+    """Only models whose name starts with this prefix (with `names`: both hold)."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these models (exact names); a name that is not registered answers
+        NOT_FOUND. Empty: every model.
+        """
+
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        name_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_prefix", b"name_prefix", "names", b"names", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,8 +507,14 @@ class GetStatusResponse(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
     """The server's aqimodels version."""
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page (and without paging)."""
+    total_size: _builtins.int
+    """Number of models that match the filter, over all pages."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
         """Every registered model, by name."""
@@ -508,10 +539,12 @@ class GetStatusResponse(_message.Message):
         workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
         server_version: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "models", b"models", "server_version", b"server_version", "time", b"time", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "models", b"models", "next_page_token", b"next_page_token", "server_version", b"server_version", "time", b"time", "total_size", b"total_size", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
