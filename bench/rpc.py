@@ -66,6 +66,8 @@ class GrpcOps:
             return "health", "Check", self._check, 30
         if op == "status":
             return "registry", "GetStatus", self._status, 60
+        if op == "status_page":  # one page of a dashboard: the first args[0] models
+            return "registry", "GetStatus", pb.GetStatusRequest(page_size=args[0]), 60
         if op == "list_page":
             return "registry", "ListModelVersions", pb.ListModelVersionsRequest(
                 name=args[0], page_size=PAGE, page_token=args[1] if len(args) > 1 else ""), 60
@@ -79,7 +81,7 @@ class GrpcOps:
         return getattr(stub, method)(request, timeout=timeout or default)
 
     def measured(self, op: str, *args: Any) -> Aio:
-        """``op`` (noop, status, list_page, compare) as measured under load: from the event loop."""
+        """``op`` (noop, status, status_page, list_page, compare) as measured under load: from the event loop."""
         service, method, request, timeout = self._rpc(op, *args)
         send = getattr(self.aio_health if service == "health" else self.aio_stub, method)
         return Aio(self.load, lambda: send(request, timeout=timeout), lambda: self._send(op, *args))
@@ -135,10 +137,11 @@ class Aio:
 class MlflowOps:
     """The same answers assembled with MlflowClient (in-process on the file, or over REST)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, models: tuple[str, ...] = data.MODELS) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.models = models
         self._exp_ids: list[str] | None = None
 
     def _metrics(self, run_ids: list[str]) -> dict[str, dict[str, float]]:
@@ -156,7 +159,7 @@ class MlflowOps:
     def status(self) -> list[Any]:
         """For each model: production and latest version with their run metrics."""
         out = []
-        for name in data.MODELS:
+        for name in self.models:
             prod = self.client.get_model_version_by_alias(name, "production")
             latest = self.client.search_model_versions(f"name='{name}'", max_results=1,
                                                        order_by=["version_number DESC"])[0]

@@ -1,7 +1,9 @@
 """``make bench``: runs the benchmark sections, writes bench/results/<section>.json and BENCHMARKS.md.
 
 Sections: ``rpc`` (registry RPCs against MLflow's paths and the gRPC ceiling), ``streams`` (relay
-latency and throughput, 50 watchers), ``process`` (start time and memory), ``training`` (reads
+latency and throughput, 50 watchers), ``process`` (start time and memory), ``scale`` (start to
+SERVING at 4 x 10,000, GetStatus at 100 models, idle CPU at 400 models, memory per version,
+about 6 minutes), ``training`` (reads
 bench/results/training_*.json after rerunning the synthetic one, ~1 min, and the Beijing one when
 the data is present, ~7 min). Every section builds its own data in a
 temporary folder. Usage::
@@ -25,7 +27,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 from bench import common  # noqa: E402
 
-SECTIONS = ("rpc", "streams", "process", "training", "report")
+SECTIONS = ("rpc", "streams", "process", "scale", "training", "report")
 BEIJING = common.BEIJING
 
 
@@ -69,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = process.run(tmp / "process", args.runs)
             print(f"   wrote {common.write_result('process', {**res, 'section_seconds': time.perf_counter() - t0})}")
+        if "scale" in wanted:
+            from bench import scale
+
+            print("== 5. scale", flush=True)
+            t0 = time.perf_counter()
+            res = scale.run(tmp / "scale", args.runs, args.seconds, with_rest=not args.no_rest)
+            print(f"   wrote {common.write_result('scale', {**res, 'section_seconds': time.perf_counter() - t0})}")
         if "training" in wanted:
             from bench import report, training
 

@@ -76,7 +76,7 @@ class RegistryServer:
                 if ok != last:
                     self.set_serving(ok)
                     log.info("backend_health_changed", healthy=ok)
-                    if ok:
+                    if ok and last is False:  # back after an outage (not the first probe: nothing is stale)
                         self.service.invalidate()
                     last = ok
                 self._stop_probe.wait(self.config.health_interval_seconds)

@@ -13,6 +13,7 @@ import functools
 import gc
 import itertools
 import logging
+import math
 import sys
 import threading
 import time
@@ -310,7 +311,10 @@ class MlflowModelStore:
                                    name=model or "")
             else:
                 found = self._call(lambda: _sql_latest_metrics(sql, chunk))
-            finished = {r: m for r, (status, m) in found.items() if status in ("FINISHED", "FAILED", "KILLED")}
+            # keyed by the caller's run id strings (the versions hold the same ones): not a copy each
+            same = {r: r for r in chunk} if chunk is not None else {r: r for r in missing}
+            finished = {same.get(r, r): m for r, (status, m) in found.items()
+                        if status in ("FINISHED", "FAILED", "KILLED")}
             live.update((r, m) for r, (status, m) in found.items() if r not in finished)
             with self._metrics_lock:
                 self._run_metrics.update(finished)
@@ -494,8 +498,7 @@ def _sql_latest_metrics(store: Any, run_ids: list[str], *, registry: Any = None,
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlRun
 
     runs, metrics = SqlRun.__table__, SqlLatestMetric.__table__
-    status_q = sa.select(runs.c.run_uuid, runs.c.status)
-    metric_q = sa.select(metrics.c.run_uuid, metrics.c.key, metrics.c.value, metrics.c.is_nan)
+    value = sa.case((metrics.c.is_nan == sa.true(), sa.null()), else_=metrics.c.value)  # NULL: NaN
     if model is not None:
         from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL
         from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
@@ -504,40 +507,60 @@ def _sql_latest_metrics(store: Any, run_ids: list[str], *, registry: Any = None,
         live = [mv.c.name == model, mv.c.current_stage != STAGE_DELETED_INTERNAL]
         if "workspace" in mv.c:
             live.append(mv.c.workspace == registry._get_active_workspace())
-        status_q = status_q.join(mv, mv.c.run_id == runs.c.run_uuid).where(*live)
-        # in the model's version order: the primary key's, no sort (rows come grouped by run)
-        metric_q = metric_q.join(mv, mv.c.run_id == metrics.c.run_uuid).where(*live).order_by(mv.c.version)
+        # rows by version number (an int is cheaper to read than a run id), in the primary
+        # key's order: no sort, and the rows of a run come together
+        status_q = sa.select(mv.c.version, runs.c.run_uuid, runs.c.status).join(
+            mv, mv.c.run_id == runs.c.run_uuid).where(*live)
+        metric_q = sa.select(mv.c.version, metrics.c.key, value).join(
+            mv, mv.c.run_id == metrics.c.run_uuid).where(*live).order_by(mv.c.version)
     else:
-        status_q = status_q.where(runs.c.run_uuid.in_(run_ids))
-        metric_q = metric_q.where(metrics.c.run_uuid.in_(run_ids)).order_by(metrics.c.run_uuid)
-    with gc_paused():
-        with store.ManagedSessionMaker() as session:
-            conn = session.connection()
-            status: dict[str, str] = dict(conn.execute(status_q).all())
-            # The rows straight from the driver's cursor (the select still compiled and bound by
-            # SQLAlchemy), cut into runs column-wise: a Row object and a Python step per metric
-            # were most of the time at 270,000 rows a model.
-            rows = conn.execute(metric_q).cursor.fetchall()
-        return _cut_into_runs(rows, status)
-
-
-def _cut_into_runs(rows: list[tuple[Any, ...]], status: dict[str, str]) -> dict[str, tuple[str, MetricValues]]:
-    """(status, metrics) by run of (run id, key, value, is nan) rows grouped by run."""
-    found: dict[str, MetricValues] = {}
-    if rows:
-        nan = float("nan")
-        run_col, key_col, value_col, nan_col = zip(*rows)
-        del rows
-        start = 0
-        for run_uuid, group in itertools.groupby(run_col):
-            end = start + sum(1 for _ in group)
-            values: Sequence[float] = value_col[start:end]
-            if any(nan_col[start:end]):
-                values = [nan if is_nan else v for v, is_nan in zip(values, nan_col[start:end])]
-            found[run_uuid] = metric_values(key_col[start:end], values)  # names shared per metric set
-            start = end
+        status_q = sa.select(runs.c.run_uuid, runs.c.run_uuid.label("run"), runs.c.status).where(
+            runs.c.run_uuid.in_(run_ids))
+        metric_q = sa.select(metrics.c.run_uuid, metrics.c.key, value).where(
+            metrics.c.run_uuid.in_(run_ids)).order_by(metrics.c.run_uuid)
+    with gc_paused(), store.ManagedSessionMaker() as session:
+        conn = session.connection()
+        status = conn.execute(status_q).all()
+        # The rows straight from the driver's cursor (the select still compiled and bound by
+        # SQLAlchemy), a chunk at a time, cut into runs column-wise: a Row object and a Python
+        # step per metric were most of the time at 270,000 rows a model.
+        found = _cut_into_runs(conn.execute(metric_q).cursor)
     empty = metric_values((), ())
-    return {run_uuid: (state, found.get(run_uuid, empty)) for run_uuid, state in status.items()}
+    return {run_uuid: (state, found.get(group, empty)) for group, run_uuid, state in status}
+
+
+_CHUNK = 40_000  # rows read at a time: a model of 10,000 versions is 270,000 rows
+
+
+def _cut_into_runs(cursor: Any) -> dict[Any, MetricValues]:
+    """Metrics by group (run id or version) of (group, key, value or None for NaN) rows grouped
+    by group, read in chunks (a chunk's last group is carried into the next)."""
+    found: dict[Any, MetricValues] = {}
+    carry: list[tuple[Any, ...]] = []
+    while True:
+        chunk = cursor.fetchmany(_CHUNK)
+        rows = carry + chunk if carry else chunk
+        if not rows:
+            return found
+        carry = []
+        if chunk:
+            last, cut = rows[-1][0], len(rows)
+            while cut and rows[cut - 1][0] == last:
+                cut -= 1
+            carry, rows = rows[cut:], rows[:cut]
+            if not rows:
+                continue
+        group_col, key_col, value_col = zip(*rows)
+        start = 0
+        for group, rows_of_group in itertools.groupby(group_col):
+            end = start + sum(1 for _ in rows_of_group)
+            values: Sequence[Any] = value_col[start:end]
+            if None in values:
+                values = [math.nan if v is None else v for v in values]
+            found[group] = metric_values(key_col[start:end], values)  # names shared per metric set
+            start = end
+        if not chunk:
+            return found
 
 
 _gc_lock = threading.Lock()

@@ -17,6 +17,7 @@ state fresh from the store, writes an audit record before acting and completes i
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -349,6 +350,10 @@ class RegistryService:
         with self._cache_lock:
             if self._gen_all != gen_all:  # everything was dropped meanwhile: not warm, try again
                 return False
+        # The read model's objects live until replaced: out of the cyclic collector's sight, or
+        # its first full pass after readiness walks them all (a million objects at 4 x 10,000:
+        # the first GetStatus after SERVING took 40-90 ms). Reference counting still frees them.
+        gc.freeze()
         self._set_warm(True)
         log.info("read_model_warm", models=len(models), versions=versions,
                  seconds=round(time.monotonic() - started, 2))

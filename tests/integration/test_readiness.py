@@ -137,3 +137,44 @@ def test_get_status_pages_and_filters_models(sqlite_uri: str) -> None:
     finally:
         client.close()
         reg.server.stop(1)  # type: ignore[attr-defined]
+
+
+def test_the_refresher_probes_every_model_in_the_same_three_queries(sqlite_uri: str) -> None:
+    """The refresher's probe of all models is a constant number of queries, whatever their count."""
+    from sqlalchemy import event
+
+    from aqimodels.server.db import Database
+    from aqimodels.server.mlflow_store import MlflowModelStore
+    from aqimodels.server.service import RegistryService
+
+    store = MlflowModelStore(sqlite_uri)
+    store.ping()
+    db = Database(sqlite_uri)
+    db.create_tables()
+    service = RegistryService(store, db, cache_ttl_seconds=0.2)
+    statements: list[str] = []
+    engines = {id(e): e for e in (store._sql_registry_store().engine, store._sql_tracking_store().engine)}
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):  # not the driver's per-connection PRAGMAs
+            statements.append(statement)
+
+    for engine in engines.values():
+        event.listen(engine, "before_cursor_execute", count)
+    try:
+        per_pass = []
+        for models in (MODELS[:2], MODELS):
+            _seed(sqlite_uri, tuple(m for m in models if m not in {v.snapshot.model.name for v in service.status()[0].items}),
+                  versions=3)
+            service.invalidate()
+            assert service.warm_up() and service.warm
+            time.sleep(0.15)  # every snapshot is due for its probe (half the bound)
+            statements.clear()
+            service.refresh_once()
+            per_pass.append(len(statements))
+            assert len(service.status()[0].items) == len(models)
+        assert per_pass == [3, 3], (per_pass, statements)
+    finally:
+        for engine in engines.values():
+            event.remove(engine, "before_cursor_execute", count)
+        db.engine.dispose()
