@@ -315,9 +315,11 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
     lines += ["", "| registry | resident memory | bytes per version above the idle process |", "|---|---|---|"]
     for label, v in scale.get("rss", {}).items():
         lines.append(f"| {label} | {_fig(v.get('rss_mb'))} | {_fig(v.get('bytes_per_version_above_idle'))} |")
-    lines += ["", "| registry | idle CPU after warm-up (share of one core) | window |", "|---|---|---|"]
+    lines += ["", "| registry | idle CPU after warm-up (share of one core) | window | probes of all models | "
+              "model reloads | health pings |", "|---|---|---|---|---|---|"]
     for label, v in scale.get("idle_cpu", {}).items():
         lines.append(f"| {label} | {v['cpu_percent']:.2f} % ({v['cpu_seconds']:.2f} s of CPU) | "
-                     f"{v['window_seconds']:.0f} s |")
+                     f"{v['window_seconds']:.0f} s | {v.get('probes_of_all_models', 0):.0f} | "
+                     f"{v.get('model_reloads', 0):.0f} | {v.get('health_pings', 0):.0f} |")
     lines.append("")
     return lines

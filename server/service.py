@@ -449,9 +449,11 @@ class RegistryService:
         gen = self._generation(name)
         started = time.monotonic()
         model, versions = self.store.load_model(name)
+        snap = ModelSnapshot(model=_with_counts(model, versions), versions=versions, loaded_at=started,
+                             checked_at=started)
+        snap._by_number()  # the index by number built here, not in the first request after the load
         self._cost(name, time.monotonic() - started)
-        return self._put(ModelSnapshot(model=_with_counts(model, versions), versions=versions, loaded_at=started,
-                                       checked_at=started), gen)
+        return self._put(snap, gen)
 
     def _verify(self, snap: ModelSnapshot) -> ModelSnapshot:
         """Confirms a snapshot with the store's cheap probe, or reloads the model when it moved on."""

@@ -110,6 +110,17 @@ def test_status_shows_pointers_with_metrics_and_backend(lstm: Registry) -> None:
     assert lstm.tracking_uri in out
 
 
+def test_status_of_some_models(lstm: Registry) -> None:
+    lstm.seed(XGB, [metrics(22.0)])
+    both = json.loads(ok(lstm, "status", "--json"))["models"]
+    assert sorted(m["model"]["name"] for m in both) == sorted([LSTM, XGB])
+    one = json.loads(ok(lstm, "status", "--model", XGB, "--json"))["models"]
+    assert [m["model"]["name"] for m in one] == [XGB]
+    by_prefix = json.loads(ok(lstm, "status", "--prefix", LSTM[:-2], "--json"))["models"]
+    assert [m["model"]["name"] for m in by_prefix] == [LSTM]
+    failed(lstm, "status", "--model", "no_such_model", code="NOT_FOUND")
+
+
 # ---- list, show, compare ----
 
 def test_list_models_and_versions(lstm: Registry) -> None:
@@ -248,7 +259,14 @@ def test_every_read_command_prints_json(lstm: Registry, args: tuple[str, ...]) -
 
 def test_health_serving_and_not_serving(sqlite_registry: Registry) -> None:
     assert ok(sqlite_registry, "health").strip() == "SERVING"
+    ready = ("health", "--service", "aqimodels.api.registry.v1.ModelRegistry")
+    deadline = time.monotonic() + 30
+    while cli(sqlite_registry, *ready).stdout.strip() != "SERVING":  # readiness: once the read model is warm
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.05)
     sqlite_registry.server.set_serving(False)  # type: ignore[attr-defined]
+    result = cli(sqlite_registry, *ready)
+    assert result.exit_code == 1 and result.stdout.strip() == "NOT_SERVING"
     result = cli(sqlite_registry, "health")
     assert result.exit_code == 1 and result.stdout.strip() == "NOT_SERVING"
 

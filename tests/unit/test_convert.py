@@ -90,3 +90,33 @@ def test_a_status_response_is_the_same_message_and_its_kept_bytes_follow_the_mod
     assert list(fast(healthy).models[0].running_jobs) == []
     promoted = ModelSnapshot(replace(model, aliases={"production": 3}), versions, 0.0)
     assert fast(ModelStatusView(promoted, [])).models[0].production.version == 3
+
+
+def test_metric_values_read_like_a_dict_and_share_their_names() -> None:
+    import pytest
+
+    from aqimodels.server.domain import metric_values
+
+    a = metric_values(["rmse", "mae", "r2"], [20.5, 14.0, math.nan])
+    b = metric_values(("rmse", "mae", "r2"), (30.0, 21.0, 0.5))
+    assert {k: v for k, v in a.items() if k != "r2"} == {"rmse": 20.5, "mae": 14.0} and math.isnan(a["r2"])
+    assert b == {"rmse": 30.0, "mae": 21.0, "r2": 0.5} and b != {"rmse": 30.0}
+    assert a.get("rmse") == 20.5 and a.get("nope") is None and a.get("nope", 1.0) == 1.0
+    assert "mae" in a and "nope" not in a and list(a) == ["rmse", "mae", "r2"] and len(a) == 3
+    assert dict(b.items()) == {"rmse": 30.0, "mae": 21.0, "r2": 0.5} and {**b} == dict(b)
+    assert a._index is b._index  # one name index per metric set, not one per version
+    assert metric_values(["rmse", "rmse"], [1.0, 2.0]) == {"rmse": 2.0}  # a repeated name: the last wins
+    assert metric_values((), ()) == {} and not metric_values((), ())
+    with pytest.raises(KeyError):
+        a["nope"]
+
+
+def test_a_version_with_metric_values_serialises_as_with_a_dict() -> None:
+    from aqimodels.server.domain import ModelVersion, metric_values
+
+    values = {"rmse": 20.5, "mae": 14.0}
+    kept = ModelVersion("m", 3, "r" * 32, "s", 1000, 2000, ("production",), {"k": "v"},
+                        metric_values(list(values), list(values.values())))
+    plain = ModelVersion("m", 3, "r" * 32, "s", 1000, 2000, ("production",), {"k": "v"}, values)
+    assert convert.model_version_to_proto(kept) == convert.model_version_to_proto(plain)
+    assert dict(convert.model_version_to_proto(kept).metrics) == values
