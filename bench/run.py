@@ -3,12 +3,13 @@
 Sections: ``rpc`` (registry RPCs against MLflow's paths and the gRPC ceiling), ``streams`` (relay
 latency and throughput, 50 watchers), ``process`` (start time and memory), ``scale`` (start to
 SERVING at 4 x 10,000, GetStatus at 100 models, idle CPU at 400 models, memory per version,
-about 6 minutes), ``training`` (reads
+about 14 minutes), ``training`` (reads
 bench/results/training_*.json after rerunning the synthetic one, ~1 min, and the Beijing one when
 the data is present, ~7 min). Every section builds its own data in a
 temporary folder. Usage::
 
-    python -m bench.run                       # everything (about 15-20 minutes on 2 cores)
+    python -m bench.run                       # everything (about 25-30 minutes on 2 cores)
+    python -m bench.run --sections scale,report   # section 5 only (about 14 minutes)
     python -m bench.run --sections rpc,report --runs 2
 """
 
