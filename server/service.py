@@ -350,6 +350,10 @@ class RegistryService:
         with self._cache_lock:
             if self._gen_all != gen_all:  # everything was dropped meanwhile: not warm, try again
                 return False
+        # The model list and the first models loaded were read more than a bound ago on a large
+        # registry: confirmed now in one probe, or the first GetStatus after SERVING read the
+        # model list and probed those models inline (30-160 ms at 4 x 10,000 on a busy machine).
+        self.refresh_once()
         # The read model's objects live until replaced: out of the cyclic collector's sight, or
         # its first full pass after readiness walks them all (a million objects at 4 x 10,000:
         # the first GetStatus after SERVING took 40-90 ms). Reference counting still frees them.
