@@ -258,8 +258,6 @@ def write_markdown(path: Path) -> str:
                   f"- start to ready, default mlflow server / registry: "
                   f"{_fig(process.get('ratio_mlflow_default_ready_over_registry'))}",
                   "- the worker's loaded memory is its training peak (section 4).", ""]
-    if scale:
-        lines += scale_section(scale)
     lines += ["## 4. Training (from bench/results/training_*.json, `python -m bench.training`)", ""]
     for label, t in (("synthetic", synth), ("beijing", beijing)):
         if t is None:
@@ -277,6 +275,8 @@ def write_markdown(path: Path) -> str:
         lines.append("| persistence | | | " + " | ".join(f"{any_m[f'persistence_rmse_h{h}']:.2f}" for h in HORIZONS)
                      + " |")
         lines.append("")
+    if scale:
+        lines += scale_section(scale)
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
         lines += [notes.read_text().rstrip(), ""]
@@ -289,24 +289,25 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
     """Section 5 of BENCHMARKS.md: start, many models, idle CPU, memory (bench/scale.py)."""
     m = scale.get("machine", {})
     lines = ["## 5. Scale (`python -m bench.run --sections scale`)", "",
-             f"Run {m.get('time')}, load average at its start {m.get('load_average')}. Start to SERVING asks the "
-             "registry's own service name (readiness: every model loaded); the first calls are the "
-             f"GetStatus calls right after it, back to back.", "",
+             (f"Run {m.get('time')}, load average at its start {m.get('load_average')}. Start to SERVING asks "
+              "the registry's own service name (readiness: every model loaded); the first calls are the "
+              "GetStatus calls right after it, back to back."), "",
              "| registry | start to SERVING | first GetStatus | p50 / p99 of the first calls | p99, worst run |",
              "|---|---|---|---|---|"]
     for label, v in scale.get("start", {}).items():
         lines.append(f"| {label} | {_fig(v.get('ready_seconds'))} | {_fig(v.get('first_status_ms'))} | "
                      f"{_fig(v.get('first_calls_p50_ms'))} / {_fig(v.get('first_calls_p99_ms'))} | "
                      f"{_fmt(v.get('first_calls_p99_all_runs_ms'), 'ms')} |")
-    lines += ["", "GetStatus at 100 models x 100 versions (1 in flight; inproc / rest = the same answer from "
-              "MlflowClient in-process / over REST on the default `mlflow server`, same database, same run):", "",
+    lines += ["", ("GetStatus at 100 models x 100 versions (1 in flight; inproc / rest = the same answer from "
+                   "MlflowClient in-process / over REST on the default `mlflow server`, same database, same run):"),
+              "",
               "| RPC | system | p50 | p99 | calls/s |", "|---|---|---|---|---|"]
     mm = scale.get("many_models", {})
     for op, systems in mm.items():
         for system, by_c in systems.items():
             if system.startswith("ratio_"):
                 continue
-            for _c, v in by_c.items():
+            for v in by_c.values():
                 lines.append(f"| {op} | {system} | {_fig(v['p50_ms'])} | {_fig(v['p99_ms'])} | {_fig(v['per_second'])} |")
     for op, systems in mm.items():
         for k, v in systems.items():
@@ -315,8 +316,8 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
     lines += ["", "| registry | resident memory | bytes per version above the idle process |", "|---|---|---|"]
     for label, v in scale.get("rss", {}).items():
         lines.append(f"| {label} | {_fig(v.get('rss_mb'))} | {_fig(v.get('bytes_per_version_above_idle'))} |")
-    lines += ["", "| registry | idle CPU after warm-up (share of one core) | window | probes of all models | "
-              "model reloads | health pings |", "|---|---|---|---|---|---|"]
+    lines += ["", ("| registry | idle CPU after warm-up (share of one core) | window | probes of all models | "
+                   "model reloads | health pings |"), "|---|---|---|---|---|---|"]
     for label, v in scale.get("idle_cpu", {}).items():
         lines.append(f"| {label} | {v['cpu_percent']:.2f} % ({v['cpu_seconds']:.2f} s of CPU) | "
                      f"{v['window_seconds']:.0f} s | {v.get('probes_of_all_models', 0):.0f} | "

@@ -80,7 +80,7 @@ def _idle_cpu(uri: str, folder: Path, window: float) -> dict[str, float]:
     """The registry's CPU share of one core over ``window`` seconds idle after warm-up, with the
     store calls its refresher made meanwhile (probes of every model, full reloads of one)."""
     metrics_port = common.free_port()
-    proc, target, _ = common.start_registry(uri, folder, AQIMODELS_METRICS_PORT=str(metrics_port))
+    proc, _target, _ = common.start_registry(uri, folder, AQIMODELS_METRICS_PORT=str(metrics_port))
     try:
         time.sleep(1.0)
         calls0 = _store_calls(metrics_port)
@@ -157,7 +157,7 @@ def run(folder: Path, runs: int = 3, seconds: float = 1.5, with_rest: bool = Tru
     for _ in range(runs):
         for label in ("empty", "4x10000", "100x100"):
             rss.setdefault(label, []).append(_resident(uris[label], folder))
-        print(f"  RSS: " + ", ".join(f"{k} {v[-1]:.0f} MB" for k, v in rss.items()), flush=True)
+        print("  RSS: " + ", ".join(f"{k} {v[-1]:.0f} MB" for k, v in rss.items()), flush=True)
     for label, v in rss.items():
         out["rss"][label] = {"rss_mb": common.figure(v, "MB", 1)}
         if label != "empty":

@@ -141,11 +141,10 @@ def test_get_status_pages_and_filters_models(sqlite_uri: str) -> None:
 
 def test_the_refresher_probes_every_model_in_the_same_three_queries(sqlite_uri: str) -> None:
     """The refresher's probe of all models is a constant number of queries, whatever their count."""
-    from sqlalchemy import event
-
     from aqimodels.server.db import Database
     from aqimodels.server.mlflow_store import MlflowModelStore
     from aqimodels.server.service import RegistryService
+    from sqlalchemy import event
 
     store = MlflowModelStore(sqlite_uri)
     store.ping()

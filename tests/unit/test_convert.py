@@ -94,7 +94,6 @@ def test_a_status_response_is_the_same_message_and_its_kept_bytes_follow_the_mod
 
 def test_metric_values_read_like_a_dict_and_share_their_names() -> None:
     import pytest
-
     from aqimodels.server.domain import metric_values
 
     a = metric_values(["rmse", "mae", "r2"], [20.5, 14.0, math.nan])
