@@ -14,6 +14,7 @@ from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.client.errors import InvalidArgumentError, UnimplementedError
 from aqimodels.server import convert
+from aqimodels.server import deadlines
 from aqimodels.server.domain import Stage
 from aqimodels.server.interceptors import Wire, current_caller, current_request_id
 from aqimodels.server.service import Caller, RegistryService
@@ -22,12 +23,12 @@ SERVER_VERSION = "0.1.0"
 
 
 def _caller(request_id: str = "") -> Caller:
-    """Who calls; the request's own idempotency key wins over the x-request-id header."""
+    """Who calls, with the call's deadline; the request's own idempotency key wins over x-request-id."""
     rid = request_id[:200] or current_request_id()
     caller = current_caller()
     if isinstance(caller, Caller):
-        return Caller(caller.name, caller.role, rid)
-    return Caller(request_id=rid)
+        return Caller(caller.name, caller.role, rid, deadlines.current())
+    return Caller(request_id=rid, deadline=deadlines.current())
 
 
 def _stage_filter(value: int, field: str) -> Stage | None:
@@ -101,7 +102,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     def CleanupModelVersions(self, request: pb.CleanupModelVersionsRequest,
                              context: grpc.ServicerContext) -> pb.CleanupModelVersionsResponse:
         cleanup = self._monitor.cleanup if self._monitor is not None else self._service.cleanup
-        result = cleanup(_caller(), request.name, request.keep_last, list(request.versions), request.dry_run)
+        result = cleanup(_caller(request.request_id), request.name, request.keep_last, list(request.versions), request.dry_run)
         return pb.CleanupModelVersionsResponse(
             deleted_versions=result.deleted, kept_versions=result.kept, protected_versions=result.protected,
             dry_run=result.dry_run, audit_event_id=result.audit_event_id)
