@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -176,4 +178,8 @@ def serve(config: ServerConfig, jobs_factory: Any = None) -> int:
     done.wait()
     rs.stop()
     log.info("registry_stopped")
-    return 0
+    # Everything is drained and closed: skip the interpreter's teardown of its modules (0.5-0.8 s
+    # with MLflow loaded, measured), which would push the exit past the grace period.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
