@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -410,7 +411,9 @@ def test_a_frozen_postgres_answers_unavailable_within_the_deadline_flips_health_
             time.sleep(0.02)
         flipped = time.monotonic() - frozen
         time.sleep(config.cache_ttl_seconds + 0.2)  # past the read model's bound: reads must ask the store
-        results = {rpc: _timed_code(call) for rpc, call in calls.items()}
+        with ThreadPoolExecutor(len(calls)) as pool:  # all at once, as callers would
+            futures = {rpc: pool.submit(_timed_code, call) for rpc, call in calls.items()}
+            results = {rpc: f.result() for rpc, f in futures.items()}
         print(f"\nfrozen: NOT_SERVING after {flipped:.2f} s (probe interval {config.health_interval_seconds} s); "
               + ", ".join(f"{rpc} {code} {t:.2f} s" for rpc, (code, t) in results.items()))
         assert flipped <= 2 * config.health_interval_seconds + 0.1, flipped
