@@ -162,7 +162,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         outcome = self._monitoring().report(
             _caller(), request.name, request.version, request.rmse, request.mae, request.sample_count,
             [(p.predicted, p.actual) for p in request.pairs],
-            convert.ms_from_ts(request.window_end) if request.HasField("window_end") else 0)
+            convert.ms_from_ts(request.window_end) if request.HasField("window_end") else 0,
+            request_id=request.request_id[:200])
         return pb.ReportPerformanceResponse(health=convert.health_to_proto(outcome.health), ratio=outcome.ratio)
 
     def WatchAlerts(self, request: pb.WatchAlertsRequest, context: grpc.ServicerContext) -> Iterator[pb.Alert]:

@@ -252,6 +252,20 @@ def test_repeated_request_ids_return_the_first_outcome_of_promote_rollback_and_c
     assert actions.count("RollbackModel") == 1 and actions.count("CleanupModelVersions") == 1, actions
 
 
+def test_a_repeated_report_performance_request_id_is_counted_once(sqlite_registry: Registry) -> None:
+    reg, client = sqlite_registry, sqlite_registry.client
+    name = "aqi_predictor_xgboost"
+    v1, = reg.seed(name, [realistic_metrics(1)])
+    client.promote(name, v1, "production")  # type: ignore[attr-defined]
+    first = client.report_performance(name, v1, rmse=99.0, sample_count=500, request_id="rep-1")  # type: ignore[attr-defined]
+    again = client.report_performance(name, v1, rmse=99.0, sample_count=500, request_id="rep-1")  # type: ignore[attr-defined]
+    other = client.report_performance(name, v1, rmse=99.0, sample_count=500, request_id="rep-2")  # type: ignore[attr-defined]
+    assert (again.health, again.ratio) == (first.health, first.ratio) and first.health == pb.MODEL_HEALTH_DEGRADED
+    reports = [r for r in client.iter_audit_events(model_name=name) if r.action == "ReportPerformance"]  # type: ignore[attr-defined]
+    assert len(reports) == 2 and other.health == first.health
+    assert sorted(int(r.after["samples"]) for r in reports) == [500, 500]
+
+
 def test_sigterm_with_a_promotion_blocked_on_the_lock_abandons_it_and_exits_within_the_grace(
         sqlite_uri: str) -> None:
     name = "aqi_predictor_xgboost"
