@@ -459,3 +459,32 @@ def test_a_frozen_postgres_answers_unavailable_within_the_deadline_flips_health_
         impatient.close()
         client.close()
         reg.server.stop(1)  # type: ignore[attr-defined]
+
+
+def test_a_tracking_server_that_accepts_but_never_answers_is_reported_unavailable_within_the_http_timeout() -> None:
+    """MLflow over REST: the configured request timeout and retries bound every call (no unbounded wait)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts connections (the kernel does) and never answers a request
+    keys = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        store = MlflowModelStore(f"http://127.0.0.1:{listener.getsockname()[1]}", http_timeout_seconds=1,
+                                 http_max_retries=0)
+        started = time.monotonic()
+        health = store.ping()
+        took = time.monotonic() - started
+        assert not health.healthy and took < 5, (health, took)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailableError):
+            store.list_models()
+        assert time.monotonic() - started < 5
+    finally:
+        listener.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
