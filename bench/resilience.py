@@ -184,13 +184,15 @@ def _export_base(commit: str, folder: Path) -> Path:
 def _promotion_p50(folder: Path, runs: int, base_commit: str) -> dict[str, Any]:
     from bench import rpc
 
-    db = folder / "promote.db"
-    data.build_sql(db, 1000, folder)
-    uri = f"sqlite:///{db}"
+    built = folder / "promote.db"
+    data.build_sql(built, 1000, folder)
     base = _export_base(base_commit, folder)
     out: dict[str, Any] = {"base_commit": base_commit}
-    inproc = rpc.MlflowOps(uri)
     for label, extra in (("base", {"PYTHONPATH": str(base)}), ("this", {})):
+        db = folder / f"promote-{label}.db"  # each registry starts from the same built registry
+        shutil.copy(built, db)
+        uri = f"sqlite:///{db}"
+        inproc = rpc.MlflowOps(uri)
         proc, target, _ = common.start_registry(uri, folder, **extra)
         aq = rpc.GrpcOps(target)
         try:

@@ -117,6 +117,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
                               health_max_age_seconds=max(2.0, 2.5 * config.health_interval_seconds),
                               reconcile_after_seconds=config.reconcile_after_seconds, fault_point=config.fault_point,
                               running_jobs=lambda: holder["jobs"].running_by_model() if holder.get("jobs") else {})
+    service.changes.reconcile_at_start()  # half-done promotions are settled before anything is served
     jobs = workers = None
     if jobs_factory is not None:
         jobs, workers = jobs_factory(config, service, db)
@@ -153,7 +154,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     rs.set_serving(service.backend_health().healthy)
     rs.start_probe()
     service.start_refresher()
-    service.changes.start()  # half-done changes: settled now, then in the background
+    service.changes.start()  # half-done changes of processes gone, in the background
     if jobs is not None:
         jobs.start()
     monitor.start()

@@ -392,19 +392,23 @@ class Changes:
                 log.warning("reconcile_failed", model=name, error=str(exc)[:200])
         return count
 
+    def reconcile_at_start(self) -> int:
+        """Settles every half-done change whose lock is free, before the registry serves."""
+        started = time.monotonic()
+        try:
+            took = self.reconcile(older_than_seconds=None)
+        except Exception as exc:  # noqa: BLE001 - the database is down at start: the background pass retries
+            log.warning("reconcile_failed", error=str(exc)[:200])
+            return 0
+        if took:
+            log.info("changes_reconciled_at_start", count=took, seconds=round(time.monotonic() - started, 3))
+        return took
+
     def start(self) -> None:
-        """Reconciles at start, then in the background every few seconds."""
+        """Reconciles in the background every few seconds (intents older than the bound, and our own)."""
         interval = max(0.2, min(5.0, self.reconcile_after / 3))
 
         def run() -> None:
-            started = time.monotonic()
-            try:
-                took = self.reconcile(older_than_seconds=None)
-                if took:
-                    log.info("changes_reconciled_at_start", count=took,
-                             seconds=round(time.monotonic() - started, 3))
-            except Exception as exc:  # noqa: BLE001 - the database is down at start: retried below
-                log.warning("reconcile_failed", error=str(exc)[:200])
             while not self._stop.wait(interval):
                 try:
                     self.reconcile(older_than_seconds=self.reconcile_after)
