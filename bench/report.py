@@ -151,24 +151,33 @@ def resilience_targets(res: Any) -> list[dict[str, Any]]:
         rows.append((f"Health NOT_SERVING after a PostgreSQL freeze (SIGSTOP), probe interval {interval} s, "
                      "in probe intervals (worst run)", "73 s before issue 11",
                      get(frozen, key, "not_serving_in_intervals", "max"), "x", "<= 2", lambda v: v <= 2.0))
-    rows.append(("Half-done promotion: registry restarted -> record completed `recovered` (start included)", "",
-                 med(res, "reconcile_after_restart", "restart_to_recovered"), "s", "<= 5 s", lambda v: v <= 5.0))
     rows.append(("PromoteModelVersion p50, this / base commit (same run)", "",
-                 get(res, "promotion", "this_over_base_p50"), "x", "<= 1.15", lambda v: v <= 1.15))
-    return [{"figure": label, "value": value, "unit": unit, "anchor": anchor, "target": target,
-             "met": None if value is None else bool(ok(value))} for label, anchor, value, unit, target, ok in rows]
+                 med(res, "promotion", "this_over_base_p50"), "x", "<= 1.15", lambda v: v <= 1.15))
+    out = [{"figure": label, "value": value, "unit": unit, "anchor": anchor, "target": target,
+            "met": None if value is None else bool(ok(value))} for label, anchor, value, unit, target, ok in rows]
+    # reported, no target: how long a half-done promotion stays half-done
+    out.append({"figure": "Half-done promotion: one reconciler pass (in-process, SQLite)", "anchor": "never, before",
+                "value": med(res, "reconcile_in_process"), "unit": "ms", "target": "reported", "met": None})
+    out.append({"figure": "Half-done promotion: registry restarted -> SERVING with the record `recovered`",
+                "anchor": "never, before", "value": med(res, "reconcile_after_restart", "restart_to_recovered"),
+                "unit": "s", "target": "reported (start included)", "met": None})
+    return out
 
 
 def resilience_section(res: Any) -> list[str]:
     if not res:
         return []
+    m = get(res, "machine") or {}
     lines = ["## 5. Failure-safe changes and bounded waits (`python -m bench.resilience`)", "",
+             f"Load average when the last part was measured: {m.get('load_average')} (2 CPUs shared by the team: "
+             "absolute times are inflated; the promotion comparison alternates the two registries run by run).", "",
              "| figure | value |", "|---|---|",
              f"| one reconciler pass over a half-done promotion, in-process (SQLite) | "
              f"{_fig(get(res, 'reconcile_in_process'))} |",
              f"| registry SIGKILLed after the alias move, restart -> record `recovered` | "
              f"{_fig(get(res, 'reconcile_after_restart', 'restart_to_recovered'))} |",
-             f"| ... of which restart -> SERVING | {_fig(get(res, 'reconcile_after_restart', 'restart_to_serving'))} |"]
+             f"| ... of which restart -> SERVING | {_fig(get(res, 'reconcile_after_restart', 'restart_to_serving'))} |",
+             f"| ... SERVING -> no record pending | {_fig(get(res, 'reconcile_after_restart', 'recovered_after_serving'))} |"]
     for key, f in (get(res, "frozen_postgres_health") or {}).items():
         if isinstance(f, dict) and "not_serving_after" in f:
             lines += [f"| {key.replace('_', ' ')} s: freeze -> NOT_SERVING | {_fig(f['not_serving_after'])} |",
@@ -179,6 +188,7 @@ def resilience_section(res: Any) -> list[str]:
         lines.append(f"| PromoteModelVersion p50, {label} ({promo.get('base_commit') if label == 'base' else 'this tree'}) "
                      f"| {_fig(p.get('aqimodels_p50_ms'))}; p99 {_fig(p.get('aqimodels_p99_ms'))}; "
                      f"{_fig(p.get('ratio_over_alias_only'))} the bare alias change |")
+    lines.append(f"| PromoteModelVersion p50, this / base, per run | {_fig(promo.get('this_over_base_p50'))} |")
     return lines + [""]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import signal
@@ -93,7 +94,7 @@ def _after_restart(folder: Path, runs: int) -> dict[str, Any]:
     with RegistryClient(target) as client:
         client.promote(name, versions[0], "production")
     common.stop(proc)
-    to_recovered, starts = [], []
+    to_recovered, starts, after_serving = [], [], []
     for i in range(runs):
         proc, target, _ = common.start_registry(uri, folder, AQIMODELS_FAULT_POINT="PromoteModelVersion:2")
         with RegistryClient(target) as client:
@@ -110,9 +111,11 @@ def _after_restart(folder: Path, runs: int) -> dict[str, Any]:
                 time.sleep(0.01)
             to_recovered.append(time.perf_counter() - t0)
             starts.append(start)
+            after_serving.append(to_recovered[-1] - start)
         common.stop(proc)
     return {"restart_to_recovered": common.figure(to_recovered, "s", 2),
             "restart_to_serving": common.figure(starts, "s", 2),
+            "recovered_after_serving": common.figure(after_serving, "s", 3),
             "note": "registry SIGKILLed after the alias move; restart on the same SQLite store until the record "
                     "is completed (includes the process start)"}
 
@@ -181,48 +184,78 @@ def _export_base(commit: str, folder: Path) -> Path:
     return tree
 
 
-def _promotion_p50(folder: Path, runs: int, base_commit: str) -> dict[str, Any]:
+def _promotion_p50(folder: Path, runs: int, base_commit: str, calls: int = 20) -> dict[str, Any]:
+    """Both registries run at once, each on its own copy of one built registry (4 x 1,000); their runs
+    alternate (and so does which goes first), each next to a run of the bare alias change on its store."""
     from bench import rpc
 
     built = folder / "promote.db"
     data.build_sql(built, 1000, folder)
     base = _export_base(base_commit, folder)
-    out: dict[str, Any] = {"base_commit": base_commit}
-    for label, extra in (("base", {"PYTHONPATH": str(base)}), ("this", {})):
-        db = folder / f"promote-{label}.db"  # each registry starts from the same built registry
-        shutil.copy(built, db)
-        uri = f"sqlite:///{db}"
-        inproc = rpc.MlflowOps(uri)
-        proc, target, _ = common.start_registry(uri, folder, **extra)
-        aq = rpc.GrpcOps(target)
-        try:
-            res = rpc._promotion(aq, inproc, {}, runs, 20)
-        finally:
-            aq.close()
-            common.stop(proc)
-        out[label] = {"aqimodels_p50_ms": res["aqimodels"]["c1"]["p50_ms"],
-                      "aqimodels_p99_ms": res["aqimodels"]["c1"]["p99_ms"],
-                      "alias_only_p50_ms": res["inproc_alias_only"]["c1"]["p50_ms"],
-                      "ratio_over_alias_only": res["ratio_aqimodels_over_inproc_alias_only_p50"]}
-    out["this_over_base_p50"] = round(out["this"]["aqimodels_p50_ms"]["median"]
-                                      / out["base"]["aqimodels_p50_ms"]["median"], 2)
+    name, pair = data.MODELS[0], (11, 12)
+    systems: dict[str, dict[str, Any]] = {}
+    try:
+        for label, extra in (("base", {"PYTHONPATH": str(base)}), ("this", {})):
+            db = folder / f"promote-{label}.db"
+            shutil.copy(built, db)
+            proc, target, _ = common.start_registry(f"sqlite:///{db}", folder, **extra)
+            aq = rpc.GrpcOps(target)
+            aq.promote(name, pair[0])
+            systems[label] = {"proc": proc, "aq": aq, "inproc": rpc.MlflowOps(f"sqlite:///{db}"), "current": pair[0],
+                              "p50": [], "p99": [], "alias": [], "ratio": []}
+        for r in range(runs):
+            for label in (("base", "this") if r % 2 == 0 else ("this", "base")):
+                s = systems[label]
+                lat, alias = [], []
+                for _ in range(calls):
+                    v = pair[1] if s["current"] == pair[0] else pair[0]
+                    t0 = time.perf_counter()
+                    s["aq"].promote(name, v)
+                    lat.append(time.perf_counter() - t0)
+                    s["current"] = v
+                    t0 = time.perf_counter()
+                    s["inproc"].alias(data.MODELS[1], v)
+                    alias.append(time.perf_counter() - t0)
+                p50, a50 = common.pct(lat, .5) * 1000, common.pct(alias, .5) * 1000
+                s["p50"].append(p50)
+                s["p99"].append(common.pct(lat, .99) * 1000)
+                s["alias"].append(a50)
+                s["ratio"].append(p50 / a50)
+    finally:
+        for s in systems.values():
+            s["aq"].close()
+            common.stop(s["proc"])
+    out: dict[str, Any] = {"base_commit": base_commit, "calls_per_run": calls}
+    for label, s in systems.items():
+        out[label] = {"aqimodels_p50_ms": common.figure(s["p50"], "ms", 2),
+                      "aqimodels_p99_ms": common.figure(s["p99"], "ms", 2),
+                      "alias_only_p50_ms": common.figure(s["alias"], "ms", 2),
+                      "ratio_over_alias_only": common.figure(s["ratio"], "x", 2)}
+    out["this_over_base_p50"] = common.figure([t / b for t, b in zip(systems["this"]["p50"], systems["base"]["p50"])],
+                                              "x", 2)
     return out
 
 
-def run(folder: Path, runs: int = 3, base_commit: str = "8e21580") -> dict[str, Any]:
+PARTS = ("reconcile", "frozen", "promotion")
+
+
+def run(folder: Path, runs: int = 3, base_commit: str = "8e21580", parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {}
-    print("reconcile of a half-done promotion", flush=True)
-    result["reconcile_in_process"] = _half_done_promotions(folder, runs)
-    result["reconcile_after_restart"] = _after_restart(folder, runs)
-    print(f"  in-process {result['reconcile_in_process']['median']} ms; after restart "
-          f"{result['reconcile_after_restart']['restart_to_recovered']['median']} s", flush=True)
-    print("health on a frozen PostgreSQL", flush=True)
-    result["frozen_postgres_health"] = _frozen_postgres(runs)
-    print(f"  {result['frozen_postgres_health']}", flush=True)
-    print("promotion p50, base commit and this", flush=True)
-    result["promotion"] = _promotion_p50(folder, runs, base_commit)
-    print(f"  {result['promotion']}", flush=True)
+    if "reconcile" in parts:
+        print("reconcile of a half-done promotion", flush=True)
+        result["reconcile_in_process"] = _half_done_promotions(folder, runs)
+        result["reconcile_after_restart"] = _after_restart(folder, runs)
+        print(f"  in-process {result['reconcile_in_process']['median']} ms; after restart "
+              f"{result['reconcile_after_restart']['restart_to_recovered']['median']} s", flush=True)
+    if "frozen" in parts:
+        print("health on a frozen PostgreSQL", flush=True)
+        result["frozen_postgres_health"] = _frozen_postgres(runs)
+        print(f"  {result['frozen_postgres_health']}", flush=True)
+    if "promotion" in parts:
+        print("promotion p50, base commit and this", flush=True)
+        result["promotion"] = _promotion_p50(folder, runs, base_commit)
+        print(f"  {result['promotion']}", flush=True)
     return result
 
 
@@ -231,12 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--base-commit", default="8e21580", help="the registry to compare promotion p50 with")
+    parser.add_argument("--parts", default=",".join(PARTS), help="a subset re-measures only those figures")
     args = parser.parse_args(argv)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     tmp = Path(tempfile.mkdtemp(prefix="aqimodels-bench-resilience-"))
     try:
         t0 = time.perf_counter()
-        res = run(tmp, args.runs, args.base_commit)
-        print(f"wrote {common.write_result('resilience', {**res, 'section_seconds': time.perf_counter() - t0})}")
+        res = run(tmp, args.runs, args.base_commit, parts)
+        kept = json.loads((common.RESULTS / "resilience.json").read_text()) if set(parts) != set(PARTS) else {}
+        kept = {k: v for k, v in kept.items() if k not in ("name", "machine")}
+        print(f"wrote {common.write_result('resilience', {**kept, **res, 'section_seconds': time.perf_counter() - t0})}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError, InterfaceError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 
 from aqimodels.client.errors import BackendUnavailableError
 from aqimodels.server import deadlines
@@ -46,6 +46,10 @@ audit_table = sa.Table(
     sa.Column("request_id", sa.String(200), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
 )
+
+# Pending records (changes begun, not completed) are looked up before every change of a model
+# (server/changes.py): an index on the outcome keeps that lookup off the model's whole history.
+pending_index = sa.Index("ix_aqimodels_audit_outcome_model", audit_table.c.outcome, audit_table.c.model_name)
 
 idempotency_table = sa.Table(
     "aqimodels_idempotency",
@@ -127,6 +131,10 @@ class Database:
     def create_tables(self) -> None:
         with self.guard():
             metadata.create_all(self.engine, checkfirst=True)
+            try:  # tables made before the index existed; a replica starting at the same time may win
+                pending_index.create(self.engine, checkfirst=True)
+            except (ProgrammingError, IntegrityError):
+                pass
         self._created = True
 
     @contextlib.contextmanager

@@ -229,6 +229,32 @@ def test_a_promotion_whose_deadline_passes_while_it_waits_for_the_lock_writes_no
         db.engine.dispose()
 
 
+def test_a_promotion_cancelled_while_it_waits_for_the_lock_writes_nothing(sqlite_registry: Registry) -> None:
+    reg = sqlite_registry
+    name = "aqi_predictor_lstm"
+    v1, = reg.seed(name, [realistic_metrics(1)])
+    db = Database(reg.tracking_uri)
+    try:
+        with db.model_lock(name):
+            call = reg.client._stub.PromoteModelVersion.future(  # type: ignore[attr-defined]
+                pb.PromoteModelVersionRequest(name=name, version=v1, stage=pb.STAGE_STAGING), timeout=30)
+            time.sleep(0.5)
+            assert call.cancel()
+            time.sleep(0.5)  # the handler notices the cancellation while it polls for the lock
+        deadline = time.monotonic() + 5
+        while True:
+            records = list(reg.client.iter_audit_events(model_name=name))  # type: ignore[attr-defined]
+            if records or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert [(r.action, r.outcome) for r in records] == [("PromoteModelVersion", "abandoned")], records
+        assert "cancelled" in records[0].message
+        time.sleep(0.3)
+        assert reg.client.get_version(name, v1).stage == pb.STAGE_NONE  # type: ignore[attr-defined]
+    finally:
+        db.engine.dispose()
+
+
 def test_repeated_request_ids_return_the_first_outcome_of_promote_rollback_and_cleanup(
         sqlite_registry: Registry) -> None:
     reg, client = sqlite_registry, sqlite_registry.client
