@@ -645,9 +645,16 @@ class RegistryService:
                     commit = _tag(target, ARCHIVED_TAG, "true")
                 post.append(_tag(target, ARCHIVED_TIME_TAG, now))
             chosen.update(snap=snap, version=number, current=current, archived=archived)
+            planned = self._state(snap)
+            if stage == Stage.PRODUCTION:
+                planned.update(production=number, staging=None if staging == number else staging)
+            elif stage == Stage.STAGING:
+                planned["staging"] = number
+            elif staging == number:
+                planned["staging"] = None
             self._bump(name)
             return Plan("PromoteModelVersion", name, number, pre + [commit] + post, commit=len(pre),
-                        before=self._state(snap),
+                        before=self._state(snap), after=planned,
                         result={"name": name, "version": number, "previous": current, "archived": archived},
                         message=f"{stage.name.lower()}" + (f": {reason}" if reason else ""))
 
@@ -690,8 +697,10 @@ class RegistryService:
                 writes.append(Write("alias", STAGING_ALIAS, to=None, was=str(previous)))
             writes += [_tag(prod, ARCHIVED_TAG, "true"), _tag(prod, ARCHIVED_TIME_TAG, now)]
             chosen.update(snap=snap, version=previous, current=current, archived=[current])
+            staging = snap.model.aliases.get(STAGING_ALIAS)
             self._bump(name)
             return Plan("RollbackModel", name, previous, writes, commit=0, before=self._state(snap),
+                        after={"production": previous, "staging": None if staging == previous else staging},
                         result={"name": name, "version": previous, "previous": current, "archived": [current]},
                         message=f"rollback {current} -> {previous}" + (f": {reason}" if reason else ""))
 

@@ -10,6 +10,7 @@ Real parts: in-process registries over a real MLflow store for the injected fail
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -138,6 +139,26 @@ def test_a_rollback_failing_before_any_of_its_writes_is_recovered(sqlite_registr
     check_consistent(client, name)  # type: ignore[arg-type]
 
 
+def test_an_archive_and_a_cleanup_failing_midway_are_completed(sqlite_registry: Registry) -> None:
+    reg, client = sqlite_registry, sqlite_registry.client
+    name = "aqi_predictor_gnn"
+    v1, v2, v3, v4 = reg.seed(name, [realistic_metrics(i) for i in range(4)])
+    client.promote(name, v4, "production")  # type: ignore[attr-defined]
+    client.promote(name, v1, "staging")  # type: ignore[attr-defined]
+    changes = reg.server.service.changes  # type: ignore[attr-defined]
+    changes.fault = fail_at("PromoteModelVersion", 1)  # after the staging alias is removed
+    archived = client.promote(name, v1, "archived")  # type: ignore[attr-defined]
+    assert archived.version.stage == pb.STAGE_ARCHIVED
+    changes.fault = fail_at("CleanupModelVersions", 1)  # after the first of two deletes
+    cleaned = client.cleanup(name, versions=[v2, v3])  # type: ignore[attr-defined]
+    changes.fault = None
+    assert sorted(cleaned.deleted_versions) == [v2, v3]
+    assert sorted(v.version for v in client.iter_versions(name)) == [v1, v4]  # type: ignore[attr-defined]
+    records = list(client.iter_audit_events(model_name=name))  # type: ignore[attr-defined]
+    assert [r.outcome for r in records][:2] == ["recovered", "recovered"], [(r.action, r.outcome) for r in records]
+    assert not [r for r in records if r.outcome == "pending"]
+
+
 # ---- kill -9 of the registry between any two writes ----
 
 def _wait_settled(client: RegistryClient, name: str, timeout: float = 30) -> float:
@@ -196,6 +217,12 @@ def test_a_registry_killed_between_any_two_writes_leaves_a_change_the_restart_co
                     else:
                         client.rollback(name, expected_current_version=v3)
             assert proc.wait(30) == -signal.SIGKILL
+            # the intent left behind holds the whole plan: states before and after, every write, the commit point
+            pending = Database(sqlite_uri).audit_pending(("PromoteModelVersion", "RollbackModel"))
+            assert len(pending) == 1, pending
+            plan = json.loads(pending[0]["after"])["plan"]
+            assert len(plan["writes"]) == 5 and plan["writes"][plan["commit"]]["key"] == "production", plan
+            assert plan["after"]["production"] == (v3 if point[0] == "PromoteModelVersion" else v2), plan
             previous = point
     finally:
         if proc.poll() is None:
