@@ -100,8 +100,8 @@ def _after_restart(folder: Path, runs: int) -> dict[str, Any]:
         with RegistryClient(target) as client:
             try:
                 client.promote(name, versions[(i + 1) % 2], "production")
-            except Exception:  # noqa: BLE001 - the registry killed itself
-                pass
+            except Exception as exc:  # noqa: BLE001 - the registry killed itself mid-call
+                print(f"  the promotion's caller got {type(exc).__name__}", flush=True)
         proc.wait(30)
         assert proc.returncode == -signal.SIGKILL, proc.returncode
         t0 = time.perf_counter()
@@ -123,12 +123,11 @@ def _after_restart(folder: Path, runs: int) -> dict[str, Any]:
 def _frozen_postgres(runs: int) -> dict[str, Any]:
     sys.path.insert(0, str(_TESTS))  # the tests' private PostgreSQL cluster (never the server on 5432)
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_changes import freeze, thaw
-    from test_faults import PG_BIN, ThrowawayPostgres
-
     from aqimodels.client import RegistryClient
     from aqimodels.server.app import create_server
     from aqimodels.server.config import ServerConfig
+    from test_changes import freeze, thaw
+    from test_faults import PG_BIN, ThrowawayPostgres
 
     if not (PG_BIN / "initdb").exists() or shutil.which("su") is None:
         return {"skipped": "PostgreSQL server binaries are not installed"}

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import structlog
-
 from aqimodels.client.errors import (
     BackendUnavailableError,
     CancelledError,
@@ -383,9 +382,9 @@ class Changes:
         count = 0
         for name in sorted(names):
             try:
-                with deadlines.bound(deadlines.Deadline.after(1.0)), self.db.model_lock(name):
-                    with deadlines.bound(deadlines.Deadline.after(max(10.0, self.reconcile_after))):
-                        count += self.settle(name)
+                with (deadlines.bound(deadlines.Deadline.after(1.0)), self.db.model_lock(name),
+                      deadlines.bound(deadlines.Deadline.after(max(10.0, self.reconcile_after)))):
+                    count += self.settle(name)
             except DeadlineExceededError:
                 continue  # another process holds the lock: it is acting on the model now
             except Exception as exc:  # noqa: BLE001 - the store is down: the next pass retries

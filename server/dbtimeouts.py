@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-
 from aqimodels.server import deadlines
 
 

@@ -735,7 +735,7 @@ class RegistryService:
     def _promotion_result(self, name: str, outcome: Outcome, chosen: dict[str, Any]) -> PromotionResult:
         data = outcome.result
         if outcome.outcome == "replayed" and data.get("name") != name:
-            raise InvalidArgumentError(f"request_id was already used for another request", field="request_id")
+            raise InvalidArgumentError("request_id was already used for another request", field="request_id")
         snap = chosen.get("after") if outcome.outcome == "ok" else None
         if snap is None:
             snap = self.snapshot(name, fresh=True)

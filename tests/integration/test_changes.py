@@ -25,8 +25,8 @@ from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client import RegistryClient
 from aqimodels.client.errors import AqiModelsError, BackendUnavailableError
 from aqimodels.server.db import Database
-from aqimodels.server.jobs import jobs_factory
 from aqimodels.server.domain import ARCHIVED_TAG, PREVIOUS_PRODUCTION_TAG
+from aqimodels.server.jobs import jobs_factory
 from aqimodels.server.mlflow_store import MlflowModelStore
 from conftest import Registry, realistic_metrics, serve_process, start_registry
 from test_faults import ThrowawayPostgres, throwaway_postgres  # noqa: F401 - the fixture
@@ -377,7 +377,8 @@ def test_sigterm_with_a_promotion_blocked_on_the_lock_abandons_it_and_exits_with
 
 def _cluster_pids(pg: ThrowawayPostgres) -> list[int]:
     postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
-    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True,
+                              check=False).stdout.split()
     return [postmaster] + [int(c) for c in children]
 
 
