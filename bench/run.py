@@ -28,7 +28,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 from bench import common  # noqa: E402
 
-SECTIONS = ("rpc", "streams", "process", "scale", "training", "report")
+SECTIONS = ("rpc", "streams", "process", "scale", "training", "resilience", "report")
 BEIJING = common.BEIJING
 
 
@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"   Beijing data not found at {BEIJING}: skipped", flush=True)
             summary = {label: report.training_summary(label) for label in ("synthetic", "beijing")}
             print(f"   wrote {common.write_result('training', summary)}")
+        if "resilience" in wanted:
+            from bench import resilience
+
+            print("== 5. failure-safe changes and bounded waits", flush=True)
+            t0 = time.perf_counter()
+            res = resilience.run(tmp / "resilience", args.runs)
+            print(f"   wrote {common.write_result('resilience', {**res, 'section_seconds': time.perf_counter() - t0})}")
         if "report" in wanted:
             from bench import report
 

@@ -285,21 +285,22 @@ class RegistryClient:
 
     def report_performance(self, name: str, version: int, *, rmse: float = 0.0, mae: float = 0.0,
                            sample_count: int = 0, pairs: Sequence[tuple[float, float]] = (),
-                           window_end: Any = None) -> pb.ReportPerformanceResponse:
+                           window_end: Any = None, request_id: str = "") -> pb.ReportPerformanceResponse:
         """Reports a version's live accuracy: a window's rmse/mae and sample count, or (predicted, actual) pairs.
 
         Args:
             window_end: end of the reported window (a datetime or Timestamp; default: now on the server).
+            request_id: idempotency key: a retry with it is counted once and gets the first answer.
         """
         request = pb.ReportPerformanceRequest(
             name=name, version=version, rmse=rmse, mae=mae, sample_count=sample_count,
-            pairs=[pb.PredictionPair(predicted=p, actual=a) for p, a in pairs])
+            pairs=[pb.PredictionPair(predicted=p, actual=a) for p, a in pairs], request_id=request_id)
         if window_end is not None:
             if hasattr(window_end, "timestamp"):
                 request.window_end.FromDatetime(window_end)
             else:
                 request.window_end.CopyFrom(window_end)
-        return self._unary(self._stub.ReportPerformance, request)
+        return self._unary(self._stub.ReportPerformance, request, request_id=request_id or None)
 
     def watch_alerts(self, model_name: str = "", timeout: float | None = None) -> Iterator[pb.Alert]:
         """Degradation alerts as they are raised (of one model, or all), until closed."""

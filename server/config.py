@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from aqimodels.client.errors import InvalidArgumentError
+from aqimodels.server.dbtimeouts import DbTimeouts
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "aqi-predictor"
@@ -129,6 +130,24 @@ class ServerConfig:
     monitor_poll_seconds: float = 1.0
     # Prometheus endpoint (issue 6): None = off; 0 = an ephemeral port (tests). AQIMODELS_METRICS_PORT=0 is off.
     metrics_port: int | None = None
+    # bounded waits and failure-safe changes (issue 11; see resilience_from_env)
+    db_connect_timeout_seconds: float = 5.0
+    db_statement_timeout_seconds: float = 30.0
+    db_lock_timeout_seconds: float = 10.0
+    health_timeout_seconds: float = 0.0  # 0: half the health interval, at most 1 s
+    mlflow_http_timeout_seconds: float = 10.0
+    mlflow_http_max_retries: int = 2
+    reconcile_after_seconds: float = 30.0
+    fault_point: str = ""  # tests only: "<action>:<write index>" makes the process SIGKILL itself there
+
+    @property
+    def db_timeouts(self) -> DbTimeouts:
+        return DbTimeouts(self.db_connect_timeout_seconds, self.db_statement_timeout_seconds,
+                          self.db_lock_timeout_seconds)
+
+    @property
+    def health_timeout(self) -> float:
+        return self.health_timeout_seconds or min(1.0, self.health_interval_seconds / 2)
 
     @property
     def bind(self) -> str:
@@ -184,6 +203,7 @@ class ServerConfig:
             worker_client_cert=_file(env, "AQIMODELS_WORKER_CLIENT_CERT"),
             worker_client_key=_file(env, "AQIMODELS_WORKER_CLIENT_KEY"),
             **monitoring_from_env(env),
+            **resilience_from_env(env),
         ).checked()
 
     def checked(self) -> ServerConfig:
@@ -302,4 +322,40 @@ def monitoring_from_env(env: Mapping[str, str]) -> MonitoringSettings:
         retrain_dataset=env.get("AQIMODELS_RETRAIN_DATASET", "").strip(),
         retention_keep_last=keep_last,
         retention_older_than_days=older_than,
+    )
+
+
+class ResilienceSettings(TypedDict):
+    db_connect_timeout_seconds: float
+    db_statement_timeout_seconds: float
+    db_lock_timeout_seconds: float
+    health_interval_seconds: float
+    health_timeout_seconds: float
+    mlflow_http_timeout_seconds: float
+    mlflow_http_max_retries: int
+    reconcile_after_seconds: float
+    fault_point: str
+
+
+def resilience_from_env(env: Mapping[str, str]) -> ResilienceSettings:
+    """Database and MLflow timeouts, the health probe and the change reconciler (README, "What survives what")."""
+    def positive(name: str, default: float) -> float:
+        value = _float(env, name, default)
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+        return value
+
+    fault = env.get("AQIMODELS_FAULT_POINT", "").strip()
+    if fault and (fault.count(":") != 1 or not fault.rsplit(":", 1)[1].isdigit()):
+        raise ConfigError(f"AQIMODELS_FAULT_POINT must be <action>:<write index>, got {fault!r}")
+    return ResilienceSettings(
+        db_connect_timeout_seconds=positive("AQIMODELS_DB_CONNECT_TIMEOUT_SECONDS", 5.0),
+        db_statement_timeout_seconds=positive("AQIMODELS_DB_STATEMENT_TIMEOUT_SECONDS", 30.0),
+        db_lock_timeout_seconds=positive("AQIMODELS_DB_LOCK_TIMEOUT_SECONDS", 10.0),
+        health_interval_seconds=positive("AQIMODELS_HEALTH_INTERVAL_SECONDS", 2.0),
+        health_timeout_seconds=_float(env, "AQIMODELS_HEALTH_TIMEOUT_SECONDS", 0.0),
+        mlflow_http_timeout_seconds=positive("AQIMODELS_MLFLOW_HTTP_TIMEOUT_SECONDS", 10.0),
+        mlflow_http_max_retries=_int(env, "AQIMODELS_MLFLOW_HTTP_MAX_RETRIES", 2, 0, 10),
+        reconcile_after_seconds=positive("AQIMODELS_RECONCILE_AFTER_SECONDS", 30.0),
+        fault_point=fault,
     )

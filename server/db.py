@@ -14,15 +14,17 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError, InterfaceError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 
 from aqimodels.client.errors import BackendUnavailableError
+from aqimodels.server import deadlines
 from aqimodels.server.config import sqlite_path
+from aqimodels.server.dbtimeouts import DbTimeouts, bound_engine
 from aqimodels.server.domain import AuditRecord
 
 metadata = sa.MetaData()
@@ -44,6 +46,10 @@ audit_table = sa.Table(
     sa.Column("request_id", sa.String(200), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
 )
+
+# Pending records (changes begun, not completed) are looked up before every change of a model
+# (server/changes.py): an index on the outcome keeps that lookup off the model's whole history.
+pending_index = sa.Index("ix_aqimodels_audit_outcome_model", audit_table.c.outcome, audit_table.c.model_name)
 
 idempotency_table = sa.Table(
     "aqimodels_idempotency",
@@ -82,28 +88,42 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _try_flock(fh: Any) -> bool:
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _poll(attempt: Callable[[], bool], still_wanted: Callable[[], None]) -> None:
+    """Calls ``attempt`` until it succeeds, backing off from 1 to 50 ms, checking ``still_wanted`` between."""
+    pause = 0.001
+    while not attempt():
+        still_wanted()
+        time.sleep(pause)
+        pause = min(0.05, pause * 2)
+
+
 class Database:
     """The engine over aqimodels' tables, with translation of connection failures."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeouts: DbTimeouts | None = None) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.is_postgres = url.startswith("postgresql")
+        self.timeouts = timeouts or DbTimeouts()
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if self.is_sqlite:
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            kwargs["connect_args"] = {"timeout": self.timeouts.lock, "check_same_thread": False}
             path = sqlite_path(url)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_recycle=300)
+            # pool_timeout: a request waits for a pooled connection no longer than for a statement
+            kwargs.update(pool_size=10, max_overflow=20, pool_recycle=300, pool_timeout=self.timeouts.statement)
         self.engine = sa.create_engine(url, **kwargs)
-        if self.is_sqlite:
-            @sa.event.listens_for(self.engine, "connect")
-            def _pragma(conn: Any, _record: Any) -> None:
-                cur = conn.cursor()
-                cur.execute("PRAGMA busy_timeout = 30000")
-                cur.close()
+        bound_engine(self.engine, self.timeouts)  # connect, statement and lock (busy) timeouts
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._created = False
@@ -111,6 +131,10 @@ class Database:
     def create_tables(self) -> None:
         with self.guard():
             metadata.create_all(self.engine, checkfirst=True)
+            try:  # tables made before the index existed; a replica starting at the same time may win
+                pending_index.create(self.engine, checkfirst=True)
+            except (ProgrammingError, IntegrityError):
+                pass
         self._created = True
 
     @contextlib.contextmanager
@@ -129,46 +153,100 @@ class Database:
     # ---- the per-model lock ----
 
     @contextlib.contextmanager
-    def model_lock(self, name: str) -> Iterator[None]:
-        """Serialises changes to one model across threads, processes and replicas."""
+    def model_lock(self, name: str, check: Callable[[], None] | None = None) -> Iterator[None]:
+        """Serialises changes to one model across threads, processes and replicas.
+
+        The wait polls (a try-lock with back-off) so that it ends as soon as ``check`` raises
+        (the caller's deadline passed, it cancelled, the registry is stopping) or the current
+        call's budget runs out (DeadlineExceededError); a blocking lock call would wait on in the
+        database after its caller was answered, and be granted then.
+        """
+        def still_wanted() -> None:
+            if check is not None:
+                check()
+            deadlines.current().check("the model's lock was free")
+
         with self._locks_guard:
             local = self._locks.setdefault(name, threading.Lock())
-        with local:
+        while not local.acquire(timeout=0.05):
+            still_wanted()
+        try:
             key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
             if self.is_postgres:
-                # A session-level advisory lock on an autocommit connection: no transaction
-                # stays open while the change is made through MLflow's own connections.
-                with self.guard(), self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                    conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                    try:
-                        yield
-                    finally:
-                        with contextlib.suppress(Exception):
-                            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                with self._pg_lock(key, still_wanted):
+                    yield
             elif self.is_sqlite and sqlite_path(self.url) is not None:
                 lock_dir = Path(str(sqlite_path(self.url)) + ".locks")
                 lock_dir.mkdir(parents=True, exist_ok=True)
                 with open(lock_dir / f"{key & 0xFFFFFFFFFFFF:x}.lock", "a+") as fh:
-                    fcntl.flock(fh, fcntl.LOCK_EX)
+                    _poll(lambda: _try_flock(fh), still_wanted)
                     try:
                         yield
                     finally:
                         fcntl.flock(fh, fcntl.LOCK_UN)
             else:
                 yield
+        finally:
+            local.release()
+
+    @contextlib.contextmanager
+    def _pg_lock(self, key: int, still_wanted: Callable[[], None]) -> Iterator[None]:
+        # A session-level advisory lock on an autocommit connection: no transaction stays open
+        # while the change is made through MLflow's own connections.
+        with self.guard():
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            with self.guard():
+                _poll(lambda: bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()),
+                      still_wanted)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.invalidate()  # a lock granted after we stopped asking ends with the session
+                conn.close()
+            raise
+        try:
+            yield
+        finally:
+            # Never turns a finished change into an error: a lock that cannot be released
+            # is released by the server when the session ends (the connection is dropped).
+            try:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.close()
+            except Exception:  # noqa: BLE001
+                with contextlib.suppress(Exception):
+                    conn.invalidate()
+                    conn.close()
 
     # ---- audit ----
 
     def audit_begin(self, *, actor: str, role: str, action: str, model_name: str, version: int,
-                    before: dict[str, Any], request_id: str, message: str = "") -> str:
-        """Writes the record of a change before it is made (outcome ``pending``); returns its id."""
+                    before: dict[str, Any], request_id: str, message: str = "",
+                    after: dict[str, Any] | None = None) -> str:
+        """Writes the record of a change before it is made (outcome ``pending``); returns its id.
+
+        ``after``: while pending, the intent (a change's plan, see server/changes.py).
+        """
         audit_id = uuid.uuid4().hex
         with self.begin() as conn:
             conn.execute(audit_table.insert().values(
                 id=audit_id, time_ms=_now_ms(), actor=actor, role=role, action=action,
                 model_name=model_name, version=version, before=json.dumps(before, sort_keys=True),
-                after="{}", outcome="pending", request_id=request_id, message=message))
+                after=json.dumps(after or {}, sort_keys=True), outcome="pending", request_id=request_id,
+                message=message))
         return audit_id
+
+    def audit_pending(self, actions: tuple[str, ...], *, model_name: str | None = None,
+                      older_than_ms: int | None = None) -> list[dict[str, Any]]:
+        """Pending records of ``actions`` (oldest first): changes begun and not completed."""
+        t = audit_table
+        q = sa.select(t.c.id, t.c.time_ms, t.c.action, t.c.model_name, t.c.after, t.c.request_id).where(
+            t.c.outcome == "pending", t.c.action.in_(actions)).order_by(t.c.seq)
+        if model_name is not None:
+            q = q.where(t.c.model_name == model_name)
+        if older_than_ms is not None:
+            q = q.where(t.c.time_ms < older_than_ms)
+        with self.begin() as conn:
+            return [dict(r) for r in conn.execute(q).mappings().all()]
 
     def audit_finish(self, audit_id: str, *, outcome: str, after: dict[str, Any] | None = None,
                      message: str | None = None, version: int | None = None) -> None:

@@ -20,6 +20,7 @@ import grpc
 import structlog
 
 from aqimodels.client.errors import AqiModelsError, status_code_for
+from aqimodels.server import deadlines
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +121,10 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
         _request_id.set(request_id)
         _caller.set(None)
+        # The call's budget, for every wait it makes (server/deadlines.py); none beyond a year.
+        left = context.time_remaining()
+        deadlines.set_current(deadlines.Deadline.after(left if left is not None and left < 3e7 else None,
+                                                       context.is_active))
         context.set_trailing_metadata((("x-request-id", request_id),))
         if self._authenticate is not None:
             _caller.set(self._authenticate(method, md))

@@ -14,6 +14,7 @@ import gc
 import itertools
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from aqimodels.client.errors import (
     ModelNotFoundError,
     VersionNotFoundError,
 )
+from aqimodels.server.dbtimeouts import DbTimeouts, bound_engine
 from aqimodels.server.domain import BackendHealth, MetricValues, ModelVersion, RegisteredModel, metric_values
 
 T = TypeVar("T")
@@ -104,8 +106,23 @@ def _redact(uri: str) -> str:
 class MlflowModelStore:
     """Registry operations over one MLflow tracking store and model registry."""
 
-    def __init__(self, tracking_uri: str, registry_uri: str | None = None) -> None:
+    def __init__(self, tracking_uri: str, registry_uri: str | None = None, *, timeouts: DbTimeouts | None = None,
+                 http_timeout_seconds: float | None = None, http_max_retries: int | None = None) -> None:
+        """``timeouts``: bound MLflow's own database engine (connect, statement, lock) as ours.
+
+        ``http_timeout_seconds`` / ``http_max_retries``: a tracking server over REST. MLflow reads
+        these from its environment variables on every request (its only interface for them), so
+        they are set there, process-wide, from the server's configuration.
+        """
         self.tracking_uri = tracking_uri
+        self._timeouts = timeouts
+        self._bound = timeouts is None
+        self._bind_lock = threading.Lock()
+        if http_timeout_seconds is not None:
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(http_timeout_seconds)))
+        if http_max_retries is not None:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(http_max_retries)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
         # Metrics of finished runs never change: cache them by run id.
         self._run_metrics: dict[str, MetricValues] = {}
@@ -116,10 +133,32 @@ class MlflowModelStore:
 
     # ---- error translation ----
 
+    def _bind_engines(self) -> None:
+        """Installs the timeouts on MLflow's SQLAlchemy engines once (they are shared per URI)."""
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySql
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSql
+
+        with self._bind_lock:
+            if self._bound:
+                return
+            assert self._timeouts is not None
+            for store in (self._client._tracking_client.store, self._registry().store):
+                if isinstance(store, (RegistrySql, TrackingSql)):
+                    for engine in (store.engine, getattr(store, "read_engine", None)):
+                        if engine is not None and not getattr(engine, "_aqimodels_bound", False):
+                            bound_engine(engine, self._timeouts)
+                            engine._aqimodels_bound = True
+            self._bound = True
+
     def _call(self, fn: Callable[[], T], *, name: str = "", version: int = 0) -> T:
         self.call_count += 1
+        if not self._bound:
+            self._call_unbound(self._bind_engines)
+        return self._call_unbound(fn, name=name, version=version, frame=2)
+
+    def _call_unbound(self, fn: Callable[[], T], *, name: str = "", version: int = 0, frame: int = 1) -> T:
         if self.observer is not None:  # the operation is the store method that called us
-            fn = _timed(fn, self.observer, sys._getframe(1).f_code.co_name.lstrip("_"))
+            fn = _timed(fn, self.observer, sys._getframe(frame).f_code.co_name.lstrip("_"))
         try:
             return fn()
         except MlflowException as exc:

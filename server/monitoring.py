@@ -298,8 +298,11 @@ class Monitor:
     # ---- live performance ----
 
     def report(self, caller: Caller, name: str, version: int, rmse: float, mae: float, sample_count: int,
-               pairs: Sequence[tuple[float, float]], window_end_ms: int) -> ReportOutcome:
-        """Takes a live performance report; turns the model DEGRADED or healthy when the window says so."""
+               pairs: Sequence[tuple[float, float]], window_end_ms: int, request_id: str = "") -> ReportOutcome:
+        """Takes a live performance report; turns the model DEGRADED or healthy when the window says so.
+
+        ``request_id``: a repeated one is not counted again and answers the first report's outcome.
+        """
         validate_name(name)
         validate_version(version)
         rmse, mae, samples = aggregate(rmse, mae, sample_count, pairs)
@@ -311,6 +314,11 @@ class Monitor:
         now = _now_ms()
         alert: Alert | None = None
         with self.db.model_lock(f"health:{name}"):
+            first = self.db.remembered("ReportPerformance", request_id)
+            if first is not None:
+                kept = json.loads(first)
+                return ReportOutcome(Health[kept["health"]], kept["ratio"], kept["live_rmse"], kept["test_rmse"],
+                                     kept["window_samples"], None)
             with self.db.begin() as conn:
                 conn.execute(reports_table.insert().values(
                     model_name=name, version=version, time_ms=now, window_end_ms=window_end_ms or now,
@@ -334,6 +342,9 @@ class Monitor:
                 before={}, after={"rmse": rmse, "mae": mae, "samples": samples, "window_rmse": live_rmse,
                                   "window_samples": window_samples, "ratio": ratio, "degraded": degraded},
                 outcome="ok", request_id=caller.request_id, message=f"{samples} samples, rmse {rmse:.4g}")
+            self.db.remember("ReportPerformance", request_id, json.dumps({
+                "health": "DEGRADED" if degraded else "HEALTHY", "ratio": ratio, "live_rmse": live_rmse,
+                "test_rmse": test_rmse, "window_samples": window_samples}).encode())
         if version == production:
             self.service.set_degraded(name, degraded)
             if degraded:

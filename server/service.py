@@ -18,7 +18,6 @@ state fresh from the store, writes an audit record before acting and completes i
 from __future__ import annotations
 
 import gc
-import json
 import math
 import re
 import threading
@@ -38,7 +37,9 @@ from aqimodels.client.errors import (
     StaleVersionError,
     VersionNotFoundError,
 )
+from aqimodels.server.changes import Changes, Outcome, Plan, Write
 from aqimodels.server.db import Database
+from aqimodels.server.deadlines import NO_DEADLINE, Deadline
 from aqimodels.server.domain import (
     ARCHIVED_TAG,
     ARCHIVED_TIME_TAG,
@@ -90,6 +91,7 @@ class Caller:
     name: str = "anonymous"
     role: str = "admin"
     request_id: str = ""
+    deadline: Deadline = NO_DEADLINE  # the call's budget: a change whose caller left writes nothing
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,9 @@ class _Writes:
         self.store.delete_tag(name, version, key)
         self.tags.setdefault(version, {})[key] = None
 
+    def delete_version(self, name: str, version: int) -> None:
+        self.store.delete_version(name, version)
+
     def apply(self, snap: ModelSnapshot) -> ModelSnapshot:
         aliases = dict(snap.model.aliases)
         for alias, version in self.aliases.items():
@@ -251,14 +256,23 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _tag(v: ModelVersion, key: str, value: str | None) -> Write:
+    """The write of tag ``key`` of version ``v`` (None: removed), with the value it replaces."""
+    return Write("tag", key, v.version, to=value, was=v.tags.get(key))
+
+
 class RegistryService:
     """Status, listing, comparison, promotion, rollback, cleanup and audit over a ModelStore."""
 
     def __init__(self, store: ModelStore, db: Database, *, cache_ttl_seconds: float = 2.0,
                  running_jobs: Callable[[], dict[str, list[Any]]] | None = None,
-                 full_refresh_seconds: float = 30.0, health_max_age_seconds: float = 5.0) -> None:
+                 full_refresh_seconds: float = 30.0, health_max_age_seconds: float = 5.0,
+                 reconcile_after_seconds: float = 30.0, fault_point: str = "") -> None:
         self.store = store
         self.db = db
+        # promotions, rollbacks, archives and cleanups: one recoverable skeleton (server/changes.py)
+        self.changes = Changes(db, store, lambda: _Writes(store), reconcile_after_seconds=reconcile_after_seconds,
+                               fault_point=fault_point, on_recovered=self.invalidate)
         self.cache_ttl = cache_ttl_seconds
         self.full_refresh = full_refresh_seconds
         self.health_max_age = health_max_age_seconds
@@ -701,19 +715,17 @@ class RegistryService:
         if expected_current is not None and stage == Stage.ARCHIVED:
             raise InvalidArgumentError("expected_current_version applies to production and staging only",
                                        field="expected_current_version")
-        with self.db.model_lock(name):
-            replay = self._replay("PromoteModelVersion", caller.request_id, name)
-            if replay is not None:
-                return replay
+        chosen: dict[str, Any] = {}
+
+        def plan() -> Plan:
             snap = self._confirmed(name)
-            w = _Writes(self.store)
+            number = version
             if select_best_by:
                 comparison = self.compare(name, [], select_best_by)
                 if not comparison.best_version:
                     raise FailedPreconditionError(f"no version of {name!r} has metric {select_best_by!r}")
-                version = comparison.best_version
-            target = snap.version(version)
-            before = self._state(snap)
+                number = comparison.best_version
+            target = snap.version(number)
             alias = {Stage.PRODUCTION: PRODUCTION_ALIAS, Stage.STAGING: STAGING_ALIAS}.get(stage)
             current = snap.model.aliases.get(alias, 0) if alias else 0
             if expected_current is not None and expected_current != current:
@@ -723,63 +735,67 @@ class RegistryService:
                     f"{'version ' + str(expected_current) if expected_current else 'empty'}; "
                     "read the status again and retry")
             if target.stage == stage:
-                raise FailedPreconditionError(f"version {version} of {name!r} is already {stage.name.lower()}")
+                raise FailedPreconditionError(f"version {number} of {name!r} is already {stage.name.lower()}")
             if target.stage == Stage.PRODUCTION:
                 raise FailedPreconditionError(
-                    f"version {version} of {name!r} is in production; promote another version to "
+                    f"version {number} of {name!r} is in production; promote another version to "
                     "production or roll back first")
-            audit_id = self.db.audit_begin(
-                actor=caller.name, role=caller.role, action="PromoteModelVersion", model_name=name,
-                version=version, before=before, request_id=caller.request_id,
-                message=f"{stage.name.lower()}" + (f": {reason}" if reason else ""))
+            now = str(_now_ms())
+            staging = snap.model.aliases.get(STAGING_ALIAS)
             archived: list[int] = []
-            self._bump(name)
-            try:
-                now = str(_now_ms())
-                if stage == Stage.PRODUCTION:
-                    w.set_alias(name, PRODUCTION_ALIAS, version)
-                    if current and current != version:
-                        w.set_tag(name, current, ARCHIVED_TAG, "true")
-                        w.set_tag(name, current, ARCHIVED_TIME_TAG, now)
-                        w.set_tag(name, version, PREVIOUS_PRODUCTION_TAG, str(current))
-                        archived.append(current)
-                    if snap.model.aliases.get(STAGING_ALIAS) == version:
-                        w.delete_alias(name, STAGING_ALIAS)
-                    w.set_tag(name, version, PROMOTED_TIME_TAG, now)
-                    if target.stage == Stage.ARCHIVED:
-                        w.delete_tag(name, version, ARCHIVED_TAG)
-                elif stage == Stage.STAGING:
-                    w.set_alias(name, STAGING_ALIAS, version)
-                    if target.stage == Stage.ARCHIVED:
-                        w.delete_tag(name, version, ARCHIVED_TAG)
+            pre: list[Write] = []
+            post: list[Write] = []
+            if stage == Stage.PRODUCTION:
+                if current and current != number:
+                    pre.append(_tag(target, PREVIOUS_PRODUCTION_TAG, str(current)))
+                    post += [_tag(snap.version(current), ARCHIVED_TAG, "true"),
+                             _tag(snap.version(current), ARCHIVED_TIME_TAG, now)]
+                    archived.append(current)
+                commit = Write("alias", PRODUCTION_ALIAS, to=str(number), was=str(current) if current else None)
+                if staging == number:
+                    post.append(Write("alias", STAGING_ALIAS, to=None, was=str(number)))
+                post.append(_tag(target, PROMOTED_TIME_TAG, now))
+                if target.stage == Stage.ARCHIVED:
+                    post.append(_tag(target, ARCHIVED_TAG, None))
+            elif stage == Stage.STAGING:
+                commit = Write("alias", STAGING_ALIAS, to=str(number), was=str(staging) if staging else None)
+                if target.stage == Stage.ARCHIVED:
+                    post.append(_tag(target, ARCHIVED_TAG, None))
+            else:
+                if target.stage == Stage.STAGING:
+                    commit = Write("alias", STAGING_ALIAS, to=None, was=str(number))
+                    post.append(_tag(target, ARCHIVED_TAG, "true"))
                 else:
-                    if target.stage == Stage.STAGING:
-                        w.delete_alias(name, STAGING_ALIAS)
-                    w.set_tag(name, version, ARCHIVED_TAG, "true")
-                    w.set_tag(name, version, ARCHIVED_TIME_TAG, now)
-            except Exception as exc:
-                self.invalidate(name)
-                after_fail = self._state(self.snapshot(name, fresh=True))
-                self.db.audit_finish(audit_id, outcome="failed", after=after_fail, message=str(exc)[:500])
-                raise
-            # Our own writes, applied to the snapshot just confirmed under the lock: no reload.
+                    commit = _tag(target, ARCHIVED_TAG, "true")
+                post.append(_tag(target, ARCHIVED_TIME_TAG, now))
+            chosen.update(snap=snap, version=number, current=current, archived=archived)
+            planned = self._state(snap)
+            if stage == Stage.PRODUCTION:
+                planned.update(production=number, staging=None if staging == number else staging)
+            elif stage == Stage.STAGING:
+                planned["staging"] = number
+            elif staging == number:
+                planned["staging"] = None
             self._bump(name)
-            after_snap = self._put(w.apply(snap), None)
-            self.db.audit_finish(audit_id, outcome="ok", after=self._state(after_snap))
-            result = PromotionResult(after_snap.version(version), current, archived, audit_id)
-            self._remember("PromoteModelVersion", caller.request_id, result)
-        log.info("model_version_promoted", model=name, version=version, stage=stage.name.lower(),
-                 previous=current or None, archived=archived)
+            return Plan("PromoteModelVersion", name, number, pre + [commit] + post, commit=len(pre),
+                        before=self._state(snap), after=planned,
+                        result={"name": name, "version": number, "previous": current, "archived": archived},
+                        message=f"{stage.name.lower()}" + (f": {reason}" if reason else ""))
+
+        outcome = self._change(caller, "PromoteModelVersion", name, plan, chosen)
+        result = self._promotion_result(name, outcome, chosen)
+        if outcome.outcome != "replayed":
+            log.info("model_version_promoted", model=name, version=result.version.version,
+                     stage=stage.name.lower(), previous=result.previous_version or None,
+                     archived=result.archived_versions, outcome=outcome.outcome)
         return result
 
     def rollback(self, caller: Caller, name: str, expected_current: int | None, reason: str = "") -> PromotionResult:
         validate_name(name)
-        with self.db.model_lock(name):
-            replay = self._replay("RollbackModel", caller.request_id, name)
-            if replay is not None:
-                return replay
+        chosen: dict[str, Any] = {}
+
+        def plan() -> Plan:
             snap = self._confirmed(name)
-            w = _Writes(self.store)
             current = snap.model.aliases.get(PRODUCTION_ALIAS, 0)
             if expected_current is not None and expected_current != current:
                 raise StaleVersionError(f"production of {name!r} is version {current or 'none'}, "
@@ -797,33 +813,58 @@ class RegistryService:
                 raise FailedPreconditionError(
                     f"the previous production version {previous} of {name!r} was deleted; "
                     "promote a version explicitly instead")
-            before = self._state(snap)
-            audit_id = self.db.audit_begin(
-                actor=caller.name, role=caller.role, action="RollbackModel", model_name=name,
-                version=previous, before=before, request_id=caller.request_id,
-                message=f"rollback {current} -> {previous}" + (f": {reason}" if reason else ""))
-            try:
-                self._bump(name)
-                now = str(_now_ms())
-                w.set_alias(name, PRODUCTION_ALIAS, previous)
-                w.delete_tag(name, previous, ARCHIVED_TAG)
-                w.set_tag(name, previous, PROMOTED_TIME_TAG, now)
-                if snap.model.aliases.get(STAGING_ALIAS) == previous:
-                    w.delete_alias(name, STAGING_ALIAS)
-                w.set_tag(name, current, ARCHIVED_TAG, "true")
-                w.set_tag(name, current, ARCHIVED_TIME_TAG, now)
-            except Exception as exc:
-                self.invalidate(name)
-                self.db.audit_finish(audit_id, outcome="failed",
-                                     after=self._state(self.snapshot(name, fresh=True)), message=str(exc)[:500])
-                raise
+            back = snap.version(previous)
+            now = str(_now_ms())
+            writes = [Write("alias", PRODUCTION_ALIAS, to=str(previous), was=str(current)),
+                      _tag(back, ARCHIVED_TAG, None), _tag(back, PROMOTED_TIME_TAG, now)]
+            if snap.model.aliases.get(STAGING_ALIAS) == previous:
+                writes.append(Write("alias", STAGING_ALIAS, to=None, was=str(previous)))
+            writes += [_tag(prod, ARCHIVED_TAG, "true"), _tag(prod, ARCHIVED_TIME_TAG, now)]
+            chosen.update(snap=snap, version=previous, current=current, archived=[current])
+            staging = snap.model.aliases.get(STAGING_ALIAS)
             self._bump(name)
-            after_snap = self._put(w.apply(snap), None)
-            self.db.audit_finish(audit_id, outcome="ok", after=self._state(after_snap))
-            result = PromotionResult(after_snap.version(previous), current, [current], audit_id)
-            self._remember("RollbackModel", caller.request_id, result)
-        log.info("model_rolled_back", model=name, version=previous, replaced=current)
+            return Plan("RollbackModel", name, previous, writes, commit=0, before=self._state(snap),
+                        after={"production": previous, "staging": None if staging == previous else staging},
+                        result={"name": name, "version": previous, "previous": current, "archived": [current]},
+                        message=f"rollback {current} -> {previous}" + (f": {reason}" if reason else ""))
+
+        outcome = self._change(caller, "RollbackModel", name, plan, chosen)
+        result = self._promotion_result(name, outcome, chosen)
+        if outcome.outcome != "replayed":
+            log.info("model_rolled_back", model=name, version=result.version.version,
+                     replaced=result.previous_version, outcome=outcome.outcome)
         return result
+
+    def _change(self, caller: Caller, action: str, name: str, plan: Callable[[], Plan | None],
+                chosen: dict[str, Any]) -> Outcome:
+        """Runs a change through the one skeleton (server/changes.py) and keeps the read model in step."""
+        def finish(p: Plan, w: Any) -> dict[str, Any]:
+            self._bump(name)
+            after_snap = self._put(w.apply(chosen["snap"]), None) if isinstance(w, _Writes) else None
+            if after_snap is None:
+                self.invalidate(name)
+                after_snap = self.snapshot(name, fresh=True)
+            chosen["after"] = after_snap
+            return {**p.after, **self._state(after_snap)}
+
+        try:
+            return self.changes.run(action=action, name=name, actor=caller.name, role=caller.role,
+                                    request_id=caller.request_id, deadline=caller.deadline, plan=plan,
+                                    finish=finish)
+        except Exception:
+            if "snap" in chosen:
+                self.invalidate(name)
+            raise
+
+    def _promotion_result(self, name: str, outcome: Outcome, chosen: dict[str, Any]) -> PromotionResult:
+        data = outcome.result
+        if outcome.outcome == "replayed" and data.get("name") != name:
+            raise InvalidArgumentError("request_id was already used for another request", field="request_id")
+        snap = chosen.get("after") if outcome.outcome == "ok" else None
+        if snap is None:
+            snap = self.snapshot(name, fresh=True)
+        return PromotionResult(snap.version(data["version"]), data["previous"], data["archived"],
+                               outcome.audit_id or data.get("audit", ""))
 
     def cleanup(self, caller: Caller, name: str, keep_last: int, versions: list[int], dry_run: bool,
                 older_than_ms: int | None = None) -> CleanupResult:
@@ -845,18 +886,20 @@ class RegistryService:
         if not versions and keep_last == 0 and older_than_ms is None:
             raise InvalidArgumentError("keep_last must be at least 1 (or name the versions to delete)",
                                        field="keep_last")
-        with self.db.model_lock(name):
+        chosen: dict[str, Any] = {}
+
+        def plan() -> Plan | None:
             snap = self.snapshot(name, fresh=True)
             aliased = {v.version for v in snap.versions if v.aliases}
             if versions:
-                chosen = [snap.version(validate_version(v, "versions")) for v in dict.fromkeys(versions)]
-                blocked = sorted(v.version for v in chosen if v.aliases)
+                picked = [snap.version(validate_version(v, "versions")) for v in dict.fromkeys(versions)]
+                blocked = sorted(v.version for v in picked if v.aliases)
                 if blocked:
                     names = ", ".join(f"{v} ({'/'.join(snap.version(v).aliases)})" for v in blocked)
                     raise FailedPreconditionError(
                         f"cannot delete aliased version(s) {names} of {name!r}; promote or archive "
                         "other versions first")
-                delete = sorted(v.version for v in chosen)
+                delete = sorted(v.version for v in picked)
             else:
                 newest = {v.version for v in snap.versions[:keep_last]} if keep_last else set()
                 delete = sorted(v.version for v in snap.versions
@@ -865,49 +908,43 @@ class RegistryService:
             kept = sorted(v.version for v in snap.versions if v.version not in delete)
             protected = sorted(aliased)
             before = {"versions": sorted(v.version for v in snap.versions), **self._state(snap)}
+            chosen.update(snap=snap, result=(delete, kept, protected))
             if dry_run or not delete:
-                audit_id = self.db.audit_record(
+                chosen["audit"] = self.db.audit_record(
                     actor=caller.name, role=caller.role, action="CleanupModelVersions", model_name=name,
                     version=0, before=before, after={**before, "would_delete": delete},
                     outcome="dry_run" if dry_run else "ok", request_id=caller.request_id,
                     message=f"{'dry run: ' if dry_run else ''}{len(delete)} version(s) to delete")
-                return CleanupResult(delete, kept, protected, dry_run, audit_id)
-            audit_id = self.db.audit_begin(
-                actor=caller.name, role=caller.role, action="CleanupModelVersions", model_name=name,
-                version=0, before=before, request_id=caller.request_id,
-                message=f"delete {len(delete)} version(s): {delete}")
-            done: list[int] = []
-            try:
-                for v in delete:
-                    self.store.delete_version(name, v)
-                    done.append(v)
-            except Exception as exc:
-                self.invalidate(name)
-                self.db.audit_finish(audit_id, outcome="failed", message=f"deleted {done} then failed: {exc}"[:500],
-                                     after={"versions": sorted(set(before["versions"]) - set(done))})
-                raise
+                return None
+            self._bump(name)
+            return Plan("CleanupModelVersions", name, 0,
+                        [Write("delete_version", version=v, to=None, was="present") for v in delete], commit=0,
+                        before=before, after={"versions": kept},
+                        result={"name": name, "deleted": delete, "kept": kept, "protected": protected},
+                        message=f"delete {len(delete)} version(s): {delete}")
+
+        def finish(p: Plan, _w: Any) -> dict[str, Any]:
             self.invalidate(name)
-            self.db.audit_finish(audit_id, outcome="ok", after={"versions": kept, **self._state(snap)})
-        log.info("model_versions_deleted", model=name, versions=delete)
-        return CleanupResult(delete, kept, protected, False, audit_id)
+            return {**p.after, **self._state(chosen["snap"])}
 
-    # ---- idempotency: a repeated request id returns the first result ----
-
-    def _replay(self, action: str, request_id: str, name: str) -> PromotionResult | None:
-        raw = self.db.remembered(action, request_id)
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        if data.get("name") != name:
-            raise InvalidArgumentError(f"request_id {request_id!r} was already used for another request",
-                                       field="request_id")
-        snap = self.snapshot(name, fresh=True)
-        return PromotionResult(snap.version(data["version"]), data["previous"], data["archived"], data["audit"])
-
-    def _remember(self, action: str, request_id: str, result: PromotionResult) -> None:
-        self.db.remember(action, request_id, json.dumps({
-            "name": result.version.name, "version": result.version.version, "previous": result.previous_version,
-            "archived": result.archived_versions, "audit": result.audit_event_id}).encode())
+        try:
+            outcome = self.changes.run(action="CleanupModelVersions", name=name, actor=caller.name,
+                                       role=caller.role, request_id=caller.request_id, deadline=caller.deadline,
+                                       plan=plan, finish=finish)
+        except Exception:
+            self.invalidate(name)
+            raise
+        if outcome.outcome == "none":
+            delete, kept, protected = chosen["result"]
+            return CleanupResult(delete, kept, protected, dry_run, chosen["audit"])
+        data = outcome.result
+        if outcome.outcome == "replayed" and data.get("name") != name:
+            raise InvalidArgumentError("request_id was already used for another request", field="request_id")
+        if outcome.outcome != "replayed":
+            self.invalidate(name)
+            log.info("model_versions_deleted", model=name, versions=data["deleted"], outcome=outcome.outcome)
+        return CleanupResult(data["deleted"], data["kept"], data["protected"], False,
+                             outcome.audit_id or data.get("audit", ""))
 
     # ---- audit ----
 

@@ -14,6 +14,7 @@ from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.client.errors import InvalidArgumentError, UnimplementedError
 from aqimodels.server import convert
+from aqimodels.server import deadlines
 from aqimodels.server.domain import Stage
 from aqimodels.server.interceptors import Wire, current_caller, current_request_id
 from aqimodels.server.service import Caller, RegistryService
@@ -22,12 +23,12 @@ SERVER_VERSION = "0.1.0"
 
 
 def _caller(request_id: str = "") -> Caller:
-    """Who calls; the request's own idempotency key wins over the x-request-id header."""
+    """Who calls, with the call's deadline; the request's own idempotency key wins over x-request-id."""
     rid = request_id[:200] or current_request_id()
     caller = current_caller()
     if isinstance(caller, Caller):
-        return Caller(caller.name, caller.role, rid)
-    return Caller(request_id=rid)
+        return Caller(caller.name, caller.role, rid, deadlines.current())
+    return Caller(request_id=rid, deadline=deadlines.current())
 
 
 def _stage_filter(value: int, field: str) -> Stage | None:
@@ -102,7 +103,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     def CleanupModelVersions(self, request: pb.CleanupModelVersionsRequest,
                              context: grpc.ServicerContext) -> pb.CleanupModelVersionsResponse:
         cleanup = self._monitor.cleanup if self._monitor is not None else self._service.cleanup
-        result = cleanup(_caller(), request.name, request.keep_last, list(request.versions), request.dry_run)
+        result = cleanup(_caller(request.request_id), request.name, request.keep_last, list(request.versions), request.dry_run)
         return pb.CleanupModelVersionsResponse(
             deleted_versions=result.deleted, kept_versions=result.kept, protected_versions=result.protected,
             dry_run=result.dry_run, audit_event_id=result.audit_event_id)
@@ -162,7 +163,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         outcome = self._monitoring().report(
             _caller(), request.name, request.version, request.rmse, request.mae, request.sample_count,
             [(p.predicted, p.actual) for p in request.pairs],
-            convert.ms_from_ts(request.window_end) if request.HasField("window_end") else 0)
+            convert.ms_from_ts(request.window_end) if request.HasField("window_end") else 0,
+            request_id=request.request_id[:200])
         return pb.ReportPerformanceResponse(health=convert.health_to_proto(outcome.health), ratio=outcome.ratio)
 
     def WatchAlerts(self, request: pb.WatchAlertsRequest, context: grpc.ServicerContext) -> Iterator[pb.Alert]:

@@ -2016,6 +2016,7 @@ class ReportPerformanceRequest(_message.Message):
     SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     PAIRS_FIELD_NUMBER: _builtins.int
     WINDOW_END_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registered model name."""
     version: _builtins.int
@@ -2026,6 +2027,8 @@ class ReportPerformanceRequest(_message.Message):
     """Observed mae over the window."""
     sample_count: _builtins.int
     """Samples in the window."""
+    request_id: _builtins.str
+    """Idempotency key: a repeated id is counted once and answers the first result."""
     @_builtins.property
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictionPair]:
         """Or: raw pairs that the server aggregates."""
@@ -2044,10 +2047,11 @@ class ReportPerformanceRequest(_message.Message):
         sample_count: _builtins.int = ...,
         pairs: _abc.Iterable[Global___PredictionPair] | None = ...,
         window_end: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mae", b"mae", "name", b"name", "pairs", b"pairs", "rmse", b"rmse", "sample_count", b"sample_count", "version", b"version", "window_end", b"window_end"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mae", b"mae", "name", b"name", "pairs", b"pairs", "request_id", b"request_id", "rmse", b"rmse", "sample_count", b"sample_count", "version", b"version", "window_end", b"window_end"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,113 @@
+"""Bounded database waits for any SQLAlchemy engine (ours and MLflow's): written by hand because
+neither SQLAlchemy nor psycopg bounds a wait on a server that stopped answering.
+
+PostgreSQL's own ``statement_timeout`` and ``lock_timeout`` (set for every connection here) end
+slow statements and lock waits, but a frozen server (SIGSTOP, a stalled host) enforces nothing
+and its kernel still acknowledges every packet, so TCP timeouts never fire either: psycopg then
+waits for ever. Every wait of a psycopg connection made here is therefore also bounded on the
+client side, by the statement timeout shortened to the current call's budget
+(:mod:`aqimodels.server.deadlines`); a wait that runs out closes the connection (the server
+drops it too, ``client_connection_check_interval``), and the error is a connection error that
+the callers turn into UNAVAILABLE. Closing, not cancelling: a cancel request needs the server
+to answer, and an open transaction whose COMMIT was not sent is rolled back by the server.
+SQLite: the busy timeout, shortened to the budget per checkout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from aqimodels.server import deadlines
+
+
+@dataclass(frozen=True)
+class DbTimeouts:
+    """Seconds: connect, statement, lock wait (each shortened to a call's budget where shorter)."""
+
+    connect: float = 5.0
+    statement: float = 30.0
+    lock: float = 10.0
+
+
+def _bounded_psycopg_connection(timeouts: DbTimeouts) -> type:
+    import psycopg
+    from psycopg import errors as e
+
+    class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg, misc]
+        """A psycopg connection whose every wait ends at the statement bound or the call's budget."""
+
+        statement_bound: float = timeouts.statement
+
+        @classmethod
+        def _connect_gen(cls, conninfo: str = "") -> Any:
+            # psycopg's own connect timeout is whole seconds, at least 2 (libpq's rule): the
+            # connection is driven here and given up at the connect bound shortened to the budget.
+            wait = deadlines.wait_bound(timeouts.connect)
+            end = time.monotonic() + (timeouts.connect if wait is None else wait)
+            inner = super()._connect_gen(conninfo)
+            value = next(inner)
+            while True:
+                if time.monotonic() >= end:
+                    inner.close()
+                    raise e._WaitTimeout("connect timeout")  # noqa: SLF001 - psycopg reports ConnectionTimeout
+                try:
+                    value = inner.send((yield value))
+                except StopIteration as stop:
+                    return stop.value
+
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            bound = deadlines.wait_bound(self.statement_bound)
+            if timeout is not None:
+                bound = timeout if bound is None else min(bound, timeout)
+            try:
+                return super().wait(gen, interval=interval, timeout=bound)
+            except e._WaitTimeout:  # noqa: SLF001 - psycopg's own wait-timeout signal
+                if timeout is not None and bound == timeout:
+                    raise  # a timeout the caller asked for itself (notifies)
+                self.pgconn.finish()  # the server stopped answering: drop the connection
+                raise e.OperationalError(
+                    f"the database did not answer within {bound:.2f} s (connection closed)") from None
+
+    return BoundedConnection
+
+
+def bound_engine(engine: sa.Engine, timeouts: DbTimeouts) -> None:
+    """Installs connect, statement and lock timeouts on ``engine`` (new connections; pooled ones are dropped)."""
+    name = engine.dialect.name
+    if name == "postgresql" and engine.dialect.driver == "psycopg":
+        cls = _bounded_psycopg_connection(timeouts)
+
+        @sa.event.listens_for(engine, "do_connect")
+        def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+            cparams["connect_timeout"] = max(2, math.ceil(timeouts.connect))  # the outer bound; see _connect_gen
+            options = (f"-c statement_timeout={int(timeouts.statement * 1000)} "
+                       f"-c lock_timeout={int(timeouts.lock * 1000)} "
+                       "-c client_connection_check_interval=1000 "
+                       "-c idle_in_transaction_session_timeout=" + str(int(max(60.0, timeouts.statement * 2) * 1000)))
+            cparams["options"] = (cparams.get("options", "") + " " + options).strip()
+            return cls.connect(*cargs, **cparams)
+
+    elif name == "sqlite":
+        default_ms = int(timeouts.lock * 1000)
+
+        @sa.event.listens_for(engine, "connect")
+        def _busy(dbapi_conn: Any, record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {default_ms}")
+            cur.close()
+            record.info["busy_ms"] = default_ms
+
+        @sa.event.listens_for(engine, "checkout")
+        def _shorten(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+            left = deadlines.current().answer_within()
+            wanted = default_ms if left is None else max(1, min(default_ms, int(left * 1000)))
+            if record.info.get("busy_ms") != wanted:
+                cur = dbapi_conn.cursor()
+                cur.execute(f"PRAGMA busy_timeout = {wanted}")
+                cur.close()
+                record.info["busy_ms"] = wanted
+    engine.dispose()
