@@ -5,7 +5,8 @@ scans the active jobs every ``scan_seconds`` (at most 1 s, one indexed query): i
 process's leases every third of the lease, takes over jobs whose lease expired (their owner was
 killed or its host lost; a graceful stop expires its leases at once), hands cancel requests made
 on other replicas to the jobs it owns, lets go of jobs another replica took from it, and keeps
-the scan's result as the shared view of running jobs (``status`` reads it, no query per call).
+the scan's result as the shared view of running jobs (``status`` reads it: at most one query per
+``FRESH_SECONDS``, not one per call).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.server.job_store import ActiveRow, JobStore, now_ms
 
 log = structlog.get_logger(__name__)
+
+FRESH_SECONDS = 0.2  # how old the shared view of running jobs may be when status reads it
 
 
 class LeaseKeeper:
@@ -46,6 +49,8 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._last_renew = 0.0
         self._snapshot: list[pb.RetrainJob] = []
+        self._snapshot_at = -1e9
+        self._read_lock = threading.Lock()
         self.renewals = 0  # counters for the benchmark and the logs
         self.scans = 0
         self.takeovers = 0
@@ -60,9 +65,20 @@ class LeaseKeeper:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def active_jobs(self) -> list[pb.RetrainJob]:
-        """The queued and running jobs of every replica, as of the last scan."""
-        return list(self._snapshot)
+    def active_jobs(self, max_age: float = FRESH_SECONDS) -> list[pb.RetrainJob]:
+        """The queued and running jobs of every replica, at most ``max_age`` seconds old (read again
+        when the last read is older: one query per ``max_age`` however often status is asked)."""
+        with self._read_lock:
+            if time.monotonic() - self._snapshot_at > max_age:
+                try:
+                    self._set_snapshot(self.store.active())
+                except Exception as exc:  # noqa: BLE001 - the database is down: the last answer stands
+                    log.warning("job_lease_read_failed", error=str(exc)[:200])
+            return list(self._snapshot)
+
+    def _set_snapshot(self, rows: list[ActiveRow]) -> None:
+        self._snapshot = [pb.RetrainJob.FromString(r.job) for r in rows]
+        self._snapshot_at = time.monotonic()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.scan_seconds):
@@ -78,7 +94,7 @@ class LeaseKeeper:
             self._last_renew = time.monotonic()
         rows = self.store.active()
         self.scans += 1
-        self._snapshot = [pb.RetrainJob.FromString(r.job) for r in rows]
+        self._set_snapshot(rows)
         local = self._local()
         now = now_ms()
         me = self.store.owner
