@@ -56,7 +56,10 @@ class LeaseKeeper:
         self.takeovers = 0
 
     def start(self) -> None:
-        self.scan()  # jobs left by a killed predecessor are taken over before the first request
+        try:
+            self.scan()  # jobs left by a killed predecessor are taken over before the first request
+        except Exception as exc:  # noqa: BLE001 - the database is down: the loop retries
+            log.warning("job_lease_scan_failed", error=str(exc)[:200])
         self._thread = threading.Thread(target=self._loop, daemon=True, name="job-leases")
         self._thread.start()
 

@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-REATTACH_SECONDS = 10.0  # how long an unreachable worker may stay unreachable before its job fails
+REATTACH_SECONDS = 8.0  # how long an unreachable worker may stay unreachable before its job fails
+# ... and one that refuses connections: nothing listens on its address any more, the process is
+# gone (a worker started again on the same address would not know the training either)
+REFUSED_SECONDS = 2.0
 BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
 
@@ -114,7 +117,8 @@ class WorkerRelay:
 
     def _reattach(self, job: Job, handle: WorkerHandle, *, taken_over: bool) -> None:
         """Attaches to the job's training after the last relayed event until it ends."""
-        deadline = time.monotonic() + REATTACH_SECONDS
+        started = time.monotonic()
+        deadline = started + REATTACH_SECONDS
         last_error = "the worker ended the stream without a result"
         while not job.let_go.is_set():
             gone = self.pool.exit_reason(handle, job.worker_generation)
@@ -147,13 +151,15 @@ class WorkerRelay:
                 last_error = f"{exc.code().name}: {exc.details()}"
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     self.pool.mark_unhealthy(handle, last_error)
+                    if "connection refused" in (exc.details() or "").lower():
+                        deadline = min(deadline, started + REFUSED_SECONDS)
             if time.monotonic() > deadline:
                 self._mark_run_failed(job)
                 if job.cancel.is_set():
                     self._end(job, pb.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled")
                 else:
                     self._end(job, pb.JOB_STATE_FAILED, f"worker {handle.target} stopped answering during the "
-                              f"training for {REATTACH_SECONDS:.0f} s ({last_error})")
+                              f"training for {time.monotonic() - started:.0f} s ({last_error})")
                 return
             job.let_go.wait(0.3)
 

@@ -100,17 +100,18 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
         with self._jobs_lock:
             jobs = [j for j in self._jobs.values() if j.proto.state in ACTIVE]
         for job in jobs:
-            self._let_go_job(job)
-        for job in jobs:
-            if job.thread is not None:
-                job.thread.join(timeout=5)
+            self._let_go_job(job)  # from here on nothing of these jobs is emitted by this process
         try:
             self._flush()
-            self.store.release([j.proto.job_id for j in jobs if j.proto.state in ACTIVE])
+            self.store.release([j.proto.job_id for j in jobs])
             if jobs:
                 log.info("job_leases_released", jobs=[j.proto.job_id for j in jobs])
         except Exception as exc:  # noqa: BLE001 - the leases then expire on their own
             log.warning("job_leases_not_released", error=str(exc)[:200])
+        deadline = time.monotonic() + 5
+        for job in jobs:
+            if job.thread is not None:
+                job.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _local_active(self) -> set[str]:
         with self._jobs_lock:
@@ -548,6 +549,8 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
         version = self.service.get_version(name, finished.version)
         self._emit(job, pb.JOB_STATE_SUCCEEDED, succeeded=pb.JobSucceeded(
             version=convert.model_version_to_proto(version), promotion=decision))
+        if job.let_go.is_set():
+            return  # stopped meanwhile: the replica that takes the job over finishes it
         log.info("job_succeeded", job_id=job.proto.job_id, model=name, version=finished.version,
                  promoted=decision.promoted)
         self._audit_end(job, pb.JOB_STATE_SUCCEEDED, f"registered version {finished.version}")
