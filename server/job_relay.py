@@ -67,9 +67,14 @@ class WorkerRelay:
     pool: WorkerPool
     service: RegistryService
 
-    def _emit(self, job: Job, state: int, **payload: Any) -> pb.RetrainEvent: ...  # provided by JobManager
-    def _end(self, job: Job, state: int, reason: str) -> None: ...
-    def _succeed(self, job: Job, finished: wpb.TrainFinished) -> None: ...
+    def _emit(self, job: Job, state: int, **payload: Any) -> pb.RetrainEvent:
+        raise NotImplementedError  # JobManager's
+
+    def _end(self, job: Job, state: int, reason: str) -> None:
+        raise NotImplementedError  # JobManager's
+
+    def _succeed(self, job: Job, finished: wpb.TrainFinished) -> None:
+        raise NotImplementedError  # JobManager's
 
     def _dispatch(self, job: Job, handle: WorkerHandle, attempt: int) -> bool:
         """Runs the job on one worker; True when it should be retried on another worker."""

@@ -12,14 +12,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.server.job_relay import Job
 from aqimodels.server.job_store import TERMINAL, JobStore
-
-if TYPE_CHECKING:
-    pass
 
 POLL_SECONDS = 0.5
 
@@ -31,7 +27,8 @@ class JobWatching:
     _jobs: dict[str, Job]
     _jobs_lock: threading.Lock
 
-    def _load(self, job_id: str) -> pb.RetrainJob: ...  # provided by JobManager
+    def _load(self, job_id: str) -> pb.RetrainJob:
+        raise NotImplementedError  # JobManager's
 
     def follow(self, job_ids: list[str], stop: threading.Event) -> Iterator[pb.RetrainEvent]:
         """Merges the events of several jobs (replayed, then live) until all have ended or ``stop`` is set."""
@@ -77,18 +74,18 @@ class JobWatching:
                 yield ev
             while not stop.is_set():
                 try:
-                    ev = q.get(timeout=POLL_SECONDS)
+                    live = q.get(timeout=POLL_SECONDS)
                 except queue.Empty:
                     if job.let_go.is_set():
                         break
                     continue
-                if ev is None:
+                if live is None:
                     if job.let_go.is_set() and job.proto.state not in TERMINAL:
                         break
                     return
-                if ev.sequence > last:
-                    last = ev.sequence
-                    yield ev
+                if live.sequence > last:
+                    last = live.sequence
+                    yield live
         finally:
             self._unsubscribe(job, q)
         if not stop.is_set():  # let go of: another replica continues the job, follow it there

@@ -184,9 +184,9 @@ class WorkerPool:
         """The pool's handle of ``target``, or a new connection to it (a job taken over from another
         replica may run on a worker this one is not configured with)."""
         with self._cond:
-            for handle in self.workers:
-                if handle.target == target:
-                    return handle
+            for known in self.workers:
+                if known.target == target:
+                    return known
             handle = self._adhoc.get(target)
             if handle is None:
                 handle = self._adhoc[target] = WorkerHandle(target=target, healthy=True, message="")

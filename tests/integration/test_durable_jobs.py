@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -321,3 +322,64 @@ def test_a_jobs_table_of_the_previous_release_gets_the_new_columns(tmp_path: Pat
     db.engine.dispose()
     assert row["lease_expires_ms"] == 0 and row["cancel_reason"] == "" and row["settings"] == "{}"
     assert row["depends_on"] == "[]"
+
+
+def _in_process(uri: str, workers: tuple[str, ...]) -> Any:
+    from conftest import start_registry
+
+    from aqimodels.server.jobs import jobs_factory
+
+    return start_registry(uri, workers=workers, jobs_factory=jobs_factory, job_lease_seconds=1.0)
+
+
+def _state_becomes(client: RegistryClient, job_id: str, state: int, timeout: float = 30) -> pb.RetrainJob:
+    deadline = time.monotonic() + timeout
+    while (job := client.get_job(job_id)).state != state:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    return job
+
+
+def test_a_queued_job_is_taken_over_by_the_replica_that_has_a_worker(sqlite_uri: str, tmp_path: Path) -> None:
+    """A job waiting for a worker on a replica that stops is continued by another, which has one."""
+    worker, target = start_worker(sqlite_uri, tmp_path)
+    a = _in_process(sqlite_uri, ())
+    b = None
+    try:
+        stream = a.client.retrain(["xgboost"], dataset=SMALL, params=FAST)
+        job_id = next(stream).job_id
+        assert a.client.get_job(job_id).state == pb.JOB_STATE_QUEUED
+        b = _in_process(sqlite_uri, (target,))
+        a.server.stop(1)  # a graceful stop: the lease is released, the job is not ended
+        job = _state_becomes(b.client, job_id, pb.JOB_STATE_SUCCEEDED, 90)
+        assert job.worker == target and job.version == 1
+        events = list(b.client.watch_job(job_id))
+        _assert_complete(events)
+        assert [e.queued.reason for e in events if e.WhichOneof("event") == "queued"][0] == "queued"
+    finally:
+        for reg in (a, b):
+            if reg is not None:
+                reg.client.close()
+                reg.server.stop(0)
+        stop_worker(worker)
+
+
+def test_cancel_works_from_any_replica(sqlite_uri: str) -> None:
+    a = _in_process(sqlite_uri, ())
+    b = _in_process(sqlite_uri, ())
+    try:
+        job_id = next(a.client.retrain(["lstm"], dataset=SMALL, params=FAST)).job_id
+        assert [j.job_id for j in b.client.list_jobs(state=pb.JOB_STATE_QUEUED).jobs] == [job_id]
+        started = time.monotonic()
+        job = b.client.cancel_job(job_id, reason="not today")  # B does not run it: A does
+        assert job.state == pb.JOB_STATE_CANCELLED and job.error == "not today", job
+        assert time.monotonic() - started < 5
+        assert a.client.get_job(job_id).state == pb.JOB_STATE_CANCELLED
+        cancels = [e for e in a.client.iter_audit_events(model_name=LSTM) if e.action == "CancelRetrainJob"]
+        assert len(cancels) == 1
+        closing = [e for e in a.client.iter_audit_events(model_name=LSTM) if e.action == "RetrainJob"]
+        assert len(closing) == 1 and closing[0].outcome == "cancelled"
+    finally:
+        for reg in (a, b):
+            reg.client.close()
+            reg.server.stop(0)
