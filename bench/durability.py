@@ -4,7 +4,7 @@ Takeover: two ``aqimodels serve`` replicas on one fresh PostgreSQL database on t
 (SQLite when none answers), a real worker process, an LSTM retrain through replica A with a
 watcher on replica B. A is killed (SIGKILL) or stopped (SIGTERM) at epoch 3; measured from that
 moment: until B holds the job's lease (``claimed``) and until B's watcher gets the first event
-that A had not stored (``followed``, the job followed again). Lost events: after the job ends,
+recorded after A stopped (``followed``, the job followed again). Lost events: after the job ends,
 the worker's own sequence numbers of the training (GetWorkerInfo) against the progress events
 the store replays: missing or duplicated ones (target 0 and 0). Kill runs use the default lease
 (15 s) unless ``lease_seconds`` says otherwise: the expiry is most of that figure by design.
@@ -114,16 +114,14 @@ def takeover_once(uri: str, folder: Path, worker: str, how: str, lease: float) -
                 job_id = ev.job_id
                 if ev.progress.WhichOneof("event") == "epoch" and ev.progress.epoch.epoch >= 3:
                     break
-            seen: list[tuple[float, int]] = []
+            seen: list[tuple[float, float]] = []  # (arrival on B's watcher, registry time stamp of the event)
             follower = threading.Thread(target=lambda: seen.extend(
-                (time.monotonic(), e.sequence) for e in cb.watch_job(job_id)), daemon=True)
+                (time.monotonic(), e.time.ToNanoseconds() / 1e9) for e in cb.watch_job(job_id)), daemon=True)
             follower.start()
             owner_a, _ = _owner_and_last(uri, job_id)
             time.sleep(0.3)
-            stopped = time.monotonic()
+            stopped, stopped_wall = time.monotonic(), time.time()
             os.killpg(a.pid, signal.SIGKILL if how == "kill" else signal.SIGTERM)
-            a.wait(30)
-            _, stored = _owner_and_last(uri, job_id)  # what A managed to store
             claimed = float("nan")
             while time.monotonic() - stopped < lease + 30:
                 owner, _ = _owner_and_last(uri, job_id)
@@ -131,9 +129,12 @@ def takeover_once(uri: str, folder: Path, worker: str, how: str, lease: float) -
                     claimed = time.monotonic() - stopped
                     break
                 time.sleep(0.02)
-            while not any(s > stored for _, s in seen) and time.monotonic() - stopped < lease + 40:
+            # followed again: the first event B's watcher gets that was recorded after A stopped
+            # (A emits nothing after that moment: killed, or let go of its jobs at SIGTERM)
+            while not any(w > stopped_wall for _, w in seen) and time.monotonic() - stopped < lease + 40:
                 time.sleep(0.02)
-            followed = next((t - stopped for t, s in seen if s > stored), float("nan"))
+            followed = next((t - stopped for t, w in seen if w > stopped_wall), float("nan"))
+            a.wait(30)
             time.sleep(1.0)
             cb.cancel_job(job_id, reason="benchmark done")
             follower.join(60)
@@ -222,8 +223,8 @@ def run(folder: Path, runs: int = 3, lease_seconds: float = 15.0) -> dict[str, A
                 ("registry_sequence_gaps", "jobs"), ("events", "events"))}
             out[f"takeover_{how}"]["lost_total"] = sum(s["lost"] + s["duplicated"] for s in v)
         for n, v in beats.items():
-            out[f"heartbeat_{n}"] = {k: common.figure([s[k] for s in v], "ms" if "ms" in k else "", 3) for k in (
-                "scan_ms", "renew_ms", "db_ms_per_second", "scan_p99_ms")}
+            out[f"heartbeat_{n}"] = {k: common.figure([s[k] for s in v], u, 3) for k, u in (
+                ("scan_ms", "ms"), ("renew_ms", "ms"), ("db_ms_per_second", "ms/s"), ("scan_p99_ms", "ms"))}
         return out
     finally:
         common.stop(worker_proc)

@@ -248,25 +248,6 @@ def write_markdown(path: Path) -> str:
                   f"- start to ready, default mlflow server / registry: "
                   f"{_fig(process.get('ratio_mlflow_default_ready_over_registry'))}",
                   "- the worker's loaded memory is its training peak (section 4).", ""]
-    if durability:
-        lines += ["## 5. Durable jobs (two replicas and a worker, separate processes)", "",
-                  f"Backend {durability.get('backend')}, lease {durability.get('lease_seconds')} s. An LSTM retrain "
-                  "through replica A, watched on replica B; A stopped at epoch 3. claimed = until B holds the "
-                  "lease; followed = until B's watcher gets the first event A had not stored. Lost/duplicated: "
-                  "the worker's own event numbers against the progress events the store replays.", "",
-                  "| stop | claimed | followed | lost | duplicated | jobs with a sequence gap |",
-                  "|---|---|---|---|---|---|"]
-        for how in ("sigterm", "kill"):
-            v = durability.get(f"takeover_{how}", {})
-            lines.append(f"| {how} | {_fig(v.get('claimed_s'))} | {_fig(v.get('followed_s'))} | {_fig(v.get('lost'))} "
-                         f"| {_fig(v.get('duplicated'))} | {_fig(v.get('registry_sequence_gaps'))} |")
-        lines += ["", "Lease thread (one scan of the active jobs per second, renewal every third of the lease):", "",
-                  "| running jobs | scan | scan p99 | renewal | database time per second |", "|---|---|---|---|---|"]
-        for n in ("1", "50"):
-            v = durability.get(f"heartbeat_{n}", {})
-            lines.append(f"| {n} | {_fig(v.get('scan_ms'))} | {_fig(v.get('scan_p99_ms'))} | {_fig(v.get('renew_ms'))} "
-                         f"| {_fig(v.get('db_ms_per_second'))} |")
-        lines.append("")
     lines += ["## 4. Training (from bench/results/training_*.json, `python -m bench.training`)", ""]
     for label, t in (("synthetic", synth), ("beijing", beijing)):
         if t is None:
@@ -283,6 +264,25 @@ def write_markdown(path: Path) -> str:
         any_m = next(iter(t["models"].values()))
         lines.append("| persistence | | | " + " | ".join(f"{any_m[f'persistence_rmse_h{h}']:.2f}" for h in HORIZONS)
                      + " |")
+        lines.append("")
+    if durability:
+        lines += ["## 5. Durable jobs (two replicas and a worker, separate processes)", "",
+                  f"Backend {durability.get('backend')}, lease {durability.get('lease_seconds')} s. An LSTM retrain "
+                  "through replica A, watched on replica B; A stopped at epoch 3. claimed = until B holds the "
+                  "lease; followed = until B's watcher gets the first event recorded after A stopped. Lost/duplicated: "
+                  "the worker's own event numbers against the progress events the store replays.", "",
+                  "| stop | claimed | followed | lost | duplicated | jobs with a sequence gap |",
+                  "|---|---|---|---|---|---|"]
+        for how in ("sigterm", "kill"):
+            v = durability.get(f"takeover_{how}", {})
+            lines.append(f"| {how} | {_fig(v.get('claimed_s'))} | {_fig(v.get('followed_s'))} | {_fig(v.get('lost'))} "
+                         f"| {_fig(v.get('duplicated'))} | {_fig(v.get('registry_sequence_gaps'))} |")
+        lines += ["", "Lease thread (one scan of the active jobs per second, renewal every third of the lease):", "",
+                  "| running jobs | scan | scan p99 | renewal | database time per second |", "|---|---|---|---|---|"]
+        for n in ("1", "50"):
+            v = durability.get(f"heartbeat_{n}", {})
+            lines.append(f"| {n} | {_fig(v.get('scan_ms'))} | {_fig(v.get('scan_p99_ms'))} | {_fig(v.get('renew_ms'))} "
+                         f"| {_fig(v.get('db_ms_per_second'))} |")
         lines.append("")
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
