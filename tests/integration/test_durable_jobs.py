@@ -383,3 +383,28 @@ def test_cancel_works_from_any_replica(sqlite_uri: str) -> None:
         for reg in (a, b):
             reg.client.close()
             reg.server.stop(0)
+
+
+def test_an_ended_training_stays_attachable_for_the_retention_time_only(sqlite_uri: str) -> None:
+    from aqimodels.server.config import ConfigError
+    from aqimodels.training.main import config_from_env, create_worker
+    from aqimodels.training.servicer import WorkerConfig
+
+    assert config_from_env({}).retain_seconds == 1800.0
+    with pytest.raises(ConfigError, match="AQIMODELS_WORKER_RETAIN_SECONDS"):
+        config_from_env({"AQIMODELS_WORKER_RETAIN_SECONDS": "0"})
+    server, port, _ = create_worker(WorkerConfig(tracking_uri=sqlite_uri, port=0, retain_seconds=1.0), "127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = worker_pb2_grpc.TrainingWorkerStub(channel)
+            done = list(stub.Train(wpb.TrainRequest(job_id="job-brief", model_type=wpb.MODEL_TYPE_XGBOOST,
+                                                    dataset=wpb.DatasetSpec(spec=SMALL), params=FAST)))
+            assert done[-1].WhichOneof("event") == "finished"
+            assert list(stub.AttachTraining(wpb.AttachTrainingRequest(job_id="job-brief", after_sequence=0)))
+            time.sleep(1.5)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.AttachTraining(wpb.AttachTrainingRequest(job_id="job-brief")))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert not stub.GetWorkerInfo(wpb.GetWorkerInfoRequest()).trainings
+    finally:
+        server.stop(0)
