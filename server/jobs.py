@@ -442,20 +442,18 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
         return proto
 
     def running_by_model(self) -> dict[str, list[pb.RetrainJob]]:
-        """Queued and running jobs of every replica: this process's own live, the others' as of
-        the lease keeper's last scan (at most a second old)."""
+        """Queued and running jobs of every replica: this process's own live, the others' as read
+        by the lease keeper at most ``FRESH_SECONDS`` ago."""
+        shared = self.leases.active_jobs()
         out: dict[str, list[pb.RetrainJob]] = {}
         with self._jobs_lock:
-            live = {j.proto.job_id: _copy(j.proto) for j in self._jobs.values()
-                    if not j.let_go.is_set() and j.proto.job_id in self._jobs}
-        seen = set()
-        for proto in [p for p in live.values() if p.state in ACTIVE] + self.leases.active_jobs():
-            if proto.job_id in seen:
-                continue
-            seen.add(proto.job_id)
-            if proto.job_id in live and live[proto.job_id].state not in ACTIVE:
-                continue  # ended here since the scan
-            out.setdefault(proto.model_name, []).append(proto)
+            for job in self._jobs.values():
+                if job.proto.state in ACTIVE and not job.let_go.is_set():
+                    out.setdefault(job.proto.model_name, []).append(_copy(job.proto))
+            for proto in shared:
+                job = self._jobs.get(proto.job_id)
+                if job is None or job.let_go.is_set():  # this process's own: its live state counts
+                    out.setdefault(proto.model_name, []).append(proto)
         return out
 
     # ---- running a job ----
