@@ -125,7 +125,7 @@ def targets(rpc: Any, streams: Any, process: Any, beijing: Any, durability: Any 
             ("Takeover after a graceful stop (SIGTERM -> job followed again on the other replica)", "",
              med(durability, "takeover_sigterm", "followed_s"), "s", "<= 2 s", lambda v: v <= 2),
             (f"Takeover after kill -9 (lease {lease:g} s; kill -> job followed again)", "",
-             med(durability, "takeover_kill", "followed_s"), "s", f"<= lease + 5 s",
+             med(durability, "takeover_kill", "followed_s"), "s", "<= lease + 5 s",
              lambda v, lease=lease: v <= lease + 5),
             ("Events lost or duplicated in all takeovers", "",
              float(get(durability, "takeover_kill", "lost_total") + get(durability, "takeover_sigterm", "lost_total")),

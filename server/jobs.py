@@ -451,8 +451,8 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
                 if job.proto.state in ACTIVE and not job.let_go.is_set():
                     out.setdefault(job.proto.model_name, []).append(_copy(job.proto))
             for proto in shared:
-                job = self._jobs.get(proto.job_id)
-                if job is None or job.let_go.is_set():  # this process's own: its live state counts
+                own = self._jobs.get(proto.job_id)
+                if own is None or own.let_go.is_set():  # this process's own: its live state counts
                     out.setdefault(proto.model_name, []).append(proto)
         return out
 
