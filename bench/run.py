@@ -3,7 +3,9 @@
 Sections: ``rpc`` (registry RPCs against MLflow's paths and the gRPC ceiling), ``streams`` (relay
 latency and throughput, 50 watchers), ``process`` (start time and memory), ``scale`` (start to
 SERVING at 4 x 10,000, GetStatus at 100 models, idle CPU at 400 models, memory per version,
-about 14 minutes), ``training`` (reads
+about 14 minutes), ``durability``
+(takeover of a job by another replica after kill -9 and SIGTERM, events lost, the lease
+heartbeat's cost; about 3 minutes), ``training`` (reads
 bench/results/training_*.json after rerunning the synthetic one, ~1 min, and the Beijing one when
 the data is present, ~7 min). Every section builds its own data in a
 temporary folder. Usage::
@@ -28,7 +30,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 from bench import common  # noqa: E402
 
-SECTIONS = ("rpc", "streams", "process", "scale", "training", "resilience", "report")
+SECTIONS = ("rpc", "streams", "process", "scale", "durability", "training", "resilience", "report")
 BEIJING = common.BEIJING
 
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100,1000,10000", help="versions per model of the built registries")
     parser.add_argument("--no-rest", action="store_true", help="skip the mlflow server baselines")
     parser.add_argument("--skip-synthetic-training", action="store_true", help="reuse training_synthetic.json")
+    parser.add_argument("--lease-seconds", type=float, default=15.0, help="job lease of the takeover runs")
     parser.add_argument("--reuse-beijing", action="store_true", help="reuse training_beijing.json (about 7 min)")
     args = parser.parse_args(argv)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -79,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = scale.run(tmp / "scale", args.runs, args.seconds, with_rest=not args.no_rest)
             print(f"   wrote {common.write_result('scale', {**res, 'section_seconds': time.perf_counter() - t0})}")
+        if "durability" in wanted:
+            from bench import durability
+
+            print("== 6. durable jobs", flush=True)
+            t0 = time.perf_counter()
+            res = durability.run(tmp / "durability", args.runs, args.lease_seconds)
+            print(f"   wrote {common.write_result('durability', {**res, 'section_seconds': time.perf_counter() - t0})}")
         if "training" in wanted:
             from bench import report, training
 

@@ -285,10 +285,16 @@ def workers_view(workers: Sequence[pb.WorkerStatus]) -> RenderableType:
     table.add_column("worker")
     table.add_column("health")
     table.add_column("running", justify="right")
+    restarted = any(w.restarts for w in workers)
+    if restarted:
+        table.add_column("restarts", justify="right")
     table.add_column("message")
     for w in workers:
-        table.add_row(w.target, Text("healthy", "green") if w.healthy else Text("unhealthy", "bold red"),
-                      f"{w.running}/{w.capacity}", escape(w.message))
+        cells = [w.target, Text("healthy", "green") if w.healthy else Text("unhealthy", "bold red"),
+                 f"{w.running}/{w.capacity}"]
+        if restarted:
+            cells.append(str(w.restarts))
+        table.add_row(*cells, escape(w.message))
     return table
 
 

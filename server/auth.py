@@ -63,6 +63,8 @@ RPC_ROLES: dict[str, str] = {
     _WORKER + "GetWorkerInfo": "viewer",
     _WORKER + "ValidateDataset": "operator",
     _WORKER + "Train": "operator",
+    _WORKER + "AttachTraining": "operator",
+    _WORKER + "CancelTraining": "operator",
 }
 
 # RPCs that change the registry: each must leave an audit record (checked by a test).

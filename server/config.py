@@ -130,7 +130,10 @@ class ServerConfig:
     monitor_poll_seconds: float = 1.0
     # Prometheus endpoint (issue 6): None = off; 0 = an ephemeral port (tests). AQIMODELS_METRICS_PORT=0 is off.
     metrics_port: int | None = None
-    # bounded waits and failure-safe changes (issue 11; see resilience_from_env)
+    # Durable jobs: a replica's lease of its jobs, renewed every third of it; another
+    # replica takes a job over once its lease has expired (owner killed or host lost).
+    job_lease_seconds: float = 15.0
+    # bounded waits and failure-safe changes (see resilience_from_env)
     db_connect_timeout_seconds: float = 5.0
     db_statement_timeout_seconds: float = 30.0
     db_lock_timeout_seconds: float = 10.0
@@ -197,6 +200,7 @@ class ServerConfig:
             shutdown_grace_seconds=_float(env, "AQIMODELS_SHUTDOWN_GRACE_SECONDS", 10.0),
             artifact_location=env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip(),
             metrics_port=metrics_port_from_env(env, "AQIMODELS_METRICS_PORT", "AQIMODELS_PORT", 50051),
+            job_lease_seconds=_lease_seconds(env),
             **security_from_env(env),
             worker_token=env.get("AQIMODELS_WORKER_TOKEN", "").strip(),
             worker_ca_cert=_file(env, "AQIMODELS_WORKER_CA_CERT"),
@@ -210,6 +214,13 @@ class ServerConfig:
         """Refuses a listening address off loopback without a token file."""
         check_exposure(self.host, self.tokens_file, "AQIMODELS_HOST")
         return self
+
+
+def _lease_seconds(env: Mapping[str, str]) -> float:
+    value = _float(env, "AQIMODELS_JOB_LEASE_SECONDS", 15.0, 1.0)
+    if value > 300:
+        raise ConfigError(f"AQIMODELS_JOB_LEASE_SECONDS must be between 1 and 300, got {value}")
+    return value
 
 
 def is_loopback(host: str) -> bool:

@@ -73,6 +73,12 @@ jobs_table = sa.Table(
     sa.Column("owner", sa.String(200), nullable=False),
     sa.Column("job", sa.LargeBinary, nullable=False),  # the RetrainJob message
     sa.Column("request", sa.LargeBinary, nullable=False),  # the TrainRequest to dispatch
+    # Added with durable jobs (databases of the previous release get them in create_tables):
+    # the lease of ``owner`` (a registry process) ends at lease_expires_ms unless renewed.
+    sa.Column("lease_expires_ms", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("cancel_reason", sa.Text, nullable=False, server_default=sa.text("''")),  # cancel asked by any replica
+    sa.Column("settings", sa.Text, nullable=False, server_default=sa.text("'{}'")),  # promotion settings (JSON)
+    sa.Column("depends_on", sa.Text, nullable=False, server_default=sa.text("'[]'")),  # ensemble members' jobs
 )
 
 job_events_table = sa.Table(
@@ -105,6 +111,30 @@ def _poll(attempt: Callable[[], bool], still_wanted: Callable[[], None]) -> None
         pause = min(0.05, pause * 2)
 
 
+def add_missing_columns(engine: sa.Engine, table: sa.Table) -> list[str]:
+    """Adds the columns of ``table`` that an existing table of an older release lacks; returns them.
+
+    ``create_all`` creates missing tables only. Every added column has a server default, so one
+    ``ALTER TABLE ... ADD COLUMN`` fills the existing rows; it is idempotent (run at every start;
+    a replica that starts at the same moment and adds the column first is no error).
+    """
+    present = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
+    added = []
+    for column in table.columns:
+        if column.name in present:
+            continue
+        ddl = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
+        exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN{exists} {ddl}"))
+        except OperationalError as exc:  # SQLite: added concurrently by another process
+            if "duplicate column" not in str(exc.orig).lower():
+                raise
+        added.append(column.name)
+    return added
+
+
 class Database:
     """The engine over aqimodels' tables, with translation of connection failures."""
 
@@ -135,6 +165,7 @@ class Database:
                 pending_index.create(self.engine, checkfirst=True)
             except (ProgrammingError, IntegrityError):
                 pass
+            add_missing_columns(self.engine, jobs_table)
         self._created = True
 
     @contextlib.contextmanager

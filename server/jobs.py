@@ -1,31 +1,31 @@
-"""Retrain jobs: creation, dispatch to workers, relay of their events, persistence, watching.
+"""Retrain jobs: creation, their lifecycle across registry replicas, status and cancel.
 
-Each job runs on a thread of the registry, independent of the caller's stream: a caller that
-disconnects does not stop it. Every event gets the job id and a sequence number, is kept in
-memory for live watchers and written to ``aqimodels_job_events`` so that a late or reconnecting
-watcher (on this replica or another) replays what it missed, and a restarted registry still
-reports finished jobs. Live watchers get progress events at once; a writer thread stores them in
-batches (every ``PERSIST_INTERVAL`` seconds, one transaction) so that the relay is not bound by
-the database's commit rate (one commit per event capped it at about 170 events/s on SQLite).
-Events that change a job's state (queued, running, ended) are stored before anyone sees them.
-One queued or running job per model, checked under the model's database-level lock so replicas
-agree.
+Each job runs on a thread of the registry process that holds its lease, independent of the
+caller's stream: a caller that disconnects does not stop it, and neither does the registry: a
+killed replica's jobs are taken over by another one (or by itself, restarted) once their lease
+expired, a replica that stops gracefully releases its leases at once. The training itself
+belongs to the worker, which keeps it running when the stream breaks, so the new owner attaches
+to it after the last stored worker sequence and finishes the job as the first owner would have.
+Every event gets the job id and a sequence number, is kept in memory for live watchers and
+written to ``aqimodels_job_events``, so that a late or reconnecting watcher (on this replica or
+another) replays what it missed. One queued or running job per model, checked under the model's
+database-level lock so replicas agree.
+
+The parts: ``job_store`` (the tables), ``job_leases`` (renewal, takeover, remote cancel),
+``job_relay`` (dispatch to a worker, relay, re-attach), ``job_watch`` (followers),
+``job_decisions`` (the promotion decision and the ensemble's members).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-import sqlalchemy as sa
 import structlog
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
@@ -38,31 +38,21 @@ from aqimodels.client.errors import (
 )
 from aqimodels.server import convert
 from aqimodels.server.config import ServerConfig
-from aqimodels.server.db import Database, job_events_table, jobs_table
-from aqimodels.server.domain import MODEL_TYPE_TAG, Stage, is_better
+from aqimodels.server.db import Database
+from aqimodels.server.job_decisions import MEMBER_TYPES, TYPE_NAMES, JobDecisions, model_name_for
+from aqimodels.server.job_leases import LeaseKeeper
+from aqimodels.server.job_relay import Job, WorkerRelay
+from aqimodels.server.job_store import ACTIVE, PERSIST_INTERVAL, TERMINAL, JobStore, StoredJob, now_ms
+from aqimodels.server.job_watch import JobWatching
 from aqimodels.server.paging import decode_token, encode_token, page_size
 from aqimodels.server.service import Caller, RegistryService, validate_metric
 from aqimodels.server.workers import WorkerHandle, WorkerPool
 
+__all__ = ["ACTIVE", "MEMBER_TYPES", "TERMINAL", "TYPE_NAMES", "JobManager", "jobs_factory", "model_name_for"]
+
 log = structlog.get_logger(__name__)
 
-TYPE_NAMES = {wpb.MODEL_TYPE_XGBOOST: "xgboost", wpb.MODEL_TYPE_LSTM: "lstm", wpb.MODEL_TYPE_GNN: "gnn",
-              wpb.MODEL_TYPE_ENSEMBLE: "ensemble"}
-MEMBER_TYPES = (wpb.MODEL_TYPE_XGBOOST, wpb.MODEL_TYPE_LSTM, wpb.MODEL_TYPE_GNN)
-ACTIVE = (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
-TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_INTERRUPTED)
-HEARTBEAT_SECONDS = 10.0
-STALE_AFTER_MS = 60_000
-DECISION_TAG = "aqimodels.promotion_decision"
 MAX_DISPATCH_ATTEMPTS = 3
-
-
-def model_name_for(model_type: int) -> str:
-    return f"aqi_predictor_{TYPE_NAMES[model_type]}"
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class _Replay(Exception):
@@ -73,27 +63,7 @@ class _Replay(Exception):
         self.job_ids = job_ids
 
 
-@dataclass
-class _Job:
-    """A job owned by this registry process."""
-
-    proto: pb.RetrainJob
-    train_request: wpb.TrainRequest
-    settings: dict[str, Any]
-    events: list[pb.RetrainEvent] = field(default_factory=list)
-    listeners: list[queue.Queue[pb.RetrainEvent | None]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = ""
-    call: Any = None
-    depends_on: list[str] = field(default_factory=list)
-    thread: threading.Thread | None = None
-
-
-PERSIST_INTERVAL = 0.05  # seconds between batched writes of progress events
-
-
-class JobManager:
+class JobManager(JobDecisions, WorkerRelay, JobWatching):
     """The retrain RPCs' logic."""
 
     def __init__(self, config: ServerConfig, service: RegistryService, db: Database, pool: WorkerPool) -> None:
@@ -102,144 +72,137 @@ class JobManager:
         self.db = db
         self.pool = pool
         self.owner = uuid.uuid4().hex[:12]
-        self._jobs: dict[str, _Job] = {}
+        self.store = JobStore(db, self.owner, int(config.job_lease_seconds * 1000))
+        self.leases = LeaseKeeper(self.store, local=self._local_active, adopt=self._adopt, let_go=self._let_go,
+                                  cancel=self._cancel_requested)
+        self._jobs: dict[str, Job] = {}
         self._jobs_lock = threading.Lock()
         self._waiting: list[str] = []  # job ids waiting for a worker, FIFO
         self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
         self._success_hooks: list[Callable[[str, int], None]] = []
         self._event_hooks: list[Callable[[pb.RetrainJob, pb.RetrainEvent], None]] = []
-        # (job id, state, job bytes, sequence, event bytes) not yet stored, in emission order
-        self._pending: list[tuple[str, int, bytes, int, bytes]] = []
-        self._pending_lock = threading.Lock()
-        self._flush_lock = threading.Lock()
         self._writer: threading.Thread | None = None
 
     # ---- lifecycle ----
 
     def start(self) -> None:
         self.pool.start()
-        self._interrupt_stale()
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="job-heartbeat")
-        self._heartbeat.start()
         self._writer = threading.Thread(target=self._writer_loop, daemon=True, name="job-event-writer")
         self._writer.start()
+        self.leases.start()
 
     def shutdown(self) -> None:
-        """Marks this registry's unfinished jobs INTERRUPTED and stops their worker calls."""
+        """A graceful stop: lets go of this process's unfinished jobs and releases their leases at
+        once, so that another replica (or this one, restarted) continues them; the trainings go on
+        on their workers."""
         self._stop.set()
+        self.leases.stop()
         with self._jobs_lock:
             jobs = [j for j in self._jobs.values() if j.proto.state in ACTIVE]
         for job in jobs:
-            job.cancel_reason = "interrupted"
-            job.cancel.set()
-            if job.call is not None:
-                job.call.cancel()
-            self._end(job, pb.JOB_STATE_INTERRUPTED, "the registry shut down while the job ran")
+            self._let_go_job(job)  # from here on nothing of these jobs is emitted by this process
+        try:
+            self._flush()
+            self.store.release([j.proto.job_id for j in jobs])
+            if jobs:
+                log.info("job_leases_released", jobs=[j.proto.job_id for j in jobs])
+        except Exception as exc:  # noqa: BLE001 - the leases then expire on their own
+            log.warning("job_leases_not_released", error=str(exc)[:200])
+        deadline = time.monotonic() + 5
         for job in jobs:
             if job.thread is not None:
-                job.thread.join(timeout=5)
-        self._flush()
+                job.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def _interrupt_stale(self) -> None:
-        cutoff = _now_ms() - STALE_AFTER_MS
-        with self.db.begin() as conn:
-            rows = conn.execute(sa.select(jobs_table.c.job_id, jobs_table.c.job).where(
-                jobs_table.c.state.in_(ACTIVE), jobs_table.c.updated_ms < cutoff)).all()
-        for job_id, raw in rows:
-            proto = pb.RetrainJob.FromString(raw)
-            proto.state = pb.JOB_STATE_INTERRUPTED
-            proto.error = "the registry that ran this job stopped before it ended"
-            proto.end_time.CopyFrom(convert.ts_from_ms(_now_ms()))
-            event = pb.RetrainEvent(job_id=job_id, sequence=proto.last_sequence + 1, model_type=proto.model_type,
-                                    state=proto.state, ended=pb.JobEnded(state=proto.state, reason=proto.error))
-            event.time.GetCurrentTime()
-            proto.last_sequence = event.sequence
-            self._queue_persist(proto, event)
-            self._flush()
-            log.warning("job_interrupted", job_id=job_id, model=proto.model_name)
+    def _local_active(self) -> set[str]:
+        with self._jobs_lock:
+            return {j for j, job in self._jobs.items() if job.proto.state in ACTIVE and not job.let_go.is_set()}
 
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            with self._jobs_lock:
-                ids = [j.proto.job_id for j in self._jobs.values() if j.proto.state in ACTIVE]
-            if ids:
-                try:
-                    with self.db.begin() as conn:
-                        conn.execute(jobs_table.update().where(jobs_table.c.job_id.in_(ids)).values(
-                            updated_ms=_now_ms()))
-                except Exception:  # noqa: BLE001 - a missed heartbeat is retried next time
-                    log.warning("job_heartbeat_failed", jobs=ids)
+    def _let_go(self, job_id: str) -> None:
+        with self._jobs_lock:
+            job = self._jobs.get(job_id)
+        if job is not None:
+            self._let_go_job(job)
+
+    def _let_go_job(self, job: Job) -> None:
+        with job.lock:
+            job.let_go.set()
+            for listener in job.listeners:
+                listener.put(None)
+        if job.call is not None:
+            job.call.cancel()  # only the stream: the training goes on on its worker
+
+    def _cancel_requested(self, job_id: str, reason: str) -> None:
+        """A cancel asked on another replica, for a job this one runs."""
+        with self._jobs_lock:
+            job = self._jobs.get(job_id)
+        if job is None or job.cancel.is_set():
+            return
+        job.cancel_reason = reason
+        job.cancel.set()
+        if job.proto.state == pb.JOB_STATE_RUNNING:
+            self._cancel_on_worker(job)
+
+    def _adopt(self, job_id: str) -> None:
+        """Takes over a job whose lease this process just claimed, and continues it."""
+        stored = self.store.load_full(job_id)
+        if stored is None or stored.proto.state in TERMINAL:
+            return
+        job = self._job_from_store(stored)
+        with self._jobs_lock:
+            old = self._jobs.get(job_id)
+            if old is not None and old.thread is not None and old.thread.is_alive():
+                old.let_go.set()  # this process let go of it earlier and now takes it back
+            self._jobs[job_id] = job
+        job.thread = threading.Thread(target=self._run, args=(job,), daemon=True, name=f"job-{job_id}")
+        job.thread.start()
+
+    def _job_from_store(self, stored: StoredJob) -> Job:
+        settings = stored.settings or {"auto_promote": self.config.auto_promotion,
+                                       "metric": self.config.promotion_metric, "margin": self.config.promotion_margin}
+        job = Job(proto=stored.proto, train_request=stored.request, settings=settings,
+                  depends_on=list(stored.depends_on))
+        job.events = self.store.events_after(stored.proto.job_id, 0)
+        for ev in job.events:
+            if ev.WhichOneof("event") == "progress":
+                job.worker_sequence = max(job.worker_sequence, ev.progress.sequence)
+        if job.events and job.events[-1].sequence > job.proto.last_sequence:
+            job.proto.last_sequence = job.events[-1].sequence
+        if stored.cancel_reason:
+            job.cancel_reason = stored.cancel_reason
+            job.cancel.set()
+        return job
 
     # ---- persistence ----
 
-    def _insert(self, proto: pb.RetrainJob, request: wpb.TrainRequest, request_id: str) -> None:
-        """Stores a new job (its later states and events go through _queue_persist and _flush)."""
-        with self.db.begin() as conn:
-            conn.execute(jobs_table.insert().values(
-                job_id=proto.job_id, model_type=TYPE_NAMES[proto.model_type], model_name=proto.model_name,
-                create_ms=convert.ms_from_ts(proto.create_time), request_id=request_id, owner=self.owner,
-                request=request.SerializeToString(), state=int(proto.state), updated_ms=_now_ms(),
-                job=proto.SerializeToString()))
-
-    def _queue_persist(self, proto: pb.RetrainJob, event: pb.RetrainEvent) -> None:
-        with self._pending_lock:
-            self._pending.append((proto.job_id, int(proto.state), proto.SerializeToString(), event.sequence,
-                                  event.SerializeToString()))
-
     def _flush(self) -> None:
-        """Stores the queued events and each job's latest state in one transaction, in order."""
-        with self._flush_lock:
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-            if not batch:
-                return
-            latest = {job_id: (state, raw) for job_id, state, raw, _, _ in batch}
-            try:
-                with self.db.begin() as conn:
-                    conn.execute(job_events_table.insert(),
-                                 [dict(job_id=j, sequence=seq, event=ev) for j, _, _, seq, ev in batch])
-                    now = _now_ms()
-                    for job_id, (state, raw) in latest.items():
-                        conn.execute(jobs_table.update().where(jobs_table.c.job_id == job_id).values(
-                            state=state, updated_ms=now, job=raw))
-            except Exception:
-                with self._pending_lock:  # kept, in order, for the next attempt
-                    self._pending[:0] = batch
-                raise
+        self.store.flush()
 
     def _writer_loop(self) -> None:
         while not self._stop.wait(PERSIST_INTERVAL):
             try:
                 self._flush()
             except Exception as exc:  # noqa: BLE001 - the database is down: retried next time
-                log.warning("job_events_write_failed", error=str(exc)[:200], pending=len(self._pending))
+                log.warning("job_events_write_failed", error=str(exc)[:200], pending=self.store.pending)
 
     def _load(self, job_id: str) -> pb.RetrainJob:
         if not job_id or len(job_id) > 64:
             raise InvalidArgumentError("job_id is required (at most 64 characters)", field="job_id")
         with self._jobs_lock:
             job = self._jobs.get(job_id)
-        if job is not None:
+        if job is not None and not job.let_go.is_set():
             with job.lock:
                 return _copy(job.proto)
-        with self.db.begin() as conn:
-            row = conn.execute(sa.select(jobs_table.c.job).where(jobs_table.c.job_id == job_id)).first()
-        if row is None:
+        proto = self.store.load(job_id)
+        if proto is None:
             raise JobNotFoundError(f"retrain job {job_id!r} does not exist")
-        return pb.RetrainJob.FromString(row[0])
-
-    def _events_after(self, job_id: str, after: int) -> list[pb.RetrainEvent]:
-        with self.db.begin() as conn:
-            rows = conn.execute(sa.select(job_events_table.c.event).where(
-                job_events_table.c.job_id == job_id, job_events_table.c.sequence > after).order_by(
-                job_events_table.c.sequence)).all()
-        return [pb.RetrainEvent.FromString(r[0]) for r in rows]
+        return proto
 
     # ---- events ----
 
-    def _emit(self, job: _Job, state: int, **payload: Any) -> pb.RetrainEvent:
+    def _emit(self, job: Job, state: int, **payload: Any) -> pb.RetrainEvent:
         with job.lock:
+            if job.let_go.is_set():  # another replica runs the job now: it emits, not this one
+                return pb.RetrainEvent(job_id=job.proto.job_id, sequence=job.proto.last_sequence, state=state)
             seq = job.proto.last_sequence + 1
             event = pb.RetrainEvent(job_id=job.proto.job_id, sequence=seq, model_type=job.proto.model_type,
                                     state=state, **payload)
@@ -247,7 +210,7 @@ class JobManager:
             changed = job.proto.state != state
             job.proto.last_sequence = seq
             job.proto.state = state
-            self._queue_persist(job.proto, event)
+            self.store.queue(job.proto, event)
             if changed or state in TERMINAL or self._writer is None or self._stop.is_set():
                 self._flush()  # a new state is stored before anyone sees it
             job.events.append(event)
@@ -263,18 +226,18 @@ class JobManager:
                     log.exception("event_hook_failed", job_id=job.proto.job_id)
         return event
 
-    def _end(self, job: _Job, state: int, reason: str) -> None:
+    def _end(self, job: Job, state: int, reason: str) -> None:
         with job.lock:
-            if job.proto.state in TERMINAL:
+            if job.proto.state in TERMINAL or job.let_go.is_set():
                 return
             job.proto.error = reason
-            job.proto.end_time.CopyFrom(convert.ts_from_ms(_now_ms()))
+            job.proto.end_time.CopyFrom(convert.ts_from_ms(now_ms()))
         self._emit(job, state, ended=pb.JobEnded(state=state, reason=reason))
         log.info("job_ended", job_id=job.proto.job_id, model=job.proto.model_name,
                  state=pb.JobState.Name(state), reason=reason)
         self._audit_end(job, state, reason)
 
-    def _audit_end(self, job: _Job, state: int, reason: str) -> None:
+    def _audit_end(self, job: Job, state: int, reason: str) -> None:
         self.db.audit_record(
             actor=job.proto.requested_by or "anonymous", role="", action="RetrainJob",
             model_name=job.proto.model_name, version=job.proto.version, before={"job_id": job.proto.job_id},
@@ -282,31 +245,17 @@ class JobManager:
             outcome={pb.JOB_STATE_SUCCEEDED: "ok", pb.JOB_STATE_CANCELLED: "cancelled"}.get(state, "failed"),
             request_id=job.proto.job_id, message=reason[:500])
 
-    def _subscribe(self, job: _Job, after: int) -> tuple[list[pb.RetrainEvent], queue.Queue[pb.RetrainEvent | None]]:
-        q: queue.Queue[pb.RetrainEvent | None] = queue.Queue()
-        with job.lock:
-            replay = [e for e in job.events if e.sequence > after]
-            if job.proto.state in TERMINAL:
-                q.put(None)
-            else:
-                job.listeners.append(q)
-        return replay, q
-
-    def _unsubscribe(self, job: _Job, q: queue.Queue[pb.RetrainEvent | None]) -> None:
-        with job.lock:
-            if q in job.listeners:
-                job.listeners.remove(q)
-
     # ---- RPCs ----
 
-    def retrain(self, request: pb.RetrainRequest, caller: Caller, context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
+    def retrain(self, request: pb.RetrainRequest, caller: Caller, stop: threading.Event) -> Iterator[pb.RetrainEvent]:
+        """Creates the jobs of a request and follows them until they end or ``stop`` is set."""
         if request.request_id:
             raw = self.db.remembered("Retrain", request.request_id)
             if raw is not None:
-                yield from self._follow(json.loads(raw), context)
+                yield from self.follow(json.loads(raw), stop)
                 return
         job_ids = self.submit(request, caller)
-        yield from self._follow(job_ids, context)
+        yield from self.follow(job_ids, stop)
 
     def submit(self, request: pb.RetrainRequest, caller: Caller) -> list[str]:
         """Validates a retrain request, creates its jobs and starts them; returns the job ids.
@@ -367,7 +316,7 @@ class JobManager:
                 "margin": margin}
 
     def _create_jobs(self, types: list[int], request: pb.RetrainRequest, caller: Caller,
-                     settings: dict[str, Any]) -> list[_Job]:
+                     settings: dict[str, Any]) -> list[Job]:
         names = sorted(model_name_for(t) for t in types)
         locks = [self.db.model_lock(f"retrain:{n}") for n in names]
         for lock in locks:
@@ -376,22 +325,17 @@ class JobManager:
             if request.request_id:
                 # A retry that raced the first call past the idempotency check: the first call's
                 # jobs exist by now (created under these same locks), so answer with them.
-                with self.db.begin() as conn:
-                    earlier = conn.execute(sa.select(jobs_table.c.job_id).where(
-                        jobs_table.c.request_id == request.request_id).order_by(
-                        jobs_table.c.create_ms, jobs_table.c.job_id)).all()
+                earlier = self.store.job_ids_for_request(request.request_id)
                 if earlier:
-                    raise _Replay([r[0] for r in earlier])
-            with self.db.begin() as conn:
-                rows = conn.execute(sa.select(jobs_table.c.job_id, jobs_table.c.model_name, jobs_table.c.state).where(
-                    jobs_table.c.model_name.in_(names), jobs_table.c.state.in_(ACTIVE))).all()
+                    raise _Replay(earlier)
+            rows = self.store.active_for_models(names)
             if rows:
                 job_id, name, state = rows[0]
                 raise AlreadyExistsError(
                     f"{name} already has a {pb.JobState.Name(state).removeprefix('JOB_STATE_').lower()} "
                     f"retrain job {job_id}; watch it with `aqimodels jobs watch {job_id}` or cancel it first")
-            jobs: list[_Job] = []
-            now = _now_ms()
+            jobs: list[Job] = []
+            now = now_ms()
             for t in types:
                 job_id = "job-" + uuid.uuid4().hex[:12]
                 proto = pb.RetrainJob(job_id=job_id, model_type=t, model_name=model_name_for(t),
@@ -403,10 +347,10 @@ class JobManager:
                                                  params=request.params, experiment_name=self.config.experiment_name,
                                                  registered_model_name=proto.model_name,
                                                  tags={"requested_by": caller.name})
-                job = _Job(proto=proto, train_request=train_request, settings=settings)
+                job = Job(proto=proto, train_request=train_request, settings=settings)
                 if t == wpb.MODEL_TYPE_ENSEMBLE:
                     job.depends_on = [j.proto.job_id for j in jobs if j.proto.model_type in MEMBER_TYPES]
-                self._insert(proto, train_request, request.request_id)
+                self.store.insert(proto, train_request, request.request_id, settings, job.depends_on)
                 self.db.audit_record(actor=caller.name, role=caller.role, action="Retrain",
                                      model_name=proto.model_name, version=0, before={},
                                      after={"job_id": job_id, "dataset": proto.dataset,
@@ -424,89 +368,12 @@ class JobManager:
             log.info("job_queued", job_id=job.proto.job_id, model=job.proto.model_name)
         return jobs
 
-    def _follow(self, job_ids: list[str], context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
-        """Merges the events of several jobs (replayed, then live) until all have ended."""
-        if len(job_ids) == 1:  # one job: its events straight from its queue, without a merging thread
-            yield from self._stream(job_ids[0], 0, context)
-            return
-        stop = threading.Event()
-        merged: queue.Queue[tuple[str, pb.RetrainEvent | None]] = queue.Queue()
-        threads = []
-        for job_id in job_ids:
-            def pump(jid: str = job_id) -> None:
-                try:
-                    for ev in self._watch_iter(jid, 0, stop):
-                        merged.put((jid, ev))
-                finally:
-                    merged.put((jid, None))
-
-            t = threading.Thread(target=pump, daemon=True, name="follow")
-            t.start()
-            threads.append(t)
-        open_jobs = set(job_ids)
-        try:
-            while open_jobs:
-                if not context.is_active():
-                    return
-                try:
-                    jid, ev = merged.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if ev is None:
-                    open_jobs.discard(jid)
-                else:
-                    yield ev
-        finally:
-            stop.set()
-
-    def _watch_iter(self, job_id: str, after: int, stop: threading.Event) -> Iterator[pb.RetrainEvent]:
-        with self._jobs_lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            # Another replica's job, or one that ended before this registry started: poll the table.
-            proto = self._load(job_id)
-            last = after
-            while not stop.is_set():
-                for ev in self._events_after(job_id, last):
-                    last = ev.sequence
-                    yield ev
-                    if ev.state in TERMINAL:
-                        return
-                proto = self._load(job_id)
-                if proto.state in TERMINAL and proto.last_sequence <= last:
-                    return
-                stop.wait(0.5)
-            return
-        replay, q = self._subscribe(job, after)
-        try:
-            last = after
-            for ev in replay:
-                last = ev.sequence
-                yield ev
-            while not stop.is_set():
-                try:
-                    ev = q.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if ev is None:
-                    return
-                if ev.sequence > last:
-                    last = ev.sequence
-                    yield ev
-        finally:
-            self._unsubscribe(job, q)
-
-    def watch(self, job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
+    def watch(self, job_id: str, after: int, stop: threading.Event) -> Iterator[pb.RetrainEvent]:
+        """One job's events after ``after`` until it ends or ``stop`` is set (any replica's job)."""
         if after < 0:
             raise InvalidArgumentError("after_sequence must not be negative", field="after_sequence")
         self._load(job_id)  # NOT_FOUND before the stream starts
-        yield from self._stream(job_id, after, context)
-
-    def _stream(self, job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
-        """One job's events after ``after``, until it ends or the caller goes away."""
-        stop = threading.Event()
-        if context.add_callback(stop.set):  # False: the caller is already gone
-            yield from self._watch_iter(job_id, after, stop)
+        yield from self._watch_iter(job_id, after, stop)
 
     def get(self, job_id: str) -> pb.RetrainJob:
         return self._with_position(self._load(job_id))
@@ -523,61 +390,80 @@ class JobManager:
             raise InvalidArgumentError(f"state {state} is not a known job state", field="state")
         query = ("jobs", state, model_name)
         last = decode_token(token, query)
-        t = jobs_table
-        q = sa.select(t.c.job, t.c.create_ms, t.c.job_id).order_by(t.c.create_ms.desc(), t.c.job_id.desc()).limit(size + 1)
-        if state:
-            q = q.where(t.c.state == state)
-        if model_name:
-            q = q.where(t.c.model_name == model_name)
-        if last is not None:
-            if len(last) != 2 or not isinstance(last[0], int) or not isinstance(last[1], str):
-                raise InvalidArgumentError("page_token is invalid", field="page_token")
-            q = q.where(sa.or_(t.c.create_ms < last[0], sa.and_(t.c.create_ms == last[0], t.c.job_id < last[1])))
-        with self.db.begin() as conn:
-            rows = conn.execute(q).all()
+        if last is not None and (len(last) != 2 or not isinstance(last[0], int) or not isinstance(last[1], str)):
+            raise InvalidArgumentError("page_token is invalid", field="page_token")
+        rows = self.store.page(size, state, model_name, last)
         page = rows[:size]
         jobs = []
         for raw, _c, job_id in page:
             with self._jobs_lock:
                 live = self._jobs.get(job_id)
-            jobs.append(self._with_position(_copy(live.proto) if live else pb.RetrainJob.FromString(raw)))
+            fresh = live is not None and not live.let_go.is_set()
+            jobs.append(self._with_position(_copy(live.proto) if live and fresh else pb.RetrainJob.FromString(raw)))
         next_token = encode_token([page[-1][1], page[-1][2]], query) if len(rows) > size else ""
         return jobs, next_token
 
     def cancel(self, job_id: str, reason: str, caller: Caller) -> pb.RetrainJob:
+        """Cancels a job, whichever replica runs it: the owner's lease row carries the request, and
+        the worker is asked to stop the training at once."""
         proto = self._load(job_id)
         if proto.state in TERMINAL:
             raise FailedPreconditionError(
                 f"job {job_id} has already ended ({pb.JobState.Name(proto.state).removeprefix('JOB_STATE_').lower()})")
+        reason = reason or f"cancelled by {caller.name}"
         with self._jobs_lock:
             job = self._jobs.get(job_id)
-        if job is None:
-            raise FailedPreconditionError(f"job {job_id} runs on another registry replica; cancel it there")
-        job.cancel_reason = reason or f"cancelled by {caller.name}"
-        job.cancel.set()
-        if job.call is not None:
-            job.call.cancel()
+        if job is not None and job.let_go.is_set():
+            job = None
+        if not self.store.request_cancel(job_id, reason):
+            proto = self._load(job_id)
+            raise FailedPreconditionError(
+                f"job {job_id} has already ended ({pb.JobState.Name(proto.state).removeprefix('JOB_STATE_').lower()})")
+        if job is not None:
+            job.cancel_reason = reason
+            job.cancel.set()
+            self._cancel_on_worker(job)
+        elif proto.state == pb.JOB_STATE_RUNNING and proto.worker:
+            self._cancel_on_worker(Job(proto=proto, train_request=wpb.TrainRequest(), settings={},
+                                       cancel_reason=reason))
         self.db.audit_record(actor=caller.name, role=caller.role, action="CancelRetrainJob",
                              model_name=proto.model_name, version=0, before={"state": pb.JobState.Name(proto.state)},
                              after={"state": "JOB_STATE_CANCELLED"}, outcome="ok", request_id=caller.request_id,
-                             message=job.cancel_reason[:500])
-        if job.thread is not None:
-            job.thread.join(timeout=30)
-        return self._load(job_id)
+                             message=reason[:500])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if job is not None and job.thread is not None:
+                job.thread.join(timeout=0.2)
+            else:
+                time.sleep(0.2)
+            proto = self._load(job_id)
+            if proto.state in TERMINAL:
+                break
+        return proto
 
     def running_by_model(self) -> dict[str, list[pb.RetrainJob]]:
+        """Queued and running jobs of every replica: this process's own live, the others' as read
+        by the lease keeper at most ``FRESH_SECONDS`` ago."""
+        shared = self.leases.active_jobs()
         out: dict[str, list[pb.RetrainJob]] = {}
         with self._jobs_lock:
-            jobs = [_copy(j.proto) for j in self._jobs.values() if j.proto.state in ACTIVE]
-        for proto in jobs:
-            out.setdefault(proto.model_name, []).append(proto)
+            for job in self._jobs.values():
+                if job.proto.state in ACTIVE and not job.let_go.is_set():
+                    out.setdefault(job.proto.model_name, []).append(_copy(job.proto))
+            for proto in shared:
+                own = self._jobs.get(proto.job_id)
+                if own is None or own.let_go.is_set():  # this process's own: its live state counts
+                    out.setdefault(proto.model_name, []).append(proto)
         return out
 
     # ---- running a job ----
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         log_ = log.bind(job_id=job.proto.job_id, model=job.proto.model_name)
         try:
+            if job.proto.state == pb.JOB_STATE_RUNNING and job.proto.worker:
+                self._resume(job)  # taken over mid-training: attach to it where the store left off
+                return
             if job.depends_on and not self._wait_for_members(job):
                 return
             if job.proto.model_type == wpb.MODEL_TYPE_ENSEMBLE:
@@ -598,7 +484,8 @@ class JobManager:
                     self.pool.release(handle, job.proto.job_id)
                 if not retry:
                     return
-            self._end(job, pb.JOB_STATE_FAILED, f"no worker could start the job after {MAX_DISPATCH_ATTEMPTS} attempts")
+            if not job.let_go.is_set():
+                self._end(job, pb.JOB_STATE_FAILED, f"no worker could start the job after {MAX_DISPATCH_ATTEMPTS} attempts")
         except Exception as exc:  # a bug must still end the job, never leave it running
             log_.exception("job_crashed")
             self._end(job, pb.JOB_STATE_FAILED, f"internal error: {exc}")
@@ -607,7 +494,7 @@ class JobManager:
                 if job.proto.job_id in self._waiting:
                     self._waiting.remove(job.proto.job_id)
 
-    def _wait_for_members(self, job: _Job) -> bool:
+    def _wait_for_members(self, job: Job) -> bool:
         while True:
             states = [self._load(j).state for j in job.depends_on]
             if all(s in TERMINAL for s in states):
@@ -615,22 +502,10 @@ class JobManager:
             if job.cancel.wait(0.5):
                 self._end(job, pb.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled")
                 return False
+            if job.let_go.is_set():
+                return False
 
-    def _resolve_members(self) -> list[wpb.EnsembleMember]:
-        members = []
-        for t in MEMBER_TYPES:
-            name = model_name_for(t)
-            try:
-                snap = self.service.snapshot(name, fresh=True)
-            except Exception:  # noqa: BLE001 - not registered yet: not a member
-                continue
-            chosen = snap.alias("production") or (snap.versions[0] if snap.versions else None)
-            if chosen is not None:
-                members.append(wpb.EnsembleMember(model_type=t, model_name=name, version=chosen.version,
-                                                  model_uri=f"models:/{name}/{chosen.version}"))
-        return members
-
-    def _wait_for_worker(self, job: _Job) -> WorkerHandle | None:
+    def _wait_for_worker(self, job: Job) -> WorkerHandle | None:
         with self._jobs_lock:
             self._waiting.append(job.proto.job_id)
         announced = ""
@@ -638,6 +513,8 @@ class JobManager:
             while True:
                 if job.cancel.is_set():
                     self._end(job, pb.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled")
+                    return None
+                if job.let_go.is_set():
                     return None
                 with self._jobs_lock:
                     first = self._waiting[0] == job.proto.job_id if self._waiting else True
@@ -660,92 +537,18 @@ class JobManager:
                 if job.proto.job_id in self._waiting:
                     self._waiting.remove(job.proto.job_id)
 
-    def _dispatch(self, job: _Job, handle: WorkerHandle, attempt: int) -> bool:
-        """Runs the job on one worker; True when it should be retried on another worker."""
-        with job.lock:
-            job.proto.worker = handle.target
-            job.proto.queue_position = 0
-            if not job.proto.HasField("start_time"):
-                job.proto.start_time.CopyFrom(convert.ts_from_ms(_now_ms()))
-        self._emit(job, pb.JOB_STATE_RUNNING, dispatched=pb.JobDispatched(worker=handle.target))
-        started = False
-        finished: wpb.TrainFinished | None = None
-        try:
-            call = handle.stub.Train(job.train_request, metadata=self.pool.metadata(("x-request-id", job.proto.job_id)))
-            job.call = call
-            if job.cancel.is_set():
-                call.cancel()
-            for ev in call:
-                started = True
-                kind = ev.WhichOneof("event")
-                with job.lock:
-                    if kind == "started":
-                        job.proto.run_id = ev.started.run_id
-                        job.proto.total_epochs = ev.started.total_steps
-                    elif kind == "epoch":
-                        job.proto.epoch = ev.epoch.epoch
-                        job.proto.total_epochs = ev.epoch.total_epochs
-                    elif kind == "finished":
-                        finished = ev.finished
-                        job.proto.version = ev.finished.version
-                        job.proto.metrics.clear()
-                        job.proto.metrics.update(ev.finished.metrics)
-                self._emit(job, pb.JOB_STATE_RUNNING, progress=ev)
-                if kind == "failed":
-                    self._end(job, pb.JOB_STATE_FAILED, ev.failed.reason)
-                    return False
-                if kind == "cancelled":
-                    self._end(job, pb.JOB_STATE_CANCELLED, job.cancel_reason or ev.cancelled.reason)
-                    return False
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if job.cancel.is_set():
-                if job.cancel_reason != "interrupted":
-                    self._end(job, pb.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled")
-                return False
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (code == grpc.StatusCode.UNAVAILABLE and not started):
-                self.pool.mark_unhealthy(handle, f"{code.name}: {exc.details()}")
-                log.warning("job_dispatch_failed", job_id=job.proto.job_id, worker=handle.target, code=code.name,
-                            attempt=attempt)
-                return True
-            reason = (f"worker {handle.target} stopped answering during the training ({code.name}: {exc.details()})"
-                      if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
-                      else f"{code.name}: {exc.details()}")
-            if code == grpc.StatusCode.UNAVAILABLE:
-                self.pool.mark_unhealthy(handle, reason)
-            self._mark_run_failed(job)
-            self._end(job, pb.JOB_STATE_FAILED, reason)
-            return False
-        finally:
-            job.call = None
-        if finished is None:
-            if job.cancel.is_set():
-                if job.cancel_reason != "interrupted":
-                    self._end(job, pb.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled")
-            else:
-                self._mark_run_failed(job)
-                self._end(job, pb.JOB_STATE_FAILED, f"worker {handle.target} ended the stream without a result")
-            return False
-        self._succeed(job, finished)
-        return False
-
-    def _mark_run_failed(self, job: _Job) -> None:
-        if job.proto.run_id and not job.proto.version:
-            try:
-                self.service.store.terminate_run(job.proto.run_id, "FAILED")
-            except Exception:  # noqa: BLE001 - best effort: the run may be unreachable too
-                log.warning("run_not_marked_failed", run_id=job.proto.run_id)
-
-    def _succeed(self, job: _Job, finished: wpb.TrainFinished) -> None:
+    def _succeed(self, job: Job, finished: wpb.TrainFinished) -> None:
         name = finished.model_name or job.proto.model_name
         self.service.invalidate(name)
         decision = self._decide_promotion(job, name, finished.version)
         with job.lock:
             job.proto.promotion.CopyFrom(decision)
-            job.proto.end_time.CopyFrom(convert.ts_from_ms(_now_ms()))
+            job.proto.end_time.CopyFrom(convert.ts_from_ms(now_ms()))
         version = self.service.get_version(name, finished.version)
         self._emit(job, pb.JOB_STATE_SUCCEEDED, succeeded=pb.JobSucceeded(
             version=convert.model_version_to_proto(version), promotion=decision))
+        if job.let_go.is_set():
+            return  # stopped meanwhile: the replica that takes the job over finishes it
         log.info("job_succeeded", job_id=job.proto.job_id, model=name, version=finished.version,
                  promoted=decision.promoted)
         self._audit_end(job, pb.JOB_STATE_SUCCEEDED, f"registered version {finished.version}")
@@ -754,63 +557,6 @@ class JobManager:
                 hook(name, finished.version)
             except Exception:  # noqa: BLE001 - a failing policy must not fail the finished job
                 log.exception("success_hook_failed", model=name, version=finished.version)
-
-    def _decide_promotion(self, job: _Job, name: str, version: int) -> pb.PromotionDecision:
-        settings = job.settings
-        metric = settings["metric"]
-        decision = pb.PromotionDecision(considered=bool(settings["auto_promote"]), metric=metric)
-        try:
-            self.service.store.set_tag(name, version, MODEL_TYPE_TAG, TYPE_NAMES[job.proto.model_type])
-        except Exception:  # noqa: BLE001 - the tag is informative only
-            pass
-        if not settings["auto_promote"]:
-            decision.reason = "auto-promotion was not asked for"
-            return decision
-        snap = self.service.snapshot(name, fresh=True)
-        candidate = snap.version(version)
-        production = snap.alias("production")
-        decision.candidate_value = candidate.metrics.get(metric, math.nan)
-        decision.production_value = production.metrics.get(metric, math.nan) if production else math.nan
-        decision.production_version = production.version if production else 0
-        if math.isnan(decision.candidate_value):
-            decision.reason = f"version {version} has no {metric} metric"
-        elif production is None:
-            decision.promoted = True
-            decision.reason = "no version was in production"
-        elif is_better(metric, decision.candidate_value, decision.production_value, settings["margin"]):
-            decision.promoted = True
-            decision.reason = (f"{metric} {decision.candidate_value:.4g} beats production v{production.version} "
-                               f"({decision.production_value:.4g}) by the required margin {settings['margin']:.1%}")
-        else:
-            decision.reason = (f"{metric} {decision.candidate_value:.4g} does not beat production "
-                               f"v{production.version} ({decision.production_value:.4g}) by the required margin "
-                               f"{settings['margin']:.1%}")
-        caller = Caller("auto-promotion", "admin", job.proto.job_id)
-        if decision.promoted:
-            try:
-                self.service.promote(caller, name, version, Stage.PRODUCTION,
-                                     decision.production_version or 0)
-            except Exception as exc:  # noqa: BLE001 - e.g. a concurrent manual promotion won the race
-                decision.promoted = False
-                decision.reason = f"promotion refused: {exc}"
-        payload = {"promoted": decision.promoted, "metric": metric, "candidate": _num(decision.candidate_value),
-                   "production": _num(decision.production_value),
-                   "production_version": decision.production_version or None, "reason": decision.reason}
-        try:
-            self.service.store.set_tag(name, version, DECISION_TAG, json.dumps(payload))
-        except Exception:  # noqa: BLE001
-            log.warning("decision_tag_failed", model=name, version=version)
-        self.db.audit_record(actor=caller.name, role=caller.role, action="AutoPromotion", model_name=name,
-                             version=version, before={"production": decision.production_version or None},
-                             after={"production": version if decision.promoted else (decision.production_version or None),
-                                    **payload}, outcome="ok" if decision.promoted else "declined",
-                             request_id=job.proto.job_id, message=decision.reason)
-        self.service.invalidate(name)
-        return decision
-
-
-def _num(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def _copy(proto: pb.RetrainJob) -> pb.RetrainJob:

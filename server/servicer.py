@@ -5,6 +5,7 @@ Errors are raised as domain errors and mapped to status codes by the interceptor
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,14 @@ def _caller(request_id: str = "") -> Caller:
     if isinstance(caller, Caller):
         return Caller(caller.name, caller.role, rid, deadlines.current())
     return Caller(request_id=rid, deadline=deadlines.current())
+
+
+def _call_ended(context: grpc.ServicerContext) -> threading.Event:
+    """Set when the caller goes away (cancel, deadline, disconnect): streams stop following then."""
+    ended = threading.Event()
+    if not context.add_callback(ended.set):  # False: the caller is already gone
+        ended.set()
+    return ended
 
 
 def _stage_filter(value: int, field: str) -> Stage | None:
@@ -126,7 +135,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         return self._jobs
 
     def Retrain(self, request: pb.RetrainRequest, context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
-        yield from self._job_manager().retrain(request, _caller(), context)
+        yield from self._job_manager().retrain(request, _caller(), _call_ended(context))
 
     def GetRetrainJob(self, request: pb.GetRetrainJobRequest,
                       context: grpc.ServicerContext) -> pb.GetRetrainJobResponse:
@@ -140,7 +149,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     def WatchRetrainJob(self, request: pb.WatchRetrainJobRequest,
                         context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
-        yield from self._job_manager().watch(request.job_id, request.after_sequence, context)
+        yield from self._job_manager().watch(request.job_id, request.after_sequence, _call_ended(context))
 
     def CancelRetrainJob(self, request: pb.CancelRetrainJobRequest,
                          context: grpc.ServicerContext) -> pb.CancelRetrainJobResponse:

@@ -1,7 +1,9 @@
 """The registry's view of its training workers: targets, health, capacity, and dispatch slots.
 
 ``local`` in the target list starts a worker subprocess (``python -m aqimodels.training.main``)
-on an ephemeral port sharing the registry's MLflow store, so ``make run`` is a complete system.
+on an ephemeral port sharing the registry's MLflow store, so ``make run`` is a complete system;
+a supervisor thread starts it again whenever it exits (backoff 0.5 s doubling to 30 s, logged as
+``local_worker_exited``, counted in the worker's ``restarts`` in ``status``).
 A probe thread asks every worker for ``GetWorkerInfo`` every few seconds; only healthy workers
 with a free slot (registry-side count below the capacity they report) receive jobs.
 """
@@ -44,8 +46,13 @@ class WorkerHandle:
     info: Any = None
     job_ids: set[str] = field(default_factory=set)
     dns_name: str = ""
+    generation: int = 0  # the local worker: which process this is (1, 2, ... after each restart)
+    restarts: int = 0
+    exits: dict[int, str] = field(default_factory=dict)  # generation -> why that process is gone
 
     def connect(self, target: str, creds: grpc.ChannelCredentials | None = None) -> None:
+        if self.channel is not None:
+            self.channel.close()
         self.target = target
         options = [("grpc.max_receive_message_length", 16 << 20)]
         self.channel = (grpc.secure_channel(target, creds, options=options) if creds is not None
@@ -78,6 +85,7 @@ class WorkerPool:
                 handle.connect(target, self._creds)
             self.workers.append(handle)
         self._probe_thread: threading.Thread | None = None
+        self._adhoc: dict[str, WorkerHandle] = {}
 
     @property
     def configured(self) -> bool:
@@ -111,37 +119,85 @@ class WorkerPool:
         self.refresh_dns()
         for i, handle in enumerate(self.workers):
             if handle.target == LOCAL_WORKER:
-                threading.Thread(target=self._spawn_local, args=(handle, i), daemon=True,
-                                 name="local-worker-start").start()
+                threading.Thread(target=self._supervise_local, args=(handle, i), daemon=True,
+                                 name="local-worker-supervisor").start()
         self._probe_thread = threading.Thread(target=self._probe_loop, daemon=True, name="worker-probe")
         self._probe_thread.start()
 
-    def _spawn_local(self, handle: WorkerHandle, index: int) -> None:
+    def _supervise_local(self, handle: WorkerHandle, index: int) -> None:
+        """Starts the local worker and starts it again whenever it exits, with a growing backoff."""
+        failures = 0
+        while not self._stop.is_set():
+            began = time.monotonic()
+            if self._start_local(handle, index):
+                assert handle.process is not None
+                while handle.process.poll() is None and not self._stop.wait(0.2):
+                    pass
+            if self._stop.is_set():
+                return
+            code = handle.process.returncode if handle.process is not None else None
+            reason = f"the local worker (pid {handle.process.pid if handle.process else '?'}) exited with code {code}"
+            with self._cond:
+                handle.exits[handle.generation] = reason
+                handle.healthy = False
+                self._cond.notify_all()
+            failures = 0 if time.monotonic() - began > RESTART_RESET_SECONDS else failures + 1
+            delay = min(RESTART_MAX_SECONDS, RESTART_FIRST_SECONDS * 2 ** max(0, failures - 1))
+            handle.restarts += 1
+            handle.message = f"{reason}; restarting in {delay:.1f} s (restart {handle.restarts})"
+            log.error("local_worker_exited", code=code, restart_in_s=delay, restarts=handle.restarts)
+            if self._stop.wait(delay):
+                return
+
+    def _start_local(self, handle: WorkerHandle, index: int) -> bool:
+        """Spawns one local worker process and connects to it; False when it did not come up."""
         port_file = Path(self._tmp.name) / f"worker-{index}.port"
-        env = dict(os.environ)
-        env.update({"MLFLOW_TRACKING_URI": self.config.tracking_uri,
-                    "MLFLOW_EXPERIMENT_NAME": self.config.experiment_name,
-                    "MLFLOW_DISABLE_TELEMETRY": env.get("MLFLOW_DISABLE_TELEMETRY", "true")})
-        if self.config.artifact_location:
-            env["AQIMODELS_ARTIFACT_LOCATION"] = self.config.artifact_location
-        cmd = [sys.executable, "-m", "aqimodels.training.main", "--host", "127.0.0.1", "--port", "0",
-               "--port-file", str(port_file)]
+        port_file.unlink(missing_ok=True)
         handle.message = "starting local worker"
-        handle.process = subprocess.Popen(cmd, env=env)
+        handle.process = spawn_local_worker(self.config, port_file)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not self._stop.is_set():
             if handle.process.poll() is not None:
-                handle.message = f"local worker exited with code {handle.process.returncode}"
                 log.error("local_worker_failed", code=handle.process.returncode)
-                return
+                return False
             if port_file.exists() and port_file.read_text().strip():
                 port = int(port_file.read_text().strip())
-                handle.connect(f"127.0.0.1:{port}")
-                log.info("local_worker_started", target=handle.target, pid=handle.process.pid)
+                with self._cond:
+                    handle.connect(f"127.0.0.1:{port}")
+                    handle.generation += 1
+                log.info("local_worker_started", target=handle.target, pid=handle.process.pid,
+                         generation=handle.generation)
                 self.probe_once()
-                return
+                return True
             time.sleep(0.1)
-        handle.message = "local worker did not start within 180 s"
+        if handle.process.poll() is None:
+            handle.process.kill()
+            handle.process.wait(10)
+        return False
+
+    def exit_reason(self, handle: WorkerHandle, generation: int) -> str:
+        """Why the local worker process of ``generation`` is gone ("" while it runs, or for remote workers)."""
+        with self._cond:
+            return handle.exits.get(generation, "")
+
+    def handle_for(self, target: str) -> WorkerHandle:
+        """The pool's handle of ``target``, or a new connection to it (a job taken over from another
+        replica may run on a worker this one is not configured with)."""
+        with self._cond:
+            for known in self.workers:
+                if known.target == target:
+                    return known
+            handle = self._adhoc.get(target)
+            if handle is None:
+                handle = self._adhoc[target] = WorkerHandle(target=target, healthy=True, message="")
+                handle.connect(target, self._creds)
+            return handle
+
+    def claim(self, handle: WorkerHandle, job_id: str) -> None:
+        """Counts a job taken over on ``handle`` as one of its running trainings."""
+        with self._cond:
+            handle.running += 1
+            handle.job_ids.add(job_id)
 
     def _probe_loop(self) -> None:
         while not self._stop.wait(self.probe_interval):
@@ -227,11 +283,11 @@ class WorkerPool:
     def status(self) -> list[pb.WorkerStatus]:
         with self._cond:
             return [pb.WorkerStatus(target=w.target, healthy=w.healthy, capacity=w.capacity, running=w.running,
-                                    message=w.message) for w in self.workers]
+                                    message=w.message, restarts=w.restarts) for w in self.workers]
 
     def close(self) -> None:
         self._stop.set()
-        for handle in self.workers:
+        for handle in [*self.workers, *self._adhoc.values()]:
             if handle.channel is not None:
                 handle.channel.close()
             if handle.process is not None and handle.process.poll() is None:
@@ -241,6 +297,27 @@ class WorkerPool:
                 except subprocess.TimeoutExpired:
                     handle.process.kill()
         self._tmp.cleanup()
+
+
+RESTART_FIRST_SECONDS = 0.5  # backoff of the local worker's restarts: 0.5, 1, 2, ... 30 s
+RESTART_MAX_SECONDS = 30.0
+RESTART_RESET_SECONDS = 60.0  # a worker that ran this long starts the backoff again from the first step
+
+
+def spawn_local_worker(config: ServerConfig, port_file: Path) -> subprocess.Popen[bytes]:
+    """Starts the local worker process on an ephemeral port, sharing the registry's MLflow store.
+
+    The one place that builds its command and environment (the supervisor calls it at every start).
+    """
+    env = dict(os.environ)
+    env.update({"MLFLOW_TRACKING_URI": config.tracking_uri,
+                "MLFLOW_EXPERIMENT_NAME": config.experiment_name,
+                "MLFLOW_DISABLE_TELEMETRY": env.get("MLFLOW_DISABLE_TELEMETRY", "true")})
+    if config.artifact_location:
+        env["AQIMODELS_ARTIFACT_LOCATION"] = config.artifact_location
+    cmd = [sys.executable, "-m", "aqimodels.training.main", "--host", "127.0.0.1", "--port", "0",
+           "--port-file", str(port_file)]
+    return subprocess.Popen(cmd, env=env)
 
 
 Resolver = Callable[[str, int], list[str]]

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from aqimodels.server import auth
 from aqimodels.server.config import (
     DEFAULT_TRACKING_URI,
     ConfigError,
+    _float,
     _int,
     absolute_sqlite_uri,
     check_exposure,
@@ -31,7 +32,7 @@ from aqimodels.server.config import (
 )
 from aqimodels.server.interceptors import ServerInterceptor
 from aqimodels.server.metrics import Metrics, endpoint_host
-from aqimodels.training.servicer import TYPES, TrainingWorkerServicer, WorkerConfig
+from aqimodels.training.servicer import TrainingWorkerServicer, WorkerConfig
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["TrainingWorker"].full_name
@@ -47,6 +48,7 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> WorkerConfig:
         host=env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1",
         port=_int(env, "AQIMODELS_WORKER_PORT", 50052, 0, 65535),
         metrics_port=metrics_port_from_env(env, "AQIMODELS_WORKER_METRICS_PORT", "AQIMODELS_WORKER_PORT", 50052),
+        retain_seconds=_float(env, "AQIMODELS_WORKER_RETAIN_SECONDS", 1800.0, 1.0),
         **security_from_env(env),
     )
     check_exposure(config.host, config.tokens_file, "AQIMODELS_WORKER_HOST")
@@ -88,13 +90,15 @@ class MeteredWorkerServicer(TrainingWorkerServicer):
         super().__init__(config)
         self.metrics = metrics
 
-    def Train(self, request: worker_pb2.TrainRequest, context: grpc.ServicerContext) -> Any:
-        model = request.registered_model_name or TYPES.get(request.model_type, "unknown")
-        return self.metrics.track_training(request.job_id, model, super().Train(request, context))
+    def _observe(self, job_id: str, model: str, events: Iterator[Any]) -> Iterator[Any]:
+        return self.metrics.track_training(job_id, model, events)
 
 
 def main(host: str | None = None, port: int | None = None, port_file: str | None = None) -> int:
-    """Runs the worker until SIGTERM/SIGINT; running trainings are stopped (runs end KILLED)."""
+    """Runs the worker until SIGTERM/SIGINT; running trainings are stopped (runs end KILLED).
+
+    A broken Train stream does not stop a training: only CancelTraining or this stop does.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         config = config_from_env()

@@ -1,21 +1,22 @@
 """TrainingWorker servicer: runs trainings on threads and streams their progress.
 
-Each Train call takes one of ``capacity`` slots (RESOURCE_EXHAUSTED when none is free), runs
-:func:`aqimodels.training.runner.run_training` on a thread, and streams its events. A cancelled
-call sets the stop event: the trainer stops at its next check, the MLflow run ends KILLED and
-nothing is registered. Data problems found before training starts are answered as
-INVALID_ARGUMENT; failures after the run started arrive as a ``failed`` event.
+Each new training takes one of ``capacity`` slots (RESOURCE_EXHAUSTED when none is free) and runs
+:func:`aqimodels.training.runner.run_training` on a thread of its own. The training belongs to
+the worker, not to the call that started it: a broken Train stream (a registry killed or
+redeployed) does not stop it, and any registry replica follows it again with AttachTraining after
+the last sequence number it stored. Only CancelTraining or the worker's own stop ends it early
+(the MLflow run ends KILLED, nothing is registered). Data problems found before training starts
+are answered as INVALID_ARGUMENT; failures after the run started arrive as a ``failed`` event.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ import structlog
 
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.api.training.v1 import worker_pb2_grpc
-from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, ResourceExhaustedError
+from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, JobNotFoundError, ResourceExhaustedError
 from aqimodels.training import core
 
 log = structlog.get_logger(__name__)
@@ -46,13 +47,7 @@ class WorkerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     metrics_port: int | None = None  # Prometheus endpoint: None = off, 0 = ephemeral (tests)
-
-
-@dataclass
-class _Running:
-    job_id: str
-    stop: threading.Event
-    started: float = field(default_factory=time.time)
+    retain_seconds: float = 1800.0  # how long an ended training's outcome stays attachable
 
 
 def _ts(value: Any, field: str = "dataset.start_time") -> np.datetime64 | None:
@@ -122,100 +117,199 @@ def event_to_proto(ev: core.ProgressEvent, seq: int) -> wpb.TrainEvent:
     return out
 
 
+class _Held:
+    """One training the worker holds: its events so far, then its outcome, for every follower."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.stop = threading.Event()
+        self.cancel_reason = ""
+        self.events: list[wpb.TrainEvent] = []
+        self.state = wpb.TRAINING_STATE_RUNNING
+        self.early_error: AqiModelsError | None = None  # bad input found before the run started
+        self.started = time.time()
+        self.ended: float | None = None
+        self.cond = threading.Condition()
+
+    def add(self, ev: wpb.TrainEvent) -> None:
+        with self.cond:
+            self.events.append(ev)
+            kind = ev.WhichOneof("event")
+            if kind in _END_STATES:
+                self.state = _END_STATES[kind]
+            self.cond.notify_all()
+
+    def end(self, early_error: AqiModelsError | None = None) -> None:
+        with self.cond:
+            self.early_error = early_error
+            if self.state == wpb.TRAINING_STATE_RUNNING:
+                self.state = wpb.TRAINING_STATE_FAILED
+            self.ended = time.time()
+            self.cond.notify_all()
+
+    def follow(self, after: int, active: Callable[[], bool]) -> Iterator[wpb.TrainEvent]:
+        """The events after ``after`` (replayed, then live) until the outcome or ``active()`` is False."""
+        index = 0
+        while True:
+            with self.cond:
+                while index >= len(self.events) and self.ended is None:
+                    if not self.cond.wait(0.5) and not active():
+                        return
+                batch = self.events[index:]
+                index = len(self.events)
+                done = self.ended is not None and index >= len(self.events)
+                early = self.early_error
+            for ev in batch:
+                if ev.sequence > after:
+                    yield ev
+            if done:
+                if early is not None and not batch and not self.events:
+                    raise early  # e.g. INVALID_ARGUMENT: bad data, found before any training
+                return
+
+    def describe(self) -> wpb.HeldTraining:
+        with self.cond:
+            out = wpb.HeldTraining(job_id=self.job_id, state=self.state,
+                                   last_sequence=self.events[-1].sequence if self.events else 0)
+            out.start_time.FromNanoseconds(int(self.started * 1e9))
+            if self.ended is not None:
+                out.end_time.FromNanoseconds(int(self.ended * 1e9))
+        return out
+
+
+_END_STATES = {"finished": wpb.TRAINING_STATE_FINISHED, "failed": wpb.TRAINING_STATE_FAILED,
+               "cancelled": wpb.TRAINING_STATE_CANCELLED}
+
+
 class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
-    """Trains on request, ``capacity`` trainings at a time."""
+    """Trains on request, ``capacity`` trainings at a time.
+
+    A training runs on a thread of its own and outlives the call that started it: its events are
+    kept (with the job's own sequence numbers) so that any caller can attach again after a
+    sequence number, and its outcome stays attachable for ``retain_seconds`` after it ended.
+    """
 
     def __init__(self, config: WorkerConfig, worker_id: str = "") -> None:
         self.config = config
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._slots = threading.BoundedSemaphore(config.capacity)
-        self._running: dict[str, _Running] = {}
+        self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
         self._start = time.time()
 
     def stop_all(self) -> None:
         with self._lock:
-            for running in self._running.values():
-                running.stop.set()
+            for held in self._held.values():
+                held.stop.set()
+
+    def _forget_expired(self) -> None:
+        cutoff = time.time() - self.config.retain_seconds
+        with self._lock:
+            for job_id in [j for j, h in self._held.items() if h.ended is not None and h.ended < cutoff]:
+                del self._held[job_id]
+
+    def _get(self, job_id: str) -> _Held:
+        self._forget_expired()
+        with self._lock:
+            held = self._held.get(job_id)
+        if held is None:
+            raise JobNotFoundError(f"worker {self.worker_id} holds no training for job {job_id!r} (it never ran "
+                                "here, the worker restarted, or its outcome passed the retention time)")
+        return held
 
     def Train(self, request: wpb.TrainRequest, context: grpc.ServicerContext) -> Iterator[wpb.TrainEvent]:
         job = job_from_proto(request, self.config.experiment_name)
-        if not self._slots.acquire(blocking=False):
-            with self._lock:
-                busy = ", ".join(self._running)
-            raise ResourceExhaustedError(f"worker {self.worker_id} is at its capacity of {self.config.capacity} "
-                                         f"training(s) (running: {busy})")
-        stop = threading.Event()
-        if not context.add_callback(stop.set):  # False: the caller is already gone
-            stop.set()
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._forget_expired()
         with self._lock:
-            self._running[job.job_id] = _Running(job.job_id, stop)
+            held = self._held.get(job.job_id)
+            if held is None:
+                if not self._slots.acquire(blocking=False):
+                    busy = ", ".join(j for j, h in self._held.items() if h.ended is None)
+                    raise ResourceExhaustedError(f"worker {self.worker_id} is at its capacity of "
+                                                 f"{self.config.capacity} training(s) (running: {busy})")
+                held = self._held[job.job_id] = _Held(job.job_id)
+                threading.Thread(target=self._run, args=(job, held, request), name=f"train-{job.job_id}",
+                                 daemon=True).start()
+                log.info("training_started", job_id=job.job_id, model_type=job.model_type, dataset=job.dataset)
+            else:  # a retry of a dispatch that reached us: the same training, not a second one
+                log.info("training_reattached", job_id=job.job_id, after_sequence=0)
+        yield from held.follow(0, context.is_active)
 
-        def run() -> None:
-            from aqimodels.training.runner import run_training
+    def AttachTraining(self, request: wpb.AttachTrainingRequest,
+                       context: grpc.ServicerContext) -> Iterator[wpb.TrainEvent]:
+        if request.after_sequence < 0:
+            raise InvalidArgumentError("after_sequence must not be negative", field="after_sequence")
+        held = self._get(request.job_id)
+        log.info("training_reattached", job_id=request.job_id, after_sequence=request.after_sequence)
+        yield from held.follow(request.after_sequence, context.is_active)
 
-            try:
-                for ev in run_training(job, stop, tracking_uri=self.config.tracking_uri,
-                                       artifact_location=self.config.artifact_location):
-                    events.put(("event", ev))
-                events.put(("done", None))
-            except core.TrainingCancelled:
-                events.put(("cancelled", None))
-            except AqiModelsError as exc:
-                events.put(("error", exc))
-            except Exception as exc:  # noqa: BLE001 - reported as a failed event with the reason
-                log.exception("training_failed", job_id=job.job_id)
-                events.put(("crash", exc))
-            finally:
+    def CancelTraining(self, request: wpb.CancelTrainingRequest,
+                       context: grpc.ServicerContext) -> wpb.CancelTrainingResponse:
+        held = self._get(request.job_id)
+        if held.ended is None:
+            held.cancel_reason = request.reason[:500]
+            held.stop.set()
+            log.info("training_cancel_requested", job_id=request.job_id)
+        return wpb.CancelTrainingResponse(training=held.describe())
+
+    def _observe(self, job_id: str, model: str, events: Iterator[wpb.TrainEvent]) -> Iterator[wpb.TrainEvent]:
+        """A hook over a training's events (metrics, in MeteredWorkerServicer)."""
+        return events
+
+    def _run(self, job: core.TrainJob, held: _Held, request: wpb.TrainRequest) -> None:
+        model = request.registered_model_name or TYPES.get(request.model_type, "unknown")
+        early: AqiModelsError | None = None
+        try:
+            for ev in self._observe(job.job_id, model, self._events(job, held)):
+                held.add(ev)
+        except AqiModelsError as exc:
+            early = exc
+        finally:
+            held.end(early)
+            if early is not None:  # no training happened: nothing to attach to later
                 with self._lock:
-                    self._running.pop(job.job_id, None)
-                self._slots.release()
+                    self._held.pop(job.job_id, None)
+            self._slots.release()
 
-        threading.Thread(target=run, name=f"train-{job.job_id}", daemon=True).start()
-        log.info("training_started", job_id=job.job_id, model_type=job.model_type, dataset=job.dataset)
+    def _events(self, job: core.TrainJob, held: _Held) -> Iterator[wpb.TrainEvent]:
+        """The training as TrainEvents, its outcome last; raises only for bad input found before it started."""
+        from aqimodels.training.runner import run_training
+
         seq = 0
         started = False
-        while True:
-            try:
-                kind, payload = events.get(timeout=0.5)
-            except queue.Empty:
-                if not context.is_active():
-                    stop.set()
-                    return
-                continue
-            if kind == "event":
+        try:
+            for ev in run_training(job, held.stop, tracking_uri=self.config.tracking_uri,
+                                   artifact_location=self.config.artifact_location):
                 seq += 1
-                started = started or isinstance(payload, core.Started)
-                yield event_to_proto(payload, seq)
-            elif kind == "done":
-                log.info("training_finished", job_id=job.job_id)
-                return
-            elif kind == "cancelled":
-                seq += 1
-                ev = wpb.TrainEvent(sequence=seq, cancelled=wpb.TrainCancelled(reason="the training was cancelled"))
-                ev.time.GetCurrentTime()
-                log.info("training_cancelled", job_id=job.job_id)
-                yield ev
-                return
-            else:
-                exc = payload
-                if kind == "error" and not started:
-                    raise exc  # e.g. INVALID_ARGUMENT: bad data, found before any training
-                seq += 1
-                code = exc.code.name if isinstance(exc, AqiModelsError) else "INTERNAL"
-                reason = exc.message if isinstance(exc, AqiModelsError) else f"{type(exc).__name__}: {exc}"
-                ev = wpb.TrainEvent(sequence=seq, failed=wpb.TrainFailed(reason=reason[:2000], code=code))
-                ev.time.GetCurrentTime()
-                yield ev
-                return
+                started = started or isinstance(ev, core.Started)
+                yield event_to_proto(ev, seq)
+            log.info("training_finished", job_id=job.job_id)
+            return
+        except core.TrainingCancelled:
+            out = wpb.TrainEvent(sequence=seq + 1, cancelled=wpb.TrainCancelled(
+                reason=held.cancel_reason or "the training was cancelled"))
+            log.info("training_cancelled", job_id=job.job_id)
+        except AqiModelsError as exc:
+            if not started:
+                raise
+            out = wpb.TrainEvent(sequence=seq + 1, failed=wpb.TrainFailed(reason=exc.message[:2000],
+                                                                          code=exc.code.name))
+        except Exception as exc:  # noqa: BLE001 - reported as a failed event with the reason
+            log.exception("training_failed", job_id=job.job_id)
+            out = wpb.TrainEvent(sequence=seq + 1, failed=wpb.TrainFailed(
+                reason=f"{type(exc).__name__}: {exc}"[:2000], code="INTERNAL"))
+        out.time.GetCurrentTime()
+        yield out
 
     def GetWorkerInfo(self, request: wpb.GetWorkerInfoRequest, context: grpc.ServicerContext) -> wpb.GetWorkerInfoResponse:
+        self._forget_expired()
         with self._lock:
-            running = list(self._running)
+            held = list(self._held.values())
+        running = [h.job_id for h in held if h.ended is None]
         out = wpb.GetWorkerInfoResponse(worker_id=self.worker_id, model_types=list(TYPES),
                                         capacity=self.config.capacity, running=len(running),
-                                        running_job_ids=running, versions=_versions())
+                                        running_job_ids=running, versions=_versions(),
+                                        trainings=[h.describe() for h in held])
         out.start_time.FromSeconds(int(self._start))
         return out
 

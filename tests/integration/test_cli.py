@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import structlog
 from aqimodels.api.registry.v1 import registry_pb2 as pb
@@ -346,8 +345,7 @@ class ScriptedJobs:
         return [pb.RetrainEvent(job_id=job_id, sequence=i, model_type=mt, state=state, **kind)
                 for i, (state, kind) in enumerate(evs, start=1)]
 
-    def retrain(self, request: pb.RetrainRequest, caller: Any, context: grpc.ServicerContext
-                ) -> Iterator[pb.RetrainEvent]:
+    def retrain(self, request: pb.RetrainRequest, caller: Any, stop: threading.Event) -> Iterator[pb.RetrainEvent]:
         types = list(request.model_types) or [1, 2, 3, 4]
         ids = []
         for mt in types:
@@ -366,16 +364,13 @@ class ScriptedJobs:
                 self.disconnected.set()
             raise
         if slow:
-            self._wait_for_disconnect(context)
+            self._wait_for_disconnect(stop)
             return
         for job_id in ids:
             yield from self.events[job_id][1:]
 
-    def _wait_for_disconnect(self, context: grpc.ServicerContext) -> None:
-        gone = threading.Event()
-        if not context.add_callback(gone.set):  # False: the client has already gone
-            gone.set()
-        if gone.wait(20) or not context.is_active():
+    def _wait_for_disconnect(self, stop: threading.Event) -> None:
+        if stop.wait(20):  # set by the servicer when the caller goes away
             self.disconnected.set()
 
     def get(self, job_id: str) -> pb.RetrainJob:
@@ -387,12 +382,12 @@ class ScriptedJobs:
         return [j for j in self.jobs.values() if (not state or j.state == state)
                 and (not model_name or j.model_name == model_name)], ""
 
-    def watch(self, job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[pb.RetrainEvent]:
+    def watch(self, job_id: str, after: int, stop: threading.Event) -> Iterator[pb.RetrainEvent]:
         self.get(job_id)
         evs = [e for e in self.events[job_id] if e.sequence > after]
         if job_id.endswith("-slow"):
             yield from evs[:3]
-            self._wait_for_disconnect(context)
+            self._wait_for_disconnect(stop)
             return
         yield from evs
 

@@ -79,6 +79,8 @@ def _requests() -> dict[str, Any]:
         "CleanupModelVersions": pb.CleanupModelVersionsRequest(name="ghost", keep_last=1, dry_run=True),
         "GetWorkerInfo": wpb.GetWorkerInfoRequest(), "ValidateDataset": wpb.ValidateDatasetRequest(
             dataset=wpb.DatasetSpec(spec="nonsense:x")), "Train": wpb.TrainRequest(),
+        "AttachTraining": wpb.AttachTrainingRequest(job_id="job-x"),
+        "CancelTraining": wpb.CancelTrainingRequest(job_id="job-x"),
     }
 
 

@@ -26,6 +26,8 @@ def test_values_are_read() -> None:
     assert config.workers == ("a:1", "b:2")
     assert config.own_database_url == "postgresql+psycopg://u@h/db"
     assert ServerConfig.from_env({"AQIMODELS_WORKERS": "none"}).workers == ()
+    assert ServerConfig.from_env({}).job_lease_seconds == 15.0
+    assert ServerConfig.from_env({"AQIMODELS_JOB_LEASE_SECONDS": "2.5"}).job_lease_seconds == 2.5
     http = ServerConfig.from_env({"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     assert http.own_database_url.startswith("sqlite:////")
 
@@ -33,6 +35,8 @@ def test_values_are_read() -> None:
 @pytest.mark.parametrize(("name", "value"), [
     ("AQIMODELS_PORT", "http"), ("AQIMODELS_PORT", "70000"), ("MLFLOW_AUTO_PROMOTION", "maybe"),
     ("AQIMODELS_CACHE_TTL_SECONDS", "-1"), ("AQIMODELS_LOG_LEVEL", "loud"), ("AQIMODELS_PROMOTION_MARGIN", "x"),
+    ("AQIMODELS_JOB_LEASE_SECONDS", "0.5"), ("AQIMODELS_JOB_LEASE_SECONDS", "301"),
+    ("AQIMODELS_JOB_LEASE_SECONDS", "soon"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -427,6 +427,7 @@ class WorkerStatus(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
     target: _builtins.str
     """The worker's target, e.g. `127.0.0.1:50052`."""
     healthy: _builtins.bool
@@ -437,6 +438,10 @@ class WorkerStatus(_message.Message):
     """Trainings it runs now."""
     message: _builtins.str
     """What went wrong, when not healthy."""
+    restarts: _builtins.int
+    """How often the registry restarted it (the local worker of `aqimodels
+    serve`, which is supervised); 0 for other workers.
+    """
     def __init__(
         self,
         *,
@@ -445,10 +450,11 @@ class WorkerStatus(_message.Message):
         capacity: _builtins.int = ...,
         running: _builtins.int = ...,
         message: _builtins.str = ...,
+        restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "healthy", b"healthy", "message", b"message", "running", b"running", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "healthy", b"healthy", "message", b"message", "restarts", b"restarts", "running", b"running", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -57,6 +57,38 @@ MODEL_TYPE_ENSEMBLE: ModelType.ValueType  # 4
 """A weighted combination of the other model types' current versions."""
 Global___ModelType: _TypeAlias = ModelType  # noqa: Y015
 
+class _TrainingState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TrainingStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TrainingState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRAINING_STATE_UNSPECIFIED: _TrainingState.ValueType  # 0
+    """Not set."""
+    TRAINING_STATE_RUNNING: _TrainingState.ValueType  # 1
+    """Running (or about to start)."""
+    TRAINING_STATE_FINISHED: _TrainingState.ValueType  # 2
+    """Finished: a version is registered."""
+    TRAINING_STATE_FAILED: _TrainingState.ValueType  # 3
+    """Failed: nothing registered."""
+    TRAINING_STATE_CANCELLED: _TrainingState.ValueType  # 4
+    """Cancelled: nothing registered."""
+
+class TrainingState(_TrainingState, metaclass=_TrainingStateEnumTypeWrapper):
+    """Where a training the worker holds stands."""
+
+TRAINING_STATE_UNSPECIFIED: TrainingState.ValueType  # 0
+"""Not set."""
+TRAINING_STATE_RUNNING: TrainingState.ValueType  # 1
+"""Running (or about to start)."""
+TRAINING_STATE_FINISHED: TrainingState.ValueType  # 2
+"""Finished: a version is registered."""
+TRAINING_STATE_FAILED: TrainingState.ValueType  # 3
+"""Failed: nothing registered."""
+TRAINING_STATE_CANCELLED: TrainingState.ValueType  # 4
+"""Cancelled: nothing registered."""
+Global___TrainingState: _TypeAlias = TrainingState  # noqa: Y015
+
 @_typing.final
 class DatasetSpec(_message.Message):
     """Where the training data comes from and how much of it to use."""
@@ -572,7 +604,9 @@ class TrainEvent(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
-    """1-based, strictly increasing within one Train call."""
+    """1-based, strictly increasing within one training (the same numbers on
+    every Train or AttachTraining call that follows it).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the worker produced the event."""
@@ -683,6 +717,7 @@ class GetWorkerInfoResponse(_message.Message):
     RUNNING_JOB_IDS_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    TRAININGS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """A stable id of this worker process (host:port and pid)."""
     capacity: _builtins.int
@@ -705,6 +740,12 @@ class GetWorkerInfoResponse(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the worker started."""
 
+    @_builtins.property
+    def trainings(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldTraining]:
+        """Every training the worker holds: running ones, and ended ones still
+        within the retention time.
+        """
+
     def __init__(
         self,
         *,
@@ -715,14 +756,133 @@ class GetWorkerInfoResponse(_message.Message):
         running_job_ids: _abc.Iterable[_builtins.str] | None = ...,
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        trainings: _abc.Iterable[Global___HeldTraining] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "model_types", b"model_types", "running", b"running", "running_job_ids", b"running_job_ids", "start_time", b"start_time", "versions", b"versions", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "model_types", b"model_types", "running", b"running", "running_job_ids", b"running_job_ids", "start_time", b"start_time", "trainings", b"trainings", "versions", b"versions", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetWorkerInfoResponse: _TypeAlias = GetWorkerInfoResponse  # noqa: Y015
+
+@_typing.final
+class HeldTraining(_message.Message):
+    """One training a worker holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The registry's job id."""
+    state: Global___TrainingState.ValueType
+    """Where it stands."""
+    last_sequence: _builtins.int
+    """The sequence number of its last event so far."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ended (unset while running)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        state: Global___TrainingState.ValueType = ...,
+        last_sequence: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "job_id", b"job_id", "last_sequence", b"last_sequence", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldTraining: _TypeAlias = HeldTraining  # noqa: Y015
+
+@_typing.final
+class AttachTrainingRequest(_message.Message):
+    """Request for TrainingWorker.AttachTraining."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id of the training."""
+    after_sequence: _builtins.int
+    """Replay only the events after this sequence number (0: all of them)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachTrainingRequest: _TypeAlias = AttachTrainingRequest  # noqa: Y015
+
+@_typing.final
+class CancelTrainingRequest(_message.Message):
+    """Request for TrainingWorker.CancelTraining."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id of the training."""
+    reason: _builtins.str
+    """Why, for people (put in the training's `cancelled` event)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTrainingRequest: _TypeAlias = CancelTrainingRequest  # noqa: Y015
+
+@_typing.final
+class CancelTrainingResponse(_message.Message):
+    """Response of TrainingWorker.CancelTraining."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRAINING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def training(self) -> Global___HeldTraining:
+        """The training after the cancel request (RUNNING until the trainer stops)."""
+
+    def __init__(
+        self,
+        *,
+        training: Global___HeldTraining | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["training", b"training"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["training", b"training"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTrainingResponse: _TypeAlias = CancelTrainingResponse  # noqa: Y015
 
 @_typing.final
 class ValidateDatasetRequest(_message.Message):

@@ -41,6 +41,16 @@ class TrainingWorkerStub:
                 request_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainRequest.SerializeToString,
                 response_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainEvent.FromString,
                 _registered_method=True)
+        self.AttachTraining = channel.unary_stream(
+                '/aqimodels.api.training.v1.TrainingWorker/AttachTraining',
+                request_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.AttachTrainingRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainEvent.FromString,
+                _registered_method=True)
+        self.CancelTraining = channel.unary_unary(
+                '/aqimodels.api.training.v1.TrainingWorker/CancelTraining',
+                request_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.CancelTrainingRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.CancelTrainingResponse.FromString,
+                _registered_method=True)
         self.GetWorkerInfo = channel.unary_unary(
                 '/aqimodels.api.training.v1.TrainingWorker/GetWorkerInfo',
                 request_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.GetWorkerInfoRequest.SerializeToString,
@@ -59,10 +69,35 @@ class TrainingWorkerServicer:
     """
 
     def Train(self, request, context):
-        """Trains one model and streams progress until the final event (finished,
-        failed or cancelled). Cancelling the call stops the training: the MLflow
-        run ends as KILLED and nothing is registered. Answers RESOURCE_EXHAUSTED
-        when the worker is already running as many trainings as it may.
+        """Starts one training and streams its progress until the final event
+        (finished, failed or cancelled). The training belongs to the worker, not
+        to the stream: a broken or cancelled call does not stop it (use
+        CancelTraining), and AttachTraining follows it again. A Train call for a
+        job id the worker already holds follows that training from its start
+        instead of starting another. Answers RESOURCE_EXHAUSTED when the worker
+        is already running as many trainings as it may.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachTraining(self, request, context):
+        """Follows a training the worker holds: replays its events after
+        `after_sequence`, then streams live ones until the final event. A
+        finished training stays attachable for the worker's retention time
+        (AQIMODELS_WORKER_RETAIN_SECONDS, default 30 min). NOT_FOUND when the
+        worker does not hold the job (it never ran here, the worker restarted,
+        or the retention passed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTraining(self, request, context):
+        """Stops a training: the trainer stops at its next check, the MLflow run
+        ends KILLED, nothing is registered, and the training's final event is
+        `cancelled`. A training that already ended is answered as it is.
+        NOT_FOUND when the worker does not hold the job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +127,16 @@ def add_TrainingWorkerServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainRequest.FromString,
                     response_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainEvent.SerializeToString,
+            ),
+            'AttachTraining': grpc.unary_stream_rpc_method_handler(
+                    servicer.AttachTraining,
+                    request_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.AttachTrainingRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainEvent.SerializeToString,
+            ),
+            'CancelTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTraining,
+                    request_deserializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.CancelTrainingRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.CancelTrainingResponse.SerializeToString,
             ),
             'GetWorkerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkerInfo,
@@ -133,6 +178,60 @@ class TrainingWorker:
             '/aqimodels.api.training.v1.TrainingWorker/Train',
             aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainRequest.SerializeToString,
             aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aqimodels.api.training.v1.TrainingWorker/AttachTraining',
+            aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.AttachTrainingRequest.SerializeToString,
+            aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.TrainEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.training.v1.TrainingWorker/CancelTraining',
+            aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.CancelTrainingRequest.SerializeToString,
+            aqimodels_dot_api_dot_training_dot_v1_dot_worker__pb2.CancelTrainingResponse.FromString,
             options,
             channel_credentials,
             insecure,

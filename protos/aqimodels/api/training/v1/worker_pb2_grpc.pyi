@@ -39,10 +39,27 @@ class TrainingWorkerStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TrainingWorkerAsyncStub: ...
     Train: _grpc.UnaryStreamMultiCallable[_worker_pb2.TrainRequest, _worker_pb2.TrainEvent]
-    """Trains one model and streams progress until the final event (finished,
-    failed or cancelled). Cancelling the call stops the training: the MLflow
-    run ends as KILLED and nothing is registered. Answers RESOURCE_EXHAUSTED
-    when the worker is already running as many trainings as it may.
+    """Starts one training and streams its progress until the final event
+    (finished, failed or cancelled). The training belongs to the worker, not
+    to the stream: a broken or cancelled call does not stop it (use
+    CancelTraining), and AttachTraining follows it again. A Train call for a
+    job id the worker already holds follows that training from its start
+    instead of starting another. Answers RESOURCE_EXHAUSTED when the worker
+    is already running as many trainings as it may.
+    """
+    AttachTraining: _grpc.UnaryStreamMultiCallable[_worker_pb2.AttachTrainingRequest, _worker_pb2.TrainEvent]
+    """Follows a training the worker holds: replays its events after
+    `after_sequence`, then streams live ones until the final event. A
+    finished training stays attachable for the worker's retention time
+    (AQIMODELS_WORKER_RETAIN_SECONDS, default 30 min). NOT_FOUND when the
+    worker does not hold the job (it never ran here, the worker restarted,
+    or the retention passed).
+    """
+    CancelTraining: _grpc.UnaryUnaryMultiCallable[_worker_pb2.CancelTrainingRequest, _worker_pb2.CancelTrainingResponse]
+    """Stops a training: the trainer stops at its next check, the MLflow run
+    ends KILLED, nothing is registered, and the training's final event is
+    `cancelled`. A training that already ended is answered as it is.
+    NOT_FOUND when the worker does not hold the job.
     """
     GetWorkerInfo: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetWorkerInfoRequest, _worker_pb2.GetWorkerInfoResponse]
     """Describes the worker: the model types it trains, its capacity and what
@@ -62,10 +79,27 @@ class TrainingWorkerAsyncStub(TrainingWorkerStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Train: _aio.UnaryStreamMultiCallable[_worker_pb2.TrainRequest, _worker_pb2.TrainEvent]  # type: ignore[assignment]
-    """Trains one model and streams progress until the final event (finished,
-    failed or cancelled). Cancelling the call stops the training: the MLflow
-    run ends as KILLED and nothing is registered. Answers RESOURCE_EXHAUSTED
-    when the worker is already running as many trainings as it may.
+    """Starts one training and streams its progress until the final event
+    (finished, failed or cancelled). The training belongs to the worker, not
+    to the stream: a broken or cancelled call does not stop it (use
+    CancelTraining), and AttachTraining follows it again. A Train call for a
+    job id the worker already holds follows that training from its start
+    instead of starting another. Answers RESOURCE_EXHAUSTED when the worker
+    is already running as many trainings as it may.
+    """
+    AttachTraining: _aio.UnaryStreamMultiCallable[_worker_pb2.AttachTrainingRequest, _worker_pb2.TrainEvent]  # type: ignore[assignment]
+    """Follows a training the worker holds: replays its events after
+    `after_sequence`, then streams live ones until the final event. A
+    finished training stays attachable for the worker's retention time
+    (AQIMODELS_WORKER_RETAIN_SECONDS, default 30 min). NOT_FOUND when the
+    worker does not hold the job (it never ran here, the worker restarted,
+    or the retention passed).
+    """
+    CancelTraining: _aio.UnaryUnaryMultiCallable[_worker_pb2.CancelTrainingRequest, _worker_pb2.CancelTrainingResponse]  # type: ignore[assignment]
+    """Stops a training: the trainer stops at its next check, the MLflow run
+    ends KILLED, nothing is registered, and the training's final event is
+    `cancelled`. A training that already ended is answered as it is.
+    NOT_FOUND when the worker does not hold the job.
     """
     GetWorkerInfo: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetWorkerInfoRequest, _worker_pb2.GetWorkerInfoResponse]  # type: ignore[assignment]
     """Describes the worker: the model types it trains, its capacity and what
@@ -88,10 +122,39 @@ class TrainingWorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.TrainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.TrainEvent], _abc.AsyncIterator[_worker_pb2.TrainEvent]]:
-        """Trains one model and streams progress until the final event (finished,
-        failed or cancelled). Cancelling the call stops the training: the MLflow
-        run ends as KILLED and nothing is registered. Answers RESOURCE_EXHAUSTED
-        when the worker is already running as many trainings as it may.
+        """Starts one training and streams its progress until the final event
+        (finished, failed or cancelled). The training belongs to the worker, not
+        to the stream: a broken or cancelled call does not stop it (use
+        CancelTraining), and AttachTraining follows it again. A Train call for a
+        job id the worker already holds follows that training from its start
+        instead of starting another. Answers RESOURCE_EXHAUSTED when the worker
+        is already running as many trainings as it may.
+        """
+
+    @_abc_1.abstractmethod
+    def AttachTraining(
+        self,
+        request: _worker_pb2.AttachTrainingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.TrainEvent], _abc.AsyncIterator[_worker_pb2.TrainEvent]]:
+        """Follows a training the worker holds: replays its events after
+        `after_sequence`, then streams live ones until the final event. A
+        finished training stays attachable for the worker's retention time
+        (AQIMODELS_WORKER_RETAIN_SECONDS, default 30 min). NOT_FOUND when the
+        worker does not hold the job (it never ran here, the worker restarted,
+        or the retention passed).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelTraining(
+        self,
+        request: _worker_pb2.CancelTrainingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.CancelTrainingResponse, _abc.Awaitable[_worker_pb2.CancelTrainingResponse]]:
+        """Stops a training: the trainer stops at its next check, the MLflow run
+        ends KILLED, nothing is registered, and the training's final event is
+        `cancelled`. A training that already ended is answered as it is.
+        NOT_FOUND when the worker does not hold the job.
         """
 
     @_abc_1.abstractmethod
