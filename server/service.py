@@ -415,10 +415,11 @@ class RegistryService:
                 self._cache.models = (started, models)
         return models
 
-    def _models(self) -> list[RegisteredModel]:
+    def _models(self, max_age: float | None = None) -> list[RegisteredModel]:
         with self._cache_lock:
             cached = self._cache.models
-        if cached and time.monotonic() - cached[0] < self._models_ttl():
+        ttl = self._models_ttl() if max_age is None else max_age
+        if cached and time.monotonic() - cached[0] < ttl:
             return cached[1]
         return self._load_models()
 
@@ -634,6 +635,12 @@ class RegistryService:
         if not health.healthy:
             return Page([], "", 0), health
         models = [m.name for m in self._models()]
+        jobs = self._running_jobs()
+        if any(n not in models for n in jobs):
+            # A job (of any replica) for a model this replica's list does not know yet: the list is
+            # older than the job's first version; read it again (at most every 0.2 s) so that
+            # status and the job tables give one answer.
+            models = [m.name for m in self._models(max_age=0.2)]
         if wanted:
             known = set(models)
             for name in wanted:
@@ -643,7 +650,6 @@ class RegistryService:
         if prefix:
             models = [n for n in models if n.startswith(prefix)]
         chosen, next_token = paginate(models, lambda n: (n,), size or len(models) or 1, token, query)
-        jobs = self._running_jobs()
         views = [ModelStatusView(self._snapshot(n), jobs.get(n, []), n in self._degraded) for n in chosen]
         return Page(views, next_token, len(models)), health
 

@@ -31,7 +31,7 @@ from aqimodels.server.db import jobs_table
 LSTM = "aqi_predictor_lstm"
 LEASE = 2.0
 # An LSTM that trains for some seconds (tens of epochs on small data), so a kill lands mid-training.
-SLOW = wpb.TrainParams(max_epochs=25, early_stopping_patience=25, hidden_size=8, batch_size=256)
+SLOW = wpb.TrainParams(max_epochs=100, early_stopping_patience=100, hidden_size=8, batch_size=256)
 FAST = wpb.TrainParams(max_epochs=2)
 
 
