@@ -63,9 +63,10 @@ def event_to_dict(ev: pb.RetrainEvent) -> dict[str, Any]:
                            "state": state_name(ev.state), "model_type": model_type_name(ev.model_type)}
     kind = ev.WhichOneof("event") or "state"
     if kind == "queued":
-        out.update(kind="queued", position=ev.queued.position, reason=ev.queued.reason,
-                   text=f"queued at position {ev.queued.position}" + (f": {ev.queued.reason}" if ev.queued.reason
-                                                                      else ""))
+        q = ev.queued
+        out.update(kind="queued", position=q.position, reason=q.reason,
+                   text="queued" + (f" at position {q.position}" if q.position else "")
+                   + (f": {q.reason}" if q.reason and q.reason != "queued" else ""))
     elif kind == "dispatched":
         out.update(kind="dispatched", worker=ev.dispatched.worker, text=f"dispatched to {ev.dispatched.worker}")
     elif kind == "progress":

@@ -313,7 +313,7 @@ def _start_lstm(system: System, epochs: int) -> str:
 def test_a_retrain_shows_live_progress_on_the_job_page_and_its_version_on_the_model_page(
         page_for: Any, system: System) -> None:
     page = page_for("viewer")
-    job_id = _start_lstm(system, 8)
+    job_id = _start_lstm(system, 20)
     page.goto(system.url + f"jobs/{job_id}")
     page.evaluate("window.notReloaded = true")
     seen: list[int] = []
@@ -327,8 +327,8 @@ def test_a_retrain_shows_live_progress_on_the_job_page_and_its_version_on_the_mo
         time.sleep(0.05)
     assert page.locator("#job-state .badge").inner_text() == "succeeded", page.locator("#events").inner_text()
     assert page.evaluate("window.notReloaded") is True  # every update arrived without a reload
-    assert len([v for v in seen if v > 0]) >= 3 and seen == sorted(seen) and seen[-1] == 8, seen
-    assert page.locator("#curves").get_attribute("data-points") == "8"
+    assert len([v for v in seen if v > 0]) >= 3 and seen == sorted(seen) and seen[-1] == 20, seen
+    assert page.locator("#curves").get_attribute("data-points") == "20"
     sequences = page.evaluate("window.aqimodelsSeen")
     assert sequences == list(range(1, len(sequences) + 1))
     with system.client("viewer") as c:
