@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import structlog
+from aqimodels.api.registry.v1 import registry_pb2 as pb
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -30,8 +31,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from aqimodels.api.registry.v1 import registry_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
@@ -223,7 +222,7 @@ class _ModelCollector(Collector):
                 production.add_metric([model], float(version))
             for model, health, count in self._alerts():
                 alerts.add_metric([model, health], float(count))
-        except Exception:  # noqa: BLE001 - a scrape must not fail because the store is down
+        except Exception:
             log.warning("model_metrics_unavailable", exc_info=True)
         yield from (status, production, alerts)
 

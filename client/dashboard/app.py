@@ -24,6 +24,19 @@ from urllib.parse import quote, urlencode
 import grpc
 import jinja2
 import structlog
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.client import render
+from aqimodels.client.client import MODEL_TYPES, stage_name
+from aqimodels.client.dashboard.config import DashboardConfig
+from aqimodels.client.dashboard.feeds import TERMINAL, Hub, StatusFeed, num, state_name
+from aqimodels.client.dashboard.registry import AsyncRegistry, Identity
+from aqimodels.client.errors import (
+    AqiModelsError,
+    InvalidArgumentError,
+    UnauthenticatedError,
+    UnimplementedError,
+)
+from aqimodels.client.tokens import ROLES
 from google.protobuf.json_format import MessageToDict
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -35,15 +48,6 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from aqimodels.api.registry.v1 import registry_pb2 as pb
-from aqimodels.client import render
-from aqimodels.client.client import MODEL_TYPES, stage_name
-from aqimodels.client.dashboard.config import DashboardConfig
-from aqimodels.client.dashboard.feeds import TERMINAL, Hub, StatusFeed, num, state_name
-from aqimodels.client.dashboard.registry import AsyncRegistry, Identity
-from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, UnauthenticatedError, UnimplementedError
-from aqimodels.client.tokens import ROLES
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +144,7 @@ def metric_value(metrics: Any, name: str) -> float | None:
 
 
 def health_name(health: int) -> str:
-    return pb.ModelHealth.Name(health).removeprefix("MODEL_HEALTH_").lower() if health else "unknown"
+    return pb.ModelHealth.Name(health).removeprefix("MODEL_HEALTH_").lower() if health else "unknown"  # type: ignore[arg-type]
 
 
 def lineage(mv: pb.ModelVersion) -> list[tuple[str, str]]:

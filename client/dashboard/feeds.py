@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
-
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client.client import model_type_name
 from aqimodels.client.dashboard.registry import AsyncRegistry
@@ -39,7 +38,9 @@ _RETRYABLE = (BackendUnavailableError, DeadlineExceededError, CancelledError)
 
 
 def state_name(state: int) -> str:
-    return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower() if state in pb.JobState.values() else "unknown"
+    if state not in pb.JobState.values():
+        return "unknown"
+    return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
 
 
 def num(x: float) -> float | None:
@@ -97,13 +98,14 @@ def event_to_dict(ev: pb.RetrainEvent) -> dict[str, Any]:
         else:
             out.update(text=sub.replace("_", " "))
     elif kind == "succeeded":
-        d = ev.succeeded.promotion
+        pd = ev.succeeded.promotion
         out.update(kind="succeeded", version=ev.succeeded.version.version,
-                   promotion={"considered": d.considered, "promoted": d.promoted, "metric": d.metric,
-                              "candidate_value": num(d.candidate_value), "production_value": num(d.production_value),
-                              "production_version": d.production_version, "reason": d.reason},
+                   promotion={"considered": pd.considered, "promoted": pd.promoted, "metric": pd.metric,
+                              "candidate_value": num(pd.candidate_value),
+                              "production_value": num(pd.production_value),
+                              "production_version": pd.production_version, "reason": pd.reason},
                    text=f"succeeded: version {ev.succeeded.version.version}"
-                        + (f"; promotion: {d.reason}" if d.reason else ""))
+                        + (f"; promotion: {pd.reason}" if pd.reason else ""))
     elif kind == "ended":
         out.update(kind="ended", reason=ev.ended.reason, text=f"{state_name(ev.ended.state)}: {ev.ended.reason}")
     else:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
 import grpc
 import grpc.aio
-
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.client.client import _channel_credentials, model_type_value, stage_value
 from aqimodels.client.errors import error_from_rpc
+
+T = TypeVar("T")
 
 # Trailing metadata in which the registry names the authenticated caller of every call.
 CALLER_KEY = "x-aqimodels-caller"
@@ -65,10 +66,11 @@ class AsyncRegistry:
             md.append(("authorization", f"Bearer {token}"))
         return md
 
-    async def _unary(self, rpc: str, request: Any, token: str | None, timeout: float | None = None) -> Any:
+    async def _unary(self, rpc: str, request: Any, token: str | None, reply: type[T]) -> T:
+        """One unary call; ``reply`` types the answer (the aio stub's methods are looked up by name)."""
         try:
-            return await getattr(self._stub, rpc)(request, timeout=timeout or self.timeout,
-                                                  metadata=self._metadata(token))
+            return cast(T, await getattr(self._stub, rpc)(request, timeout=self.timeout,
+                                                          metadata=self._metadata(token)))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -100,65 +102,71 @@ class AsyncRegistry:
     # ---- reads ----
 
     async def status(self, token: str | None) -> pb.GetStatusResponse:
-        return await self._unary("GetStatus", pb.GetStatusRequest(), token)
+        return await self._unary("GetStatus", pb.GetStatusRequest(), token, pb.GetStatusResponse)
 
     async def list_versions(self, token: str | None, name: str, *, stage: str | None = None, order_by: str = "",
                             page_size: int = 50, page_token: str = "") -> pb.ListModelVersionsResponse:
         return await self._unary("ListModelVersions", pb.ListModelVersionsRequest(
-            name=name, stage=stage_value(stage), order_by=order_by, page_size=page_size, page_token=page_token),
-            token)
+            name=name, stage=stage_value(stage),  # type: ignore[arg-type]
+            order_by=order_by, page_size=page_size, page_token=page_token), token, pb.ListModelVersionsResponse)
 
     async def compare(self, token: str | None, name: str, versions: Sequence[int],
                       metric: str = "") -> pb.CompareModelVersionsResponse:
         return await self._unary("CompareModelVersions", pb.CompareModelVersionsRequest(
-            name=name, versions=list(versions), metric=metric), token)
+            name=name, versions=list(versions), metric=metric), token, pb.CompareModelVersionsResponse)
 
     async def history(self, token: str | None, name: str, metric: str = "") -> pb.GetModelHistoryResponse:
-        return await self._unary("GetModelHistory", pb.GetModelHistoryRequest(name=name, metric=metric), token)
+        return await self._unary("GetModelHistory", pb.GetModelHistoryRequest(name=name, metric=metric), token,
+                                 pb.GetModelHistoryResponse)
 
     async def audit_events(self, token: str | None, *, model_name: str = "", actor: str = "", page_size: int = 50,
                            page_token: str = "") -> pb.ListAuditEventsResponse:
         return await self._unary("ListAuditEvents", pb.ListAuditEventsRequest(
-            model_name=model_name, actor=actor, page_size=page_size, page_token=page_token), token)
+            model_name=model_name, actor=actor, page_size=page_size, page_token=page_token), token,
+            pb.ListAuditEventsResponse)
 
     async def get_job(self, token: str | None, job_id: str) -> pb.RetrainJob:
-        return (await self._unary("GetRetrainJob", pb.GetRetrainJobRequest(job_id=job_id), token)).job
+        reply: pb.GetRetrainJobResponse = await self._unary("GetRetrainJob", pb.GetRetrainJobRequest(job_id=job_id),
+                                                            token, pb.GetRetrainJobResponse)
+        return reply.job
 
     async def list_jobs(self, token: str | None, *, model_name: str = "", page_size: int = 20,
                         page_token: str = "") -> pb.ListRetrainJobsResponse:
         return await self._unary("ListRetrainJobs", pb.ListRetrainJobsRequest(
-            model_name=model_name, page_size=page_size, page_token=page_token), token)
+            model_name=model_name, page_size=page_size, page_token=page_token), token, pb.ListRetrainJobsResponse)
 
     # ---- changes ----
 
     async def promote(self, token: str | None, name: str, version: int, stage: str, *,
                       expected_current_version: int | None, reason: str = "") -> pb.PromoteModelVersionResponse:
-        request = pb.PromoteModelVersionRequest(name=name, version=version, stage=stage_value(stage),
+        request = pb.PromoteModelVersionRequest(name=name, version=version,
+                                                stage=stage_value(stage),  # type: ignore[arg-type]
                                                 request_id=uuid.uuid4().hex, reason=reason)
         if expected_current_version is not None:
             request.expected_current_version = expected_current_version
-        return await self._unary("PromoteModelVersion", request, token)
+        return await self._unary("PromoteModelVersion", request, token, pb.PromoteModelVersionResponse)
 
     async def rollback(self, token: str | None, name: str, *, expected_current_version: int,
                        reason: str = "") -> pb.RollbackModelResponse:
         return await self._unary("RollbackModel", pb.RollbackModelRequest(
             name=name, expected_current_version=expected_current_version, request_id=uuid.uuid4().hex,
-            reason=reason), token)
+            reason=reason), token, pb.RollbackModelResponse)
 
     async def cleanup(self, token: str | None, name: str, *, keep_last: int = 0, versions: Sequence[int] = (),
                       dry_run: bool) -> pb.CleanupModelVersionsResponse:
         return await self._unary("CleanupModelVersions", pb.CleanupModelVersionsRequest(
             name=name, keep_last=keep_last, versions=list(versions), dry_run=dry_run,
-            request_id="" if dry_run else uuid.uuid4().hex), token)
+            request_id="" if dry_run else uuid.uuid4().hex), token, pb.CleanupModelVersionsResponse)
 
     async def cancel_job(self, token: str | None, job_id: str, reason: str = "") -> pb.RetrainJob:
-        return (await self._unary("CancelRetrainJob", pb.CancelRetrainJobRequest(job_id=job_id, reason=reason),
-                                  token)).job
+        reply: pb.CancelRetrainJobResponse = await self._unary(
+            "CancelRetrainJob", pb.CancelRetrainJobRequest(job_id=job_id, reason=reason), token, pb.CancelRetrainJobResponse)
+        return reply.job
 
     async def start_retrain(self, token: str | None, model_types: Sequence[str], *, dataset: str = "",
                             max_epochs: int = 0, auto_promote: bool = False) -> list[str]:
         """Starts one job per model type and returns their ids (the jobs go on without this stream)."""
-        request = pb.RetrainRequest(model_types=[model_type_value(t) for t in model_types],
+        request = pb.RetrainRequest(model_types=[model_type_value(t) for t in model_types],  # type: ignore[misc]
                                     dataset=wpb.DatasetSpec(spec=dataset), auto_promote=auto_promote,
                                     params=wpb.TrainParams(max_epochs=max_epochs), request_id=uuid.uuid4().hex)
         wanted = len(request.model_types) or len(wpb.ModelType.keys()) - 1

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import structlog
 import uvicorn
-
 from aqimodels.client import logs
 from aqimodels.client.dashboard.app import create_app
 from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError, is_loopback

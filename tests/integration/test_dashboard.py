@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Registry, realistic_metrics, start_registry
-
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.client import RegistryClient
 from aqimodels.client.tokens import new_token, toml_entry
+from conftest import Registry, realistic_metrics, start_registry
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -592,3 +591,28 @@ def test_every_metric_the_grafana_dashboard_queries_is_exported(page_for: Any, s
         time.sleep(0.6)
         missing = wanted - system.scraped
     assert not missing, f"the Grafana dashboard queries metrics nothing exports: {sorted(missing)}"
+
+
+# ---- refusing to listen open ----
+
+def test_off_loopback_the_dashboard_needs_tls_and_a_registry_with_tokens(
+        sqlite_registry: Registry, system: System, tmp_path: Path) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from conftest import make_certs
+
+    from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError
+    from aqimodels.client.dashboard.server import check_registry_exposure
+
+    certs = make_certs(tmp_path / "certs")
+    exposed = {"host": "0.0.0.0", "tls_cert": certs.server_cert, "tls_key": certs.server_key}
+    with pytest.raises(DashboardConfigError, match="accepts callers without a token"):
+        asyncio.run(check_registry_exposure(DashboardConfig(target=sqlite_registry.target, **exposed).checked()))
+    asyncio.run(check_registry_exposure(DashboardConfig(target=system.reg.target, **exposed).checked()))  # tokens: ok
+    aqimodels = str(Path(sys.executable).with_name("aqimodels"))
+    proc = subprocess.run([aqimodels, "--target", sqlite_registry.target, "dashboard", "--host", "0.0.0.0",
+                           "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "AQIMODELS_DASHBOARD_HOST=0.0.0.0 listens beyond loopback without TLS" in proc.stderr
