@@ -11,6 +11,9 @@ from typing import Any
 
 import grpc
 import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from aqimodels.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from aqimodels.server import auth
 from aqimodels.server.config import ServerConfig
@@ -21,8 +24,6 @@ from aqimodels.server.mlflow_store import MlflowModelStore
 from aqimodels.server.monitoring import Monitor
 from aqimodels.server.service import RegistryService
 from aqimodels.server.servicer import ModelRegistryServicer
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 log = structlog.get_logger(__name__)
 

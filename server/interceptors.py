@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import grpc
 import structlog
+
 from aqimodels.client.errors import AqiModelsError, status_code_for
 
 log = structlog.get_logger(__name__)

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import structlog
-from aqimodels.api.registry.v1 import registry_pb2 as pb
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -31,6 +30,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from aqimodels.api.registry.v1 import registry_pb2 as pb
 
 log = structlog.get_logger(__name__)
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
+
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.client.client import model_type_value
