@@ -148,19 +148,31 @@ class Feed:
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
 
-    async def follow(self, after: int) -> AsyncIterator[bytes]:
-        """Every frame with a sequence above ``after``, then new ones as they come, until closed."""
+    async def follow(self, after: int, ping_seconds: float | None = None) -> AsyncIterator[bytes]:
+        """Every frame with a sequence above ``after``, then new ones as they come, until closed.
+
+        Args:
+            ping_seconds: after this long without a frame, a comment line keeps the connection (and
+                proxies) alive and finds out whether the browser is still there.
+        """
         while True:
             wake = self._wake  # taken before looking, so a publish in between is not missed
             i = bisect.bisect_right(self._seqs, after)
             if i < len(self._seqs):
                 after = self._seqs[-1]
-                for data in self._frames[i:]:
-                    yield data
+                # Everything pending in one write: a follower that fell behind (or replays) catches up
+                # in one send instead of one per frame.
+                yield self._frames[i] if i == len(self._frames) - 1 else b"".join(self._frames[i:])
                 continue
             if self.closed:
                 return
-            await wake.wait()
+            if ping_seconds is None:
+                await wake.wait()
+                continue
+            try:
+                await asyncio.wait_for(wake.wait(), ping_seconds)
+            except TimeoutError:
+                yield b": ping\n\n"
 
 
 class _Shared:

@@ -376,7 +376,7 @@ def _sse(system: System, cookie: str, path: str, last_event_id: str | None = Non
         if reply.status != 200:
             return reply.status, frames
         while limit is None or len(frames) < limit:
-            line = reply.fp.readline().decode()
+            line = reply.readline().decode()
             if not line:
                 break
             line = line.rstrip("\r\n")
@@ -600,17 +600,23 @@ def test_off_loopback_the_dashboard_needs_tls_and_a_registry_with_tokens(
     import asyncio
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     from conftest import make_certs
 
     from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError
     from aqimodels.client.dashboard.server import check_registry_exposure
 
+    def check(target: str) -> None:  # in a thread: Playwright's sync API keeps a loop running in this one
+        config = DashboardConfig(target=target, **exposed).checked()
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, check_registry_exposure(config)).result()
+
     certs = make_certs(tmp_path / "certs")
     exposed = {"host": "0.0.0.0", "tls_cert": certs.server_cert, "tls_key": certs.server_key}
     with pytest.raises(DashboardConfigError, match="accepts callers without a token"):
-        asyncio.run(check_registry_exposure(DashboardConfig(target=sqlite_registry.target, **exposed).checked()))
-    asyncio.run(check_registry_exposure(DashboardConfig(target=system.reg.target, **exposed).checked()))  # tokens: ok
+        check(sqlite_registry.target)
+    check(system.reg.target)  # a registry with tokens: allowed
     aqimodels = str(Path(sys.executable).with_name("aqimodels"))
     proc = subprocess.run([aqimodels, "--target", sqlite_registry.target, "dashboard", "--host", "0.0.0.0",
                            "--port", "0"], capture_output=True, text=True, timeout=60)
