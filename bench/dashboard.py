@@ -124,7 +124,6 @@ def _grpc_watch(target: str, job_id: str, start: float, lat: list[float]) -> Non
 def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int, n: int,
                interval_ms: float) -> dict[str, Any]:
     import psutil
-
     from aqimodels.client import RegistryClient
 
     reg, dash = psutil.Process(reg_pid), psutil.Process(dash_pid)

@@ -602,10 +602,9 @@ def test_off_loopback_the_dashboard_needs_tls_and_a_registry_with_tokens(
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    from conftest import make_certs
-
     from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError
     from aqimodels.client.dashboard.server import check_registry_exposure
+    from conftest import make_certs
 
     def check(target: str) -> None:  # in a thread: Playwright's sync API keeps a loop running in this one
         config = DashboardConfig(target=target, **exposed).checked()
@@ -619,6 +618,6 @@ def test_off_loopback_the_dashboard_needs_tls_and_a_registry_with_tokens(
     check(system.reg.target)  # a registry with tokens: allowed
     aqimodels = str(Path(sys.executable).with_name("aqimodels"))
     proc = subprocess.run([aqimodels, "--target", sqlite_registry.target, "dashboard", "--host", "0.0.0.0",
-                           "--port", "0"], capture_output=True, text=True, timeout=60)
+                           "--port", "0"], check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "AQIMODELS_DASHBOARD_HOST=0.0.0.0 listens beyond loopback without TLS" in proc.stderr

@@ -6,7 +6,6 @@ import asyncio
 import re
 
 import pytest
-
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError
@@ -34,7 +33,7 @@ def test_followers_resume_after_their_last_id_while_frames_arrive() -> None:
         async def follower(after: int) -> list[int]:
             got = []
             async for data in feed.follow(after):
-                got += [int(i) for i in re.findall(rb"^id: (\d+)$", data, re.M)]  # a chunk may hold several
+                got += [int(i) for i in re.findall(rb"^id: (\d+)$", data, re.MULTILINE)]  # a chunk may hold several
             return got
 
         tasks = [asyncio.create_task(follower(after)) for after in (0, 2, 3, 5)]
