@@ -3,7 +3,7 @@
 Sections: ``rpc`` (registry RPCs against MLflow's paths and the gRPC ceiling), ``streams`` (relay
 latency and throughput, 50 watchers), ``process`` (start time and memory), ``training`` (reads
 bench/results/training_*.json after rerunning the synthetic one, ~1 min, and the Beijing one when
-the data is present, ~7 min). Every section builds its own data in a
+the data is present, ~7 min), ``dashboard`` (pages in Chromium, 1 vs 50 SSE clients, ~2 min). Every section builds its own data in a
 temporary folder. Usage::
 
     python -m bench.run                       # everything (about 15-20 minutes on 2 cores)
@@ -25,7 +25,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 from bench import common  # noqa: E402
 
-SECTIONS = ("rpc", "streams", "process", "training", "report")
+SECTIONS = ("rpc", "streams", "process", "dashboard", "training", "report")
 BEIJING = common.BEIJING
 
 
@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = process.run(tmp / "process", args.runs)
             print(f"   wrote {common.write_result('process', {**res, 'section_seconds': time.perf_counter() - t0})}")
+        if "dashboard" in wanted:
+            from bench import dashboard
+
+            print("== 5. dashboard", flush=True)
+            t0 = time.perf_counter()
+            res = dashboard.run(tmp / "dashboard", args.runs)
+            print(f"   wrote {common.write_result('dashboard', {**res, 'section_seconds': time.perf_counter() - t0})}")
         if "training" in wanted:
             from bench import report, training
 

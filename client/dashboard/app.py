@@ -60,7 +60,6 @@ log = structlog.get_logger(__name__)
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "aqimodels_dashboard"
 PAGE_SIZES = (10, 25, 50, 100)
-PING_SECONDS = 15.0
 HEADLINE = ("rmse", "skill", "rmse_h1", "rmse_h6", "rmse_h24")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -197,6 +196,7 @@ class Dashboard:
         self.hub = Hub(self.registry, c.token)
         self.hub.start()
         self.status_feed = StatusFeed(self.registry, self.hub, c.token, c.status_interval_seconds)
+        self.hub.extra.append(self.status_feed)
 
     async def shutdown(self) -> None:
         self.status_feed.stop()
@@ -532,17 +532,17 @@ def create_app(config: DashboardConfig) -> Starlette:
         if j.state in TERMINAL and j.last_sequence and after >= j.last_sequence:
             return Response(status_code=204)  # nothing more will come: EventSource stops reconnecting
         feed = d.hub.job(job_id, user.token)
-        return _event_stream(feed.feed.follow(after, PING_SECONDS), feed.release)
+        return _event_stream(feed.feed.follow(after), feed.release)
 
     async def alert_events(request: Request, user: User) -> Response:
         feed = d.hub.alert_feed(user.token)
         after = feed.after(_last_event_id(request))
-        return _event_stream(feed.feed.follow(after, PING_SECONDS), feed.release)
+        return _event_stream(feed.feed.follow(after), feed.release)
 
     async def overview_events(request: Request, user: User) -> Response:
         sf = d.status_feed
         sf.acquire(user.token)
-        return _event_stream(sf.feed.follow(sf.start_after(), PING_SECONDS), sf.release)
+        return _event_stream(sf.feed.follow(sf.start_after()), sf.release)
 
     async def healthz(request: Request) -> Response:
         try:

@@ -125,6 +125,7 @@ class Feed:
         self._seqs: list[int] = []
         self._frames: list[bytes] = []
         self._wake = asyncio.Event()
+        self._beat: asyncio.Event | None = None  # the wake-up that was a heartbeat, not a frame
         self.closed = False
 
     @property
@@ -148,12 +149,15 @@ class Feed:
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
 
-    async def follow(self, after: int, ping_seconds: float | None = None) -> AsyncIterator[bytes]:
+    def heartbeat(self) -> None:
+        """Wakes every follower without a frame: each writes a comment line (the Hub calls it every 15 s)."""
+        self._beat = self._wake
+        self._notify()
+
+    async def follow(self, after: int) -> AsyncIterator[bytes]:
         """Every frame with a sequence above ``after``, then new ones as they come, until closed.
 
-        Args:
-            ping_seconds: after this long without a frame, a comment line keeps the connection (and
-                proxies) alive and finds out whether the browser is still there.
+        No timer per follower: a shared :meth:`heartbeat` makes idle followers write a comment line.
         """
         while True:
             wake = self._wake  # taken before looking, so a publish in between is not missed
@@ -166,13 +170,9 @@ class Feed:
                 continue
             if self.closed:
                 return
-            if ping_seconds is None:
-                await wake.wait()
-                continue
-            try:
-                await asyncio.wait_for(wake.wait(), ping_seconds)
-            except TimeoutError:
-                yield b": ping\n\n"
+            await wake.wait()
+            if self._beat and self._beat is wake:
+                yield b": ping\n\n"  # a heartbeat woke it: keeps proxies open, finds gone browsers
 
 
 class _Shared:
@@ -291,8 +291,11 @@ class AlertFeed(_Shared):
 class Hub:
     """The dashboard's shared streams: job feeds by id (kept a while after their last follower) and alerts."""
 
-    def __init__(self, registry: AsyncRegistry, token: str | None = None, linger_seconds: float = 120.0) -> None:
+    def __init__(self, registry: AsyncRegistry, token: str | None = None, linger_seconds: float = 120.0,
+                 heartbeat_seconds: float = 15.0) -> None:
         self.registry = registry
+        self.heartbeat_seconds = heartbeat_seconds
+        self.extra: list[StatusFeed] = []  # other shared feeds that want heartbeats
         self.token = token  # the dashboard's own token, when it has one, runs the shared streams
         self.linger_seconds = linger_seconds
         self.jobs: dict[str, JobFeed] = {}
@@ -322,13 +325,18 @@ class Hub:
         self.alerts.start()
         return self.alerts
 
+    def feeds(self) -> list[Feed]:
+        return [f.feed for f in self.jobs.values()] + [self.alerts.feed, *(f.feed for f in self.extra)]
+
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(min(10.0, self.linger_seconds / 2))
+            await asyncio.sleep(self.heartbeat_seconds)
+            for f in self.feeds():
+                f.heartbeat()
             now = time.monotonic()
-            for job_id, feed in list(self.jobs.items()):
-                if feed.followers == 0 and now - feed.idle_since > self.linger_seconds:
-                    feed.stop()
+            for job_id, job in list(self.jobs.items()):
+                if job.followers == 0 and now - job.idle_since > self.linger_seconds:
+                    job.stop()
                     del self.jobs[job_id]
 
 

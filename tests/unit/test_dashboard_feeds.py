@@ -109,3 +109,25 @@ def test_settings_from_the_environment_and_the_command_line() -> None:
     assert (c.host, c.port, c.target, c.tls) == ("127.0.0.1", 9000, "h:1", False)
     assert DashboardConfig.from_env({"AQIMODELS_DASHBOARD_PORT": "9000"}, port=0).port == 0
     assert DashboardConfig.from_env({}).port == 8080
+
+
+def test_a_heartbeat_makes_idle_followers_write_a_comment_line() -> None:
+    async def scenario() -> list[bytes]:
+        feed = Feed()
+        got: list[bytes] = []
+
+        async def follower() -> None:
+            async for data in feed.follow(0):
+                got.append(data)
+
+        task = asyncio.create_task(follower())
+        await asyncio.sleep(0)
+        feed.heartbeat()
+        await asyncio.sleep(0)
+        feed.publish(1, b"id: 1\n\n")
+        await asyncio.sleep(0)
+        feed.close()
+        await task
+        return got
+
+    assert asyncio.run(scenario()) == [b": ping\n\n", b"id: 1\n\n"]
