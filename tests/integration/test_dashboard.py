@@ -332,20 +332,31 @@ def _start_lstm(system: System, epochs: int) -> str:
 def test_a_retrain_shows_live_progress_on_the_job_page_and_its_version_on_the_model_page(
         page_for: Any, system: System) -> None:
     page = page_for("viewer")
+    overview = page.context.new_page()  # the overview, open beside it, shows the job's progress bar live
+    overview.goto(system.url)
+    overview.evaluate("window.notReloaded = true")
     job_id = _start_lstm(system, 20)
     page.goto(system.url + f"jobs/{job_id}")
     page.evaluate("window.notReloaded = true")
     seen: list[int] = []
+    on_overview: list[int] = []
+    bar = f"#running tr[data-job='{job_id}'] progress"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         value = int(page.evaluate("document.querySelector('#job-progress').value"))
         if not seen or value != seen[-1]:
             seen.append(value)
+        shown = overview.evaluate(f"(document.querySelector(\"{bar}\") || {{value: -1}}).value")
+        if shown >= 0 and (not on_overview or shown != on_overview[-1]):
+            on_overview.append(int(shown))
         if page.locator("#job-state .badge").inner_text() in ("succeeded", "failed", "cancelled", "interrupted"):
             break
         time.sleep(0.05)
     assert page.locator("#job-state .badge").inner_text() == "succeeded", page.locator("#events").inner_text()
     assert page.evaluate("window.notReloaded") is True  # every update arrived without a reload
+    assert overview.evaluate("window.notReloaded") is True
+    assert len([v for v in on_overview if v > 0]) >= 2 and on_overview == sorted(on_overview), on_overview
+    overview.wait_for_selector(bar, state="detached", timeout=10_000)  # gone from the running jobs once ended
     assert len([v for v in seen if v > 0]) >= 3 and seen == sorted(seen) and seen[-1] == 20, seen
     assert page.locator("#curves").get_attribute("data-points") == "20"
     sequences = page.evaluate("window.aqimodelsSeen")

@@ -93,25 +93,36 @@
       node.replaceChildren(el("p", "No version has " + c.metric + ".", "empty"));
       return;
     }
+    // Production periods: alternating shades, each labelled with its version; the current one runs
+    // to the right edge.
     const shade = (u) => {
       const ctx = u.ctx;
       ctx.save();
-      ctx.fillStyle = "rgba(22, 163, 74, 0.14)";
-      for (const p of c.periods) {
-        if (p.start === null) continue;
+      ctx.font = Math.round(11 * devicePixelRatio) + "px system-ui, sans-serif";
+      ctx.textBaseline = "top";
+      c.periods.forEach((p, k) => {
+        if (p.start === null) return;
+        const right = u.bbox.left + u.bbox.width;
         const x0 = Math.max(u.bbox.left, u.valToPos(p.start / 1000, "x", true));
-        const x1 = Math.min(u.bbox.left + u.bbox.width, u.valToPos((p.end || Date.now()) / 1000, "x", true));
-        if (x1 > x0) ctx.fillRect(x0, u.bbox.top, x1 - x0, u.bbox.height);
-      }
+        const x1 = p.end === null ? right : Math.min(right, u.valToPos(p.end / 1000, "x", true));
+        if (x1 <= x0) return;
+        ctx.fillStyle = k % 2 ? "rgba(22, 163, 74, 0.10)" : "rgba(22, 163, 74, 0.22)";
+        ctx.fillRect(x0, u.bbox.top, x1 - x0, u.bbox.height);
+        if (x1 - x0 > 24 * devicePixelRatio) {
+          ctx.fillStyle = "rgba(21, 128, 61, 0.9)";
+          ctx.fillText("v" + p.version, x0 + 3 * devicePixelRatio, u.bbox.top + 3 * devicePixelRatio);
+        }
+      });
       ctx.restore();
     };
-    // The x range covers the versions and every production period, up to now for the current one.
+    // The x range covers the versions and the start of every production period.
     const times = pts.map((p) => p.time / 1000);
     for (const p of c.periods) {
-      if (p.start !== null) times.push(p.start / 1000, (p.end || Date.now()) / 1000);
+      if (p.start !== null) times.push(p.start / 1000);
+      if (p.end !== null) times.push(p.end / 1000);
     }
     const lo = Math.min(...times), hi = Math.max(...times);
-    const pad = Math.max(1, (hi - lo) * 0.02);
+    const pad = Math.max(1, (hi - lo) * 0.04);
     const opts = {
       width: chartWidth(node), height: 260,
       scales: { x: { time: true, range: () => [lo - pad, hi + pad] } },
