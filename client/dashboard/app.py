@@ -185,6 +185,7 @@ class Dashboard:
         self.env = _templates()
         self.logins: dict[str, Login] = {}
         self._open: tuple[float, Identity | None] = (0.0, None)
+        self._jobs: dict[tuple[str | None, str], tuple[float, pb.RetrainJob]] = {}
         self.registry: AsyncRegistry
         self.hub: Hub
         self.status_feed: StatusFeed
@@ -202,6 +203,19 @@ class Dashboard:
         self.status_feed.stop()
         self.hub.stop()
         await self.registry.close()
+
+    async def job_for(self, token: str | None, job_id: str) -> pb.RetrainJob:
+        """GetRetrainJob with the caller's token, answered from a 2-second cache: a storm of browsers
+        (re)connecting to one job with the same token costs the registry one call."""
+        key = (token, job_id)
+        hit = self._jobs.get(key)
+        if hit is not None and time.monotonic() - hit[0] < 2.0:
+            return hit[1]
+        job = await self.registry.get_job(token, job_id)
+        if len(self._jobs) > 1000:
+            self._jobs.clear()
+        self._jobs[key] = (time.monotonic(), job)
+        return job
 
     # ---- who is calling ----
 
@@ -526,7 +540,7 @@ def create_app(config: DashboardConfig) -> Starlette:
 
     async def job_events(request: Request, user: User) -> Response:
         job_id = request.path_params["job_id"]
-        j = await d.registry.get_job(user.token, job_id)  # the browser's own token: may it see this job?
+        j = await d.job_for(user.token, job_id)  # the browser's own token: may it see this job?
         raw = _last_event_id(request)
         after = int(raw) if raw.isdigit() else 0
         if j.state in TERMINAL and j.last_sequence and after >= j.last_sequence:
