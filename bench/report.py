@@ -128,7 +128,7 @@ def targets(rpc: Any, streams: Any, process: Any, beijing: Any, dashboard: Any =
              get(pages, "overview_warm", "rendered_ms", "p50"), "ms", "<= 300 ms", lambda v: v <= 300),
             ("Dashboard overview: fully rendered, p50, new browser profile", "",
              get(pages, "overview_cold", "rendered_ms", "p50"), "ms", "<= 300 ms", lambda v: v <= 300),
-            ("Dashboard SSE: registry CPU, 50 clients / 1 client on one job", "one registry watch either way",
+            ("Dashboard SSE: registry CPU above idle, 50 clients / 1 client on one job", "one registry watch either way",
              med(dashboard, "sse_registry_cpu_50_over_1"), "x", "<= 1.2x", lambda v: v <= 1.2),
             ("Dashboard SSE: registry CPU per delivered event, 50 clients / 1", "",
              med(dashboard, "sse_registry_cpu_per_event_50_over_1"), "x", "<= 1.2x", lambda v: v <= 1.2),
@@ -278,19 +278,22 @@ def write_markdown(path: Path) -> str:
                          f"| {v['rendered_ms']['p50']} / {v['rendered_ms']['p90']} | {v['html_bytes']:,} B |")
         lines += ["", "SSE clients on one running job (300 events 10 ms apart from the fake worker), with one direct "
                   "gRPC WatchRetrainJob watcher on the same job:", "",
-                  "| SSE clients | registry CPU | registry CPU per delivered event | dashboard CPU per delivered event "
+                  "| SSE clients | registry CPU (above idle) | registry CPU per delivered event | dashboard CPU per delivered event "
                   "| worker -> SSE p50 | worker -> SSE p99 | direct gRPC p99 | added p99 | all connected after "
                   "| p99 with the connection storm |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c, v in dashboard.get("sse", {}).items():
-            lines.append(f"| {c} | {_fig(v['registry_cpu_seconds'])} | {_fig(v['registry_cpu_us_per_delivered_event'])} "
+            lines.append(f"| {c} | {_fig(v['registry_cpu_seconds'])} ({_fig(v.get('registry_busy_cpu_seconds'))}) | "
+                         f"{_fig(v['registry_cpu_us_per_delivered_event'])} "
                          f"| {_fig(v['dashboard_cpu_us_per_delivered_event'])} | {_fig(v['sse_p50_ms'])} | "
                          f"{_fig(v['sse_p99_ms'])} | {_fig(v['direct_p99_ms'])} | {_fig(v['added_p99_ms'])} | "
                          f"{_fig(v.get('connect_all_ms'))} | {_fig(v.get('sse_p99_ms_including_connect'))} |")
         lines += ["", "Latency figures count the events the worker sent once every client was connected (steady "
                   "state); the last column includes the first events, sent while 50 requests arrived at once.", ""]
-        lines += ["", f"- registry CPU, 50 / 1 clients: {_fig(dashboard.get('sse_registry_cpu_50_over_1'))}; per "
-                      f"delivered event: {_fig(dashboard.get('sse_registry_cpu_per_event_50_over_1'))}",
+        lines += ["", f"- registry CPU above idle, 50 / 1 clients: {_fig(dashboard.get('sse_registry_cpu_50_over_1'))} "
+                      f"(with idle: {_fig(dashboard.get('sse_registry_cpu_50_over_1_with_idle'))}; idle "
+                      f"{dashboard.get('registry_idle_cpu_percent')}% CPU); per delivered event: "
+                      f"{_fig(dashboard.get('sse_registry_cpu_per_event_50_over_1'))}",
                   f"- load average at the start of the section: {get(dashboard, 'machine', 'load_average')}", ""]
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
