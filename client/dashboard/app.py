@@ -543,7 +543,9 @@ def create_app(config: DashboardConfig) -> Starlette:
         j = await d.job_for(user.token, job_id)  # the browser's own token: may it see this job?
         raw = _last_event_id(request)
         after = int(raw) if raw.isdigit() else 0
-        if j.state in TERMINAL and j.last_sequence and after >= j.last_sequence:
+        known = d.hub.jobs.get(job_id)
+        ended = known is not None and known.feed.closed and not known.failed and after >= known.feed.last_seq
+        if ended or (j.state in TERMINAL and j.last_sequence and after >= j.last_sequence):
             return Response(status_code=204)  # nothing more will come: EventSource stops reconnecting
         feed = d.hub.job(job_id, user.token)
         return _event_stream(feed.feed.follow(after), feed.release)
