@@ -29,8 +29,11 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
+# The registry in the foreground, the dashboard beside it (stopped with it).
 run: $(STAMP)
-	$(BIN)/aqimodels serve
+	@$(BIN)/aqimodels --target "$${AQIMODELS_TARGET:-127.0.0.1:$${AQIMODELS_PORT:-50051}}" dashboard & dashboard=$$!; trap 'kill $$dashboard 2>/dev/null' EXIT; \
+	  echo "dashboard: http://127.0.0.1:$${AQIMODELS_DASHBOARD_PORT:-8080}/ (registry $${AQIMODELS_TARGET:-127.0.0.1:$${AQIMODELS_PORT:-50051}})"; \
+	  $(BIN)/aqimodels serve
 
 worker: $(STAMP)
 	$(BIN)/aqimodels worker

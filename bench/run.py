@@ -7,7 +7,7 @@ about 14 minutes), ``durability``
 (takeover of a job by another replica after kill -9 and SIGTERM, events lost, the lease
 heartbeat's cost; about 3 minutes), ``training`` (reads
 bench/results/training_*.json after rerunning the synthetic one, ~1 min, and the Beijing one when
-the data is present, ~7 min). Every section builds its own data in a
+the data is present, ~7 min), ``dashboard`` (pages in Chromium, 1 vs 50 SSE clients, ~2 min). Every section builds its own data in a
 temporary folder. Usage::
 
     python -m bench.run                       # everything (about 25-30 minutes on 2 cores)
@@ -30,7 +30,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 from bench import common  # noqa: E402
 
-SECTIONS = ("rpc", "streams", "process", "scale", "durability", "training", "resilience", "report")
+SECTIONS = ("rpc", "streams", "process", "scale", "durability", "training", "resilience", "dashboard", "report")
 BEIJING = common.BEIJING
 
 
@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = durability.run(tmp / "durability", args.runs, args.lease_seconds)
             print(f"   wrote {common.write_result('durability', {**res, 'section_seconds': time.perf_counter() - t0})}")
+        if "dashboard" in wanted:
+            from bench import dashboard
+
+            print("== 8. dashboard", flush=True)
+            t0 = time.perf_counter()
+            res = dashboard.run(tmp / "dashboard", args.runs)
+            print(f"   wrote {common.write_result('dashboard', {**res, 'section_seconds': time.perf_counter() - t0})}")
         if "training" in wanted:
             from bench import report, training
 

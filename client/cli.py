@@ -193,6 +193,32 @@ def worker(
     raise typer.Exit(worker_main(**kwargs) or 0)
 
 
+@app.command()
+def dashboard(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Listen address (default: AQIMODELS_DASHBOARD_HOST or "
+                                                  "127.0.0.1).", show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default: AQIMODELS_DASHBOARD_PORT or 8080; "
+                                                  "0: any free port).", show_default=False)] = None,
+) -> None:
+    """Run the web dashboard over the registry at --target (live over Server-Sent Events)."""
+    try:
+        from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError
+        from aqimodels.client.dashboard.server import run as dashboard_main
+    except ImportError as exc:
+        _err(f"`aqimodels dashboard` needs the dashboard extra: pip install 'aqimodels[dashboard]' ({exc})")
+        raise typer.Exit(2) from None
+    s = _settings(ctx)
+    try:
+        config = DashboardConfig.from_env(target=s.target, token=s.token, ca_cert=s.ca_cert,
+                                          client_cert=s.client_cert, client_key=s.client_key, timeout=s.timeout,
+                                          host=host, port=port)
+        raise typer.Exit(dashboard_main(config) or 0)
+    except DashboardConfigError as exc:
+        _err(f"INVALID_ARGUMENT: {exc}")
+        raise typer.Exit(2) from None
+
+
 # ---- read commands ----
 
 @app.command()

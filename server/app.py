@@ -139,6 +139,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
             jobs.add_event_hook(metrics.on_retrain_event)
         holder["jobs"] = jobs
     monitor = Monitor(config, service, db, jobs, clock=clock)
+    if metrics is not None:
+        metrics.watch_models(lambda: _model_health(service), monitor.alert_counts)
     def audit_denial(actor: str, role: str, rpc: str, message: str) -> None:
         from aqimodels.server.interceptors import current_request_id
 
@@ -174,6 +176,17 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         jobs.start()
     monitor.start()
     return rs
+
+
+def _model_health(service: RegistryService) -> list[tuple[str, str, int]]:
+    """(model, health, production version) of every model, from the read model (no MLflow call)."""
+    views, _ = service.status()
+    out = []
+    for v in views:
+        production = v.snapshot.alias("production")
+        health = "degraded" if v.degraded else "healthy" if production is not None else "no_production"
+        out.append((v.snapshot.model.name, health, production.version if production is not None else 0))
+    return out
 
 
 def serve(config: ServerConfig, jobs_factory: Any = None) -> int:

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import structlog
@@ -127,7 +128,12 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                                                        context.is_active))
         context.set_trailing_metadata((("x-request-id", request_id),))
         if self._authenticate is not None:
-            _caller.set(self._authenticate(method, md))
+            caller = self._authenticate(method, md)
+            _caller.set(caller)
+            # Who the registry took the caller for: a dashboard shows each user what their role allows.
+            context.set_trailing_metadata((("x-request-id", request_id),
+                                           ("x-aqimodels-caller", quote(str(caller.name), safe="")),
+                                           ("x-aqimodels-role", str(caller.role))))
 
     def _fail(self, context: grpc.ServicerContext, exc: BaseException, rpc: str) -> grpc.StatusCode:
         code = status_code_for(exc)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import structlog
@@ -28,6 +28,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 
@@ -173,6 +175,16 @@ class Metrics:
             if seen:
                 self.job_ended(job_id, model, state, time.monotonic() - start)
 
+    def watch_models(self, health: Callable[[], Iterable[tuple[str, str, int]]],
+                     alerts: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Exports each model's health and production version, and alerts raised, read at scrape time.
+
+        Args:
+            health: (model, health name, production version) of every model.
+            alerts: (model, health name, count) of the alerts raised so far.
+        """
+        self.registry.register(_ModelCollector(health, alerts))
+
     # ---- the endpoint ----
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
@@ -187,6 +199,33 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _ModelCollector(Collector):
+    """Model health, production versions and alert counts, from the registry's own state at scrape time."""
+
+    def __init__(self, health: Callable[[], Iterable[tuple[str, str, int]]],
+                 alerts: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._health = health
+        self._alerts = alerts
+
+    def collect(self) -> Iterator[Any]:
+        status = GaugeMetricFamily("aqimodels_model_health", "1 for each model's current health (healthy, "
+                                   "no_production, degraded).", labels=["model", "health"])
+        production = GaugeMetricFamily("aqimodels_model_production_version",
+                                       "The version the production alias points to (0: none).", labels=["model"])
+        alerts = CounterMetricFamily("aqimodels_alerts", "Degradation and recovery alerts raised, by model and "
+                                     "the health they moved to.", labels=["model", "health"])
+        try:
+            for model, health, version in self._health():
+                for name in ("healthy", "no_production", "degraded"):
+                    status.add_metric([model, name], 1.0 if name == health else 0.0)
+                production.add_metric([model], float(version))
+            for model, health, count in self._alerts():
+                alerts.add_metric([model, health], float(count))
+        except Exception:
+            log.warning("model_metrics_unavailable", exc_info=True)
+        yield from (status, production, alerts)
 
 
 def endpoint_host(listen_host: str) -> str:

@@ -453,6 +453,13 @@ class Monitor:
             self._deliver(Alert(r["id"], r["time_ms"], r["model_name"], r["version"], Health(r["health"]),
                                 r["ratio"], r["message"]))
 
+    def alert_counts(self) -> list[tuple[str, str, int]]:
+        """(model, health name, count) of every alert raised, for the Prometheus endpoint."""
+        with self.db.begin() as conn:
+            rows = conn.execute(sa.select(alerts_table.c.model_name, alerts_table.c.health, sa.func.count())
+                                .group_by(alerts_table.c.model_name, alerts_table.c.health)).all()
+        return [(str(m), Health(h).name.lower(), int(n)) for m, h, n in rows]
+
     def subscriber_count(self) -> int:
         with self._subs_lock:
             return len(self._subscribers)
