@@ -271,6 +271,7 @@ def run_training(
         yield Evaluating(test_samples=len(fs.test))
         metrics = evaluate(test_pred, fs.test.y, fs.test.last_pm25, target=fs.target)
         metrics.update(bound_effect(test_raw, fs))
+        metrics["negative_share"] = float(np.mean(np.asarray(test_pred) < 0))  # of what the model outputs
         metrics.update(inference_speed(model, fs, data))
         metrics.update({
             "training_seconds": training_seconds, "total_seconds": time.monotonic() - t_start,
