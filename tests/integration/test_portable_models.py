@@ -405,3 +405,27 @@ def test_a_no2_target_trains_end_to_end_from_a_file_without_pm25(tmp_path: Path)
     with pytest.raises(InvalidArgumentError, match="target 'so4' is not a pollutant with AQI breakpoints"):
         _train(uri, "xgboost", dataset=f"file:{path}", target="so4")
     assert len(client.search_runs(["1"])) == 1
+
+
+# ---- the README's service example runs as written ----
+
+
+def _readme_service_example() -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Use a production model in a service", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_service_example_runs_as_written_without_aqimodels(shared_beijing: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    job = TrainJob(job_id="readme", model_type="xgboost", dataset=f"beijing:{shared_beijing}",
+                   start_time=np.datetime64("2017-02-01"), config=TrainConfig(max_epochs=3))
+    fin = list(run_training(job, threading.Event(), tracking_uri=uri))[-1]
+    assert isinstance(fin, Finished)
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(fin.model_name, "production", str(fin.version))
+    env = dict(_blocked_env(tmp_path, uri), BEIJING_DATA=str(shared_beijing))
+    proc = subprocess.run([sys.executable, "-c", ASSERT_BLOCKED + _readme_service_example()], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "origin_time" in proc.stdout and "aqi_category" in proc.stdout
