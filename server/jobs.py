@@ -36,10 +36,10 @@ from aqimodels.client.errors import (
     InvalidArgumentError,
     JobNotFoundError,
 )
-from aqimodels.server import convert
+from aqimodels.server import convert, promotion_policy
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database, job_events_table, jobs_table
-from aqimodels.server.domain import MODEL_TYPE_TAG, Stage, is_better
+from aqimodels.server.domain import MODEL_TYPE_TAG, Stage
 from aqimodels.server.paging import decode_token, encode_token, page_size
 from aqimodels.server.service import Caller, RegistryService, validate_metric
 from aqimodels.server.workers import WorkerHandle, WorkerPool
@@ -57,8 +57,11 @@ DECISION_TAG = "aqimodels.promotion_decision"
 MAX_DISPATCH_ATTEMPTS = 3
 
 
-def model_name_for(model_type: int) -> str:
-    return f"aqi_predictor_{TYPE_NAMES[model_type]}"
+def model_name_for(model_type: int, target: str = "") -> str:
+    """``aqi_predictor_<type>``; another target than PM2.5 as a suffix, ``aqi_predictor_<type>_no2``."""
+    name = f"aqi_predictor_{TYPE_NAMES[model_type]}"
+    target = target.strip().lower()
+    return name if target in ("", "pm25") else f"{name}_{target}"
 
 
 def _now_ms() -> int:
@@ -322,6 +325,9 @@ class JobManager:
             raise InvalidArgumentError("params.max_epochs must be between 1 and 10000", field="params.max_epochs")
         if len(request.dataset.spec) > 4096:
             raise InvalidArgumentError("dataset.spec is longer than 4096 characters", field="dataset.spec")
+        if request.dataset.target.strip().lower() not in promotion_policy.TARGETS:
+            raise InvalidArgumentError(f"dataset.target {request.dataset.target!r} is not one of "
+                                       f"{', '.join(t for t in promotion_policy.TARGETS if t)}", field="dataset.target")
         self.pool.validate(request.dataset, window)  # INVALID_ARGUMENT here, before any job exists
         try:
             jobs = self._create_jobs(types, request, caller, settings)
@@ -364,11 +370,11 @@ class JobManager:
         if not math.isfinite(margin) or margin < 0 or margin > 10:
             raise InvalidArgumentError("promotion_margin must be between 0 and 10", field="promotion_margin")
         return {"auto_promote": request.auto_promote or self.config.auto_promotion, "metric": metric,
-                "margin": margin}
+                "margin": margin, "allow_data_change": request.allow_data_change}
 
     def _create_jobs(self, types: list[int], request: pb.RetrainRequest, caller: Caller,
                      settings: dict[str, Any]) -> list[_Job]:
-        names = sorted(model_name_for(t) for t in types)
+        names = sorted(model_name_for(t, request.dataset.target) for t in types)
         locks = [self.db.model_lock(f"retrain:{n}") for n in names]
         for lock in locks:
             lock.__enter__()
@@ -394,7 +400,7 @@ class JobManager:
             now = _now_ms()
             for t in types:
                 job_id = "job-" + uuid.uuid4().hex[:12]
-                proto = pb.RetrainJob(job_id=job_id, model_type=t, model_name=model_name_for(t),
+                proto = pb.RetrainJob(job_id=job_id, model_type=t, model_name=model_name_for(t, request.dataset.target),
                                       state=pb.JOB_STATE_QUEUED, dataset=request.dataset.spec or "synthetic",
                                       requested_by=caller.name)
                 proto.create_time.CopyFrom(convert.ts_from_ms(now))
@@ -581,13 +587,16 @@ class JobManager:
             if job.depends_on and not self._wait_for_members(job):
                 return
             if job.proto.model_type == wpb.MODEL_TYPE_ENSEMBLE:
-                members = self._resolve_members()
+                members = self._resolve_members(job)
                 if not members:
                     self._end(job, pb.JOB_STATE_FAILED, "the ensemble needs at least one trained member; "
                               "retrain xgboost, lstm or gnn first")
                     return
                 del job.train_request.ensemble_members[:]
                 job.train_request.ensemble_members.extend(members)
+            if job.settings.get("auto_promote") and not job.train_request.champion_model_uri:
+                champion = promotion_policy.champion_uri(self.service, job.proto.model_name)
+                job.train_request.champion_model_uri = champion  # scored on the challenger's own test rows
             for attempt in range(1, MAX_DISPATCH_ATTEMPTS + 1):
                 handle = self._wait_for_worker(job)
                 if handle is None:
@@ -616,18 +625,29 @@ class JobManager:
                 self._end(job, pb.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled")
                 return False
 
-    def _resolve_members(self) -> list[wpb.EnsembleMember]:
+    def _resolve_members(self, job: _Job | None = None) -> list[wpb.EnsembleMember]:
+        # The members trained in the same Retrain request (the jobs it waited for), else production.
+        same_request = {}
+        for job_id in (job.depends_on if job is not None else []):
+            proto = self._load(job_id)
+            if proto.state == pb.JOB_STATE_SUCCEEDED and proto.version:
+                same_request[proto.model_type] = (proto.model_name, proto.version)
         members = []
         for t in MEMBER_TYPES:
-            name = model_name_for(t)
-            try:
-                snap = self.service.snapshot(name, fresh=True)
-            except Exception:  # noqa: BLE001 - not registered yet: not a member
-                continue
-            chosen = snap.alias("production") or (snap.versions[0] if snap.versions else None)
-            if chosen is not None:
-                members.append(wpb.EnsembleMember(model_type=t, model_name=name, version=chosen.version,
-                                                  model_uri=f"models:/{name}/{chosen.version}"))
+            name = model_name_for(t, job.train_request.dataset.target if job is not None else "")
+            if t in same_request:
+                name, version = same_request[t]
+            else:
+                try:
+                    snap = self.service.snapshot(name, fresh=True)
+                except Exception:  # noqa: BLE001 - not registered yet: not a member
+                    continue
+                chosen = snap.alias("production") or (snap.versions[0] if snap.versions else None)
+                if chosen is None:
+                    continue
+                version = chosen.version
+            members.append(wpb.EnsembleMember(model_type=t, model_name=name, version=version,
+                                              model_uri=f"models:/{name}/{version}"))
         return members
 
     def _wait_for_worker(self, job: _Job) -> WorkerHandle | None:
@@ -769,33 +789,24 @@ class JobManager:
         snap = self.service.snapshot(name, fresh=True)
         candidate = snap.version(version)
         production = snap.alias("production")
-        decision.candidate_value = candidate.metrics.get(metric, math.nan)
-        decision.production_value = production.metrics.get(metric, math.nan) if production else math.nan
+        verdict = promotion_policy.decide(name, candidate, production, metric, settings["margin"],
+                                          bool(settings.get("allow_data_change")))
+        decision.candidate_value, decision.production_value = verdict.candidate_value, verdict.production_value
         decision.production_version = production.version if production else 0
-        if math.isnan(decision.candidate_value):
-            decision.reason = f"version {version} has no {metric} metric"
-        elif production is None:
-            decision.promoted = True
-            decision.reason = "no version was in production"
-        elif is_better(metric, decision.candidate_value, decision.production_value, settings["margin"]):
-            decision.promoted = True
-            decision.reason = (f"{metric} {decision.candidate_value:.4g} beats production v{production.version} "
-                               f"({decision.production_value:.4g}) by the required margin {settings['margin']:.1%}")
-        else:
-            decision.reason = (f"{metric} {decision.candidate_value:.4g} does not beat production "
-                               f"v{production.version} ({decision.production_value:.4g}) by the required margin "
-                               f"{settings['margin']:.1%}")
+        decision.promoted, decision.reason, decision.evaluated_on = verdict.promoted, verdict.reason, verdict.on_data
         caller = Caller("auto-promotion", "admin", job.proto.job_id)
         if decision.promoted:
             try:
                 self.service.promote(caller, name, version, Stage.PRODUCTION,
-                                     decision.production_version or 0)
+                                     decision.production_version or 0,
+                                     allow_data_change=bool(settings.get("allow_data_change")))
             except Exception as exc:  # noqa: BLE001 - e.g. a concurrent manual promotion won the race
                 decision.promoted = False
                 decision.reason = f"promotion refused: {exc}"
         payload = {"promoted": decision.promoted, "metric": metric, "candidate": _num(decision.candidate_value),
                    "production": _num(decision.production_value),
-                   "production_version": decision.production_version or None, "reason": decision.reason}
+                   "production_version": decision.production_version or None, "reason": decision.reason,
+                   "evaluated_on": decision.evaluated_on}
         try:
             self.service.store.set_tag(name, version, DECISION_TAG, json.dumps(payload))
         except Exception:  # noqa: BLE001

@@ -73,6 +73,8 @@ class TrainJob:
     start_time: np.datetime64 | None = None
     end_time: np.datetime64 | None = None
     target: str = "pm25"
+    champion_model_uri: str = ""
+    """The production version to score on this training's test rows (like-for-like promotion)."""
 
     @property
     def model_name(self) -> str:

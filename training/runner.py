@@ -272,6 +272,11 @@ def run_training(
         metrics = evaluate(test_pred, fs.test.y, fs.test.last_pm25, target=fs.target)
         metrics.update(bound_effect(test_raw, fs))
         metrics["negative_share"] = float(np.mean(np.asarray(test_pred) < 0))  # of what the model outputs
+        champion, champion_tags = champion_scores(job, data, fs, tracking_uri)
+        metrics.update(champion)
+        lineage.update(champion_tags)
+        if champion_tags:
+            client.log_batch(run_id, tags=[_tag(k, v) for k, v in champion_tags.items()], synchronous=True)
         metrics.update(inference_speed(model, fs, data))
         metrics.update({
             "training_seconds": training_seconds, "total_seconds": time.monotonic() - t_start,
@@ -325,6 +330,39 @@ def _epoch_metrics(ev: EpochFinished) -> list[Any]:
     if np.isfinite(ev.loss):
         out.append(_metric(f"{prefix}train_loss", ev.loss, ev.epoch))
     return out
+
+
+def _tag(key: str, value: str) -> Any:
+    from mlflow.entities import RunTag
+
+    return RunTag(key, str(value)[:5000])
+
+
+def champion_scores(job: TrainJob, data: AirQualityData, fs: FeatureSet,
+                    tracking_uri: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The production model (``job.champion_model_uri``) scored on exactly this training's test
+    rows: ``champion_<metric>`` metrics, and tags naming it (``champion.skipped`` says why not)."""
+    uri = job.champion_model_uri
+    if not uri:
+        return {}, {}
+    tags = {"champion.model_uri": uri, "champion.version": uri.rsplit("/", 1)[-1]}
+    try:
+        champion = _load_member(uri, tracking_uri)
+    except InvalidArgumentError as e:
+        return {}, {**tags, "champion.skipped": str(e)[:500]}
+    stations, target = list(getattr(champion, "stations", [])), getattr(champion, "target", "pm25")
+    if sorted(stations) != sorted(fs.stations) or target != fs.target:
+        return {}, {**tags, "champion.skipped": f"production has stations {','.join(stations)} and target {target}; "
+                                                f"this training {','.join(fs.stations)} and {fs.target}"}
+    step = np.timedelta64(1, "h")
+    try:
+        part = data.slice(start=fs.test.times[0] - (int(champion.window) - 1) * step)
+        pred, times = champion.predict_dataset(part)
+        pred = _align(np.asarray(pred)[:, [stations.index(s) for s in fs.stations]], times, fs.test.times)
+    except (InvalidArgumentError, RuntimeError, ValueError, KeyError) as e:
+        return {}, {**tags, "champion.skipped": f"production could not be scored on these rows: {e}"[:500]}
+    scored = evaluate(pred, fs.test.y, fs.test.last_pm25, target=fs.target)
+    return {f"champion_{k}": float(v) for k, v in scored.items() if np.isfinite(v)}, tags
 
 
 def _params(params: dict[str, Any]) -> list[Any]:
