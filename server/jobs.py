@@ -328,7 +328,10 @@ class JobManager:
         if request.dataset.target.strip().lower() not in promotion_policy.TARGETS:
             raise InvalidArgumentError(f"dataset.target {request.dataset.target!r} is not one of "
                                        f"{', '.join(t for t in promotion_policy.TARGETS if t)}", field="dataset.target")
-        self.pool.validate(request.dataset, window)  # INVALID_ARGUMENT here, before any job exists
+        checked = self.pool.validate(request.dataset, window)  # INVALID_ARGUMENT here, before any job exists
+        if wpb.MODEL_TYPE_ENSEMBLE in types and checked is not None:  # members trained elsewhere: refused now
+            promotion_policy.check_members(self.service, self._resolve_members(None, request.dataset.target, types),
+                                           checked.fingerprint, request.dataset.spec or "synthetic")
         try:
             jobs = self._create_jobs(types, request, caller, settings)
         except _Replay as replay:
@@ -625,8 +628,10 @@ class JobManager:
                 self._end(job, pb.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled")
                 return False
 
-    def _resolve_members(self, job: _Job | None = None) -> list[wpb.EnsembleMember]:
-        # The members trained in the same Retrain request (the jobs it waited for), else production.
+    def _resolve_members(self, job: _Job | None = None, target: str = "",
+                         retrained: list[int] | None = None) -> list[wpb.EnsembleMember]:
+        # The members trained in the same Retrain request (the jobs it waited for), else production;
+        # before the jobs exist (``retrained``: the request's types), the production members only.
         same_request = {}
         for job_id in (job.depends_on if job is not None else []):
             proto = self._load(job_id)
@@ -634,7 +639,9 @@ class JobManager:
                 same_request[proto.model_type] = (proto.model_name, proto.version)
         members = []
         for t in MEMBER_TYPES:
-            name = model_name_for(t, job.train_request.dataset.target if job is not None else "")
+            if retrained is not None and t in retrained:
+                continue
+            name = model_name_for(t, job.train_request.dataset.target if job is not None else target)
             if t in same_request:
                 name, version = same_request[t]
             else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aqimodels.server.domain import ModelVersion, is_better
@@ -65,9 +65,19 @@ def reference_version(versions: list[ModelVersion], production: ModelVersion | N
 
 
 def data_change(candidate: ModelVersion, production: ModelVersion) -> str:
-    """How the candidate's station set or target differs from production's ("" when neither does)."""
+    """How the candidate's station set or target differs from production's ("" when neither does).
+
+    Production's own tags say; for a production version registered before them, the worker's
+    reading of the production model (``champion.stations``/``champion.target`` on the candidate)."""
     out = []
     cs, ps = candidate.tags.get(STATIONS_TAG), production.tags.get(STATIONS_TAG)
+    if ps is None and candidate.tags.get(CHAMPION_VERSION_TAG) == str(production.version):
+        ps = candidate.tags.get("champion.stations")
+        if ps is not None and cs is not None:
+            cs = ",".join(sorted(cs.split(",")))
+    if TARGET_TAG not in production.tags and "champion.target" in candidate.tags and \
+            candidate.tags.get(CHAMPION_VERSION_TAG) == str(production.version):
+        production = replace(production, tags={**production.tags, TARGET_TAG: candidate.tags["champion.target"]})
     if cs is not None and ps is not None and cs != ps:
         c, p = set(cs.split(",")), set(ps.split(","))
         parts = []
@@ -116,13 +126,21 @@ def decide(name: str, candidate: ModelVersion, production: ModelVersion | None, 
     if change and not allow_data_change:
         return Verdict(False, data_change_message(name, candidate, production, change), value,
                        production.metrics.get(metric, math.nan), on)
-    if test_key(candidate) == test_key(production):
+    scored = candidate.tags.get(CHAMPION_VERSION_TAG) == str(production.version) and \
+        f"{CHAMPION_PREFIX}{metric}" in candidate.metrics
+    if test_key(candidate) and test_key(candidate) == test_key(production):
         reference = production.metrics.get(metric, math.nan)
         basis = f"production v{production.version}"
-    elif candidate.tags.get(CHAMPION_VERSION_TAG) == str(production.version) and \
-            f"{CHAMPION_PREFIX}{metric}" in candidate.metrics:
+    elif scored:
         reference = candidate.metrics[f"{CHAMPION_PREFIX}{metric}"]
         basis = f"production v{production.version} scored on the same rows"
+    elif change:  # allowed explicitly: nothing to compare on the same rows
+        return Verdict(True, f"data change allowed explicitly: {change}; production v{production.version} "
+                             f"cannot be scored on the new data", value, math.nan, on)
+    elif not test_key(production):
+        reference = production.metrics.get(metric, math.nan)
+        basis = (f"production v{production.version} (registered before evaluation tags and not scorable "
+                 "here: its logged value)")
     else:
         return Verdict(False, f"production v{production.version} was evaluated on other data "
                               f"({dataset_label(production)}) and was not scored on this version's test rows; "
@@ -141,3 +159,22 @@ def champion_uri(service: Any, name: str) -> str:
     except Exception:  # noqa: BLE001 - not registered yet: no champion
         return ""
     return f"models:/{name}/{production.version}" if production is not None else ""
+
+
+def check_members(service: Any, members: list[Any], fingerprint: str, dataset: str) -> None:
+    """Refuses (INVALID_ARGUMENT) ensemble members trained on other data than ``fingerprint``, naming them."""
+    from aqimodels.client.errors import InvalidArgumentError
+
+    other = []
+    for m in members:
+        try:
+            tags = service.snapshot(m.model_name, fresh=True).version(m.version).tags
+        except Exception:  # noqa: BLE001 - gone meanwhile: the worker reports it
+            tags = {}
+        trained_on = tags.get("eval.data_fingerprint", "")
+        if trained_on and trained_on != fingerprint:
+            other.append(f"{m.model_name} v{m.version} ({tags.get(DATASET_TAG, '?')})")
+    if other:
+        raise InvalidArgumentError(
+            f"ensemble member(s) {', '.join(other)} were trained and evaluated on other data than {dataset}; "
+            "retrain them in the same request (e.g. `retrain xgboost lstm gnn ensemble`)", field="model_types")

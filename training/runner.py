@@ -351,6 +351,7 @@ def champion_scores(job: TrainJob, data: AirQualityData, fs: FeatureSet,
     except InvalidArgumentError as e:
         return {}, {**tags, "champion.skipped": str(e)[:500]}
     stations, target = list(getattr(champion, "stations", [])), getattr(champion, "target", "pm25")
+    tags.update({"champion.stations": ",".join(sorted(stations)), "champion.target": target})
     if sorted(stations) != sorted(fs.stations) or target != fs.target:
         return {}, {**tags, "champion.skipped": f"production has stations {','.join(stations)} and target {target}; "
                                                 f"this training {','.join(fs.stations)} and {fs.target}"}
