@@ -155,11 +155,11 @@ def physical_sanity_section() -> list[str]:
     new = {m["model_type"]: m["metrics"] for m in after["models"]}
     old = {m["model_type"]: m["metrics"] for m in before["models"]}
     lines = ["## 4b. Beijing before and after issue 12 (bounded forecasts, despiked inputs, raw-frame latency)", "",
-             f"Before: `training_beijing_before_issue12.json` ({before.get('time')}); after: "
-             f"`training_beijing.json` ({after.get('time')}), both `python -m bench.training --data beijing:... "
-             "--label beijing`. \"unbounded\": the same trained model's output before the bound at 0.", "",
-             "| model | rmse +1 h before / after (unbounded) | +6 h | +24 h | negative cells unbounded / output |"
-             " latency 1 origin | 100 chosen origins |", "|---|---|---|---|---|---|---|"]
+             (f"Before: `training_beijing_before_issue12.json` ({before.get('time')}); after: "
+              f"`training_beijing.json` ({after.get('time')}), both `python -m bench.training --data beijing:... "
+              "--label beijing`. \"unbounded\": the same trained model's output before the bound at 0."), "",
+             ("| model | rmse +1 h before / after (unbounded) | +6 h | +24 h | negative cells unbounded / output |"
+              " latency 1 origin | 100 chosen origins |"), "|---|---|---|---|---|---|---|"]
     for t, m in new.items():
         o = old.get(t, {})
         cells = []
@@ -171,11 +171,11 @@ def physical_sanity_section() -> list[str]:
         lines.append(f"| {t} | " + " | ".join(cells) + f" | {'-' if neg is None else f'{neg:.2%}'} / "
                      f"{m['negative_share']:.2%} | {m['inference_latency_ms']:.1f} ms | "
                      f"{m['inference_batch_latency_ms']:.0f} ms ({m['inference_batch_origins']:.0f}) |")
-    lines += ["", "Latency is now one definition for all four types: a raw long-format frame in, the forecast frame "
-                  "out (`model.predict`, input checks and the feature pipeline included); before, three types timed "
-                  "pre-built windows (0.5-1.6 ms) and the ensemble a raw frame (26 ms), so the two are not comparable. "
-                  "The ensemble never had a separate unbounded output: it combines bounded members with non-negative "
-                  "weights.", ""]
+    lines += ["", ("Latency is now one definition for all four types: a raw long-format frame in, the forecast frame "
+                   "out (`model.predict`, input checks and the feature pipeline included); before, three types timed "
+                   "pre-built windows (0.5-1.6 ms) and the ensemble a raw frame (26 ms), so the two are not "
+                   "comparable. The ensemble never had a separate unbounded output: it combines bounded members "
+                   "with non-negative weights."), ""]
     return lines
 
 

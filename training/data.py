@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.runtime import frame as _frame
-from aqimodels.training.runtime.frame import COLUMNS, POLLUTANTS, VALUE_COLUMNS, WEATHER  # noqa: F401 - public names
+from aqimodels.training.runtime.frame import COLUMNS, POLLUTANTS, VALUE_COLUMNS, WEATHER, Grid  # noqa: F401 - public names
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("station", "time", "pm25")
 """Required with the default target; another target (``target=no2``) replaces ``pm25``."""
@@ -102,7 +102,7 @@ def _invalid(message: str) -> InvalidArgumentError:
 
 
 @dataclass
-class AirQualityData:
+class AirQualityData(Grid):
     """Hourly air-quality data of several stations.
 
     Attributes:
@@ -118,23 +118,8 @@ class AirQualityData:
     target: str = "pm25"
 
     @property
-    def station_names(self) -> list[str]:
-        return [str(s) for s in self.stations["station"]]
-
-    @property
-    def times(self) -> np.ndarray:
-        """The hours of the grid, datetime64[ns] ``[T]``."""
-        s = len(self.stations)
-        return self.frame["time"].to_numpy(dtype="datetime64[ns]")[: len(self.frame) // max(s, 1)]
-
-    @property
     def n_hours(self) -> int:
         return len(self.frame) // max(len(self.stations), 1)
-
-    def column(self, name: str) -> np.ndarray:
-        """One value column as float64 ``[T, S]`` (NaN where missing)."""
-        s = len(self.stations)
-        return self.frame[name].to_numpy(dtype=np.float64).reshape(s, -1).T
 
     def available_columns(self) -> list[str]:
         """Value columns that have at least one value."""

@@ -139,7 +139,11 @@ def from_frame(
 
 
 class Grid:
-    """The canonical frame as ``[T, S]`` columns (what the feature pipeline reads)."""
+    """The canonical frame as ``[T, S]`` columns (what the feature pipeline reads); the training
+    data (``aqimodels.training.data.AirQualityData``) is one too."""
+
+    frame: pd.DataFrame
+    stations: pd.DataFrame
 
     def __init__(self, frame: pd.DataFrame, stations: pd.DataFrame) -> None:
         self.frame = frame
@@ -151,9 +155,11 @@ class Grid:
 
     @property
     def times(self) -> np.ndarray:
+        """The hours of the grid, datetime64[ns] ``[T]``."""
         s = len(self.stations)
         return self.frame["time"].to_numpy(dtype="datetime64[ns]")[: len(self.frame) // max(s, 1)]
 
     def column(self, name: str) -> np.ndarray:
+        """One value column as float64 ``[T, S]`` (NaN where missing)."""
         s = len(self.stations)
         return self.frame[name].to_numpy(dtype=np.float64).reshape(s, -1).T
