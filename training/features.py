@@ -53,6 +53,8 @@ from aqimodels.training.runtime.pipeline import raw_columns as _raw_columns
 from aqimodels.training.runtime.pipeline import targets as _targets
 from aqimodels.training.runtime.pipeline import windows as _windows
 
+__all__ = ["FeaturePipeline", "build_features", "describe", "min_hours"]  # FeaturePipeline: old pickles name it here
+
 MIN_ORIGINS = 20
 """The fewest forecast origins a dataset must yield (so every split has samples)."""
 COPY_LIMIT_BYTES = 512 * 2**20

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from aqimodels.training import runtime
 from aqimodels.training.runtime.frame import VALUE_COLUMNS
-from aqimodels.training.runtime.model import (  # noqa: F401 - re-exported: old pickles and callers use these names
+from aqimodels.training.runtime.model import (
     AqiForecastModel,
     EnsembleForecastModel,
     combine,
@@ -45,6 +45,11 @@ from aqimodels.training.runtime.model import (  # noqa: F401 - re-exported: old 
 )
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+
+__all__ = [
+    "OUTPUT_COLUMNS", "AqiForecastModel", "EnsembleForecastModel", "combine", "forecast_frame", "input_example",
+    "load_forecast_model", "load_state", "pip_requirements", "raw_forecast", "save_pyfunc", "save_state", "signature",
+]
 
 OUTPUT_COLUMNS = ("station", "origin_time", "forecast_time", "horizon", "pm25", "aqi", "aqi_category",
                   "filled_inputs")

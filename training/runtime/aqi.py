@@ -86,4 +86,4 @@ def aqi_category(aqi: float) -> str:
 def category_names(aqi: np.ndarray) -> np.ndarray:
     """Category names (object array; "" for NaN) of AQI values."""
     names = np.array(AQI_CATEGORIES + ("",), dtype=object)
-    return names[aqi_category_index(aqi)]
+    return np.asarray(names[aqi_category_index(aqi)])

@@ -17,7 +17,7 @@ except ImportError:  # a portable model loaded without aqimodels
             self.field = field
 
 
-class InputError(_Base):  # type: ignore[misc,valid-type]
+class InputError(_Base):
     """The input (a dataset, or a frame given to ``predict``) is unusable; the message says why."""
 
     def __init__(self, message: str, field: str = "dataset") -> None:

@@ -4,7 +4,7 @@
 try:
     from aqi_forecast_runtime.model import PortableForecastModel
 except ImportError:  # MLflow also runs this file while saving, inside aqimodels
-    from aqimodels.training.runtime.model import PortableForecastModel  # type: ignore[no-redef]
+    from aqimodels.training.runtime.model import PortableForecastModel
 from mlflow.models import set_model
 
 set_model(PortableForecastModel())
