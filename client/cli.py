@@ -362,6 +362,8 @@ def promote(
         help="Compare-and-set: the version that must hold the stage now (0: none).", show_default=False)] = None,
     reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
     request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
+    allow_data_change: Annotated[bool, typer.Option(
+        "--allow-data-change", help="Let a version of another station set or target replace production.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Move VERSION (or the best one) to a stage; promoting to production archives the one replaced."""
@@ -369,7 +371,8 @@ def promote(
         if best == (version is not None):
             raise InvalidArgumentError("give either VERSION or --best", field="version")
         resp = client.promote(model, version or 0, stage, expected_current_version=expect_current,
-                              select_best_by=metric if best else "", request_id=request_id, reason=reason)
+                              select_best_by=metric if best else "", request_id=request_id, reason=reason,
+                              allow_data_change=allow_data_change)
     if as_json:
         _print_json(resp)
         return
@@ -549,6 +552,11 @@ def retrain(
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow progress until the jobs end, or "
                                                                       "print the job ids and return.")] = True,
     request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
+    target: Annotated[str, typer.Option(help="Pollutant to forecast: pm25, pm10, no2 or o3 (other than pm25: "
+                                              "registered as aqi_predictor_<type>_<target>).")] = "pm25",
+    allow_data_change: Annotated[bool, typer.Option(
+        "--allow-data-change", help="Let auto-promotion replace production by a version of another station set "
+                                    "or target.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train new versions (one job per model type) with live progress bars and a summary."""
@@ -556,7 +564,8 @@ def retrain(
         types = [model_type_value(t) for t in (model_types or [])]
         params = wpb.TrainParams(max_epochs=epochs)
         events = client.retrain(types, dataset=data, auto_promote=auto_promote, params=params,
-                                promotion_metric=metric, promotion_margin=margin, request_id=request_id)
+                                promotion_metric=metric, promotion_margin=margin, request_id=request_id,
+                                target="" if target == "pm25" else target, allow_data_change=allow_data_change)
         if follow:
             _follow(ctx, events, as_json)
             return

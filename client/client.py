@@ -215,10 +215,11 @@ class RegistryClient:
 
     def promote(self, name: str, version: int = 0, stage: str | int = "production", *,
                 expected_current_version: int | None = None, select_best_by: str = "",
-                request_id: str = "", reason: str = "") -> pb.PromoteModelVersionResponse:
+                request_id: str = "", reason: str = "",
+                allow_data_change: bool = False) -> pb.PromoteModelVersionResponse:
         request = pb.PromoteModelVersionRequest(name=name, version=version, stage=stage_value(stage),
                                                 select_best_by=select_best_by, request_id=request_id,
-                                                reason=reason)
+                                                reason=reason, allow_data_change=allow_data_change)
         if expected_current_version is not None:
             request.expected_current_version = expected_current_version
         return self._unary(self._stub.PromoteModelVersion, request, request_id=request_id or None)
@@ -250,12 +251,15 @@ class RegistryClient:
 
     def retrain(self, model_types: Sequence[str | int] = (), *, dataset: str = "", auto_promote: bool = False,
                 params: wpb.TrainParams | None = None, promotion_metric: str = "", promotion_margin: float = 0.0,
-                request_id: str = "", timeout: float | None = None) -> Iterator[pb.RetrainEvent]:
-        """Starts one job per model type and yields their events until all have ended."""
+                request_id: str = "", timeout: float | None = None, target: str = "",
+                allow_data_change: bool = False) -> Iterator[pb.RetrainEvent]:
+        """Starts one job per model type and yields their events until all have ended. ``target``: the
+        pollutant to forecast (pm25 by default; pm10, no2, o3 register as ``aqi_predictor_<type>_<target>``)."""
         request = pb.RetrainRequest(
-            model_types=[model_type_value(t) for t in model_types], dataset=wpb.DatasetSpec(spec=dataset),
+            model_types=[model_type_value(t) for t in model_types],
+            dataset=wpb.DatasetSpec(spec=dataset, target=target),
             auto_promote=auto_promote, promotion_metric=promotion_metric, promotion_margin=promotion_margin,
-            request_id=request_id)
+            request_id=request_id, allow_data_change=allow_data_change)
         if params is not None:
             request.params.CopyFrom(params)
         return self._stream(self._stub.Retrain, request, timeout)

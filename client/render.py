@@ -354,6 +354,14 @@ def version_view(mv: pb.ModelVersion, now: datetime | None = None) -> Renderable
         info.add_row("job", mv.job_id)
     if mv.description:
         info.add_row("description", escape(mv.description))
+    lin = mv.lineage
+    if lin.dataset or lin.code_version:  # versions registered before evaluation tags have none
+        info.add_row("dataset", escape(lin.dataset) + (f" (target {lin.target})" if lin.target else ""))
+        info.add_row("data", f"fingerprint {lin.data_fingerprint[:16]}, stations {escape(lin.stations)}")
+        info.add_row("test rows", f"{lin.test_start} .. {lin.test_end}, key {lin.test_key[:16]}")
+        info.add_row("code", escape(lin.code_version) + (f" (git {lin.git_commit[:12]})" if lin.git_commit else ""))
+        if lin.members:
+            info.add_row("members", escape(", ".join(lin.members)))
     parts: list[RenderableType] = [info]
     metrics = Table(title="metrics", title_justify="left")
     metrics.add_column("metric")
@@ -397,16 +405,23 @@ def compare_table(name: str, resp: pb.CompareModelVersionsResponse) -> Renderabl
         table.add_column(("baseline" if col == BASELINE_METRIC else col) + (" *" if col == metric else ""),
                          justify="right")
     table.add_column("Δ best", justify="right")
+    table.add_column("dataset")
     table.add_column("")
     for row in resp.versions:
         mv = row.version
         best = resp.best_version != 0 and mv.version == resp.best_version
         delta = _MISSING if row.rank == 0 or math.isnan(row.delta_to_best) else f"{row.delta_to_best * 100:+.1f}%"
+        mark = (Text("★ best", style="bold green") if best
+                else Text("not comparable", style="yellow") if not row.comparable else "")
         table.add_row(str(row.rank) if row.rank else _MISSING, version_label(mv.version), stage_text(mv.stage),
-                      *_metric_cells(mv, cols), delta, Text("★ best", style="bold green") if best else "",
-                      style="bold" if best else None)
+                      *_metric_cells(mv, cols), delta, escape(row.dataset), mark,
+                      style="bold" if best else ("dim" if not row.comparable else None))
     table.caption = (f"best: v{resp.best_version} by {metric}" if resp.best_version
                      else f"no version has the metric {metric!r}")
+    if resp.reference_dataset:
+        table.caption += f"; ranked on {resp.reference_dataset}"
+    if any(not r.comparable for r in resp.versions):
+        table.caption += "; versions marked not comparable were evaluated on other test data"
     table.caption_justify = "left"
     return table
 

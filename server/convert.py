@@ -15,6 +15,7 @@ from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.server.domain import AuditRecord, BackendHealth, ModelVersion, RegisteredModel, Stage
 from aqimodels.server.interceptors import Wire
 from aqimodels.server.monitoring import Alert, Health, History
+from aqimodels.server import promotion_policy
 from aqimodels.server.service import Comparison, ModelStatusView
 
 
@@ -66,7 +67,14 @@ def _version_bytes(v: ModelVersion) -> bytes:
         run_id=v.run_id, model_uri=v.model_uri, source=v.source,
         create_time=ts_from_ms(v.create_time_ms), update_time=ts_from_ms(v.update_time_ms),
         metrics=_finite(v.metrics), tags=v.tags, description=v.description,
-        job_id=v.job_id).SerializeToString()
+        job_id=v.job_id, lineage=lineage_to_proto(v)).SerializeToString()
+
+
+def lineage_to_proto(v: ModelVersion) -> pb.VersionLineage:
+    """The version's lineage, read from the tags the worker wrote (``promotion_policy.LINEAGE_TAGS``)."""
+    fields = {k: v.tags.get(tag, "") for k, tag in promotion_policy.LINEAGE_TAGS.items() if k != "members"}
+    members = [m for m in v.tags.get(promotion_policy.LINEAGE_TAGS["members"], "").split(",") if m]
+    return pb.VersionLineage(run_id=v.run_id, members=members, **fields)
 
 
 def versions_page_wire(versions: list[ModelVersion], next_page_token: str, total_size: int) -> Wire:
@@ -156,17 +164,21 @@ def comparison_wire(c: Comparison) -> Wire:
     Building 1,000 nested messages in Python was most of the RPC's time, then parsing the
     written bytes into a message and serialising it back for grpc most of the rest.
     """
-    # VersionComparison: version = 1 (message), rank = 2 (varint), value = 3, delta_to_best = 4 (doubles).
+    # VersionComparison: version = 1 (message), rank = 2 (varint), value = 3, delta_to_best = 4 (doubles),
+    # comparable = 5 (varint), dataset = 6 (string).
     parts = []
     for v, rank, value, delta in c.rows:
         entry = _field(1, _version_bytes(v)) + b"\x10" + _varint(rank & 0xFFFFFFFFFFFFFFFF) + \
-            _DOUBLES.pack(0x19, value, 0x21, delta)
+            _DOUBLES.pack(0x19, value, 0x21, delta) + \
+            (b"\x28\x01" if v.version not in c.not_comparable else b"") + \
+            _field(6, promotion_policy.dataset_label(v).encode())
         parts.append(_field(1, entry))  # versions = 1
     parts.append(pb.CompareModelVersionsResponse(
         metric=c.metric,
         direction=(pb.METRIC_DIRECTION_HIGHER_IS_BETTER if c.higher_is_better
                    else pb.METRIC_DIRECTION_LOWER_IS_BETTER),
-        best_version=c.best_version, metric_names=c.metric_names).SerializeToString())
+        best_version=c.best_version, metric_names=c.metric_names,
+        reference_dataset=c.reference_dataset).SerializeToString())
     return Wire(b"".join(parts))
 
 

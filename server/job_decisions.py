@@ -15,7 +15,8 @@ import structlog
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
-from aqimodels.server.domain import MODEL_TYPE_TAG, Stage, is_better
+from aqimodels.server import promotion_policy
+from aqimodels.server.domain import MODEL_TYPE_TAG, Stage
 from aqimodels.server.service import Caller
 
 if TYPE_CHECKING:
@@ -30,8 +31,11 @@ MEMBER_TYPES = (wpb.MODEL_TYPE_XGBOOST, wpb.MODEL_TYPE_LSTM, wpb.MODEL_TYPE_GNN)
 DECISION_TAG = "aqimodels.promotion_decision"
 
 
-def model_name_for(model_type: int) -> str:
-    return f"aqi_predictor_{TYPE_NAMES[model_type]}"
+def model_name_for(model_type: int, target: str = "") -> str:
+    """``aqi_predictor_<type>``; another target than PM2.5 as a suffix, ``aqi_predictor_<type>_no2``."""
+    name = f"aqi_predictor_{TYPE_NAMES[model_type]}"
+    target = target.strip().lower()
+    return name if target in ("", "pm25") else f"{name}_{target}"
 
 
 class JobDecisions:
@@ -40,18 +44,33 @@ class JobDecisions:
     service: RegistryService
     db: Database
 
-    def _resolve_members(self) -> list[wpb.EnsembleMember]:
+    def _resolve_members(self, job: Any = None, target: str = "",
+                         retrained: list[int] | None = None) -> list[wpb.EnsembleMember]:
+        # The members trained in the same Retrain request (the jobs it waited for), else production;
+        # before the jobs exist (``retrained``: the request's types), the production members only.
+        same_request = {}
+        for job_id in (job.depends_on if job is not None else []):
+            proto = self._load(job_id)
+            if proto.state == pb.JOB_STATE_SUCCEEDED and proto.version:
+                same_request[proto.model_type] = (proto.model_name, proto.version)
         members = []
         for t in MEMBER_TYPES:
-            name = model_name_for(t)
-            try:
-                snap = self.service.snapshot(name, fresh=True)
-            except Exception:  # noqa: BLE001 - not registered yet: not a member
+            if retrained is not None and t in retrained:
                 continue
-            chosen = snap.alias("production") or (snap.versions[0] if snap.versions else None)
-            if chosen is not None:
-                members.append(wpb.EnsembleMember(model_type=t, model_name=name, version=chosen.version,
-                                                  model_uri=f"models:/{name}/{chosen.version}"))
+            name = model_name_for(t, job.train_request.dataset.target if job is not None else target)
+            if t in same_request:
+                name, version = same_request[t]
+            else:
+                try:
+                    snap = self.service.snapshot(name, fresh=True)
+                except Exception:  # noqa: BLE001 - not registered yet: not a member
+                    continue
+                chosen = snap.alias("production") or (snap.versions[0] if snap.versions else None)
+                if chosen is None:
+                    continue
+                version = chosen.version
+            members.append(wpb.EnsembleMember(model_type=t, model_name=name, version=version,
+                                              model_uri=f"models:/{name}/{version}"))
         return members
 
     def _decide_promotion(self, job: Any, name: str, version: int) -> pb.PromotionDecision:
@@ -68,33 +87,24 @@ class JobDecisions:
         snap = self.service.snapshot(name, fresh=True)
         candidate = snap.version(version)
         production = snap.alias("production")
-        decision.candidate_value = candidate.metrics.get(metric, math.nan)
-        decision.production_value = production.metrics.get(metric, math.nan) if production else math.nan
+        verdict = promotion_policy.decide(name, candidate, production, metric, settings["margin"],
+                                          bool(settings.get("allow_data_change")))
+        decision.candidate_value, decision.production_value = verdict.candidate_value, verdict.production_value
         decision.production_version = production.version if production else 0
-        if math.isnan(decision.candidate_value):
-            decision.reason = f"version {version} has no {metric} metric"
-        elif production is None:
-            decision.promoted = True
-            decision.reason = "no version was in production"
-        elif is_better(metric, decision.candidate_value, decision.production_value, settings["margin"]):
-            decision.promoted = True
-            decision.reason = (f"{metric} {decision.candidate_value:.4g} beats production v{production.version} "
-                               f"({decision.production_value:.4g}) by the required margin {settings['margin']:.1%}")
-        else:
-            decision.reason = (f"{metric} {decision.candidate_value:.4g} does not beat production "
-                               f"v{production.version} ({decision.production_value:.4g}) by the required margin "
-                               f"{settings['margin']:.1%}")
+        decision.promoted, decision.reason, decision.evaluated_on = verdict.promoted, verdict.reason, verdict.on_data
         caller = Caller("auto-promotion", "admin", job.proto.job_id)
         if decision.promoted:
             try:
                 self.service.promote(caller, name, version, Stage.PRODUCTION,
-                                     decision.production_version or 0)
+                                     decision.production_version or 0,
+                                     allow_data_change=bool(settings.get("allow_data_change")))
             except Exception as exc:  # noqa: BLE001 - e.g. a concurrent manual promotion won the race
                 decision.promoted = False
                 decision.reason = f"promotion refused: {exc}"
         payload = {"promoted": decision.promoted, "metric": metric, "candidate": _num(decision.candidate_value),
                    "production": _num(decision.production_value),
-                   "production_version": decision.production_version or None, "reason": decision.reason}
+                   "production_version": decision.production_version or None, "reason": decision.reason,
+                   "evaluated_on": decision.evaluated_on}
         try:
             self.service.store.set_tag(name, version, DECISION_TAG, json.dumps(payload))
         except Exception:  # noqa: BLE001
@@ -106,6 +116,7 @@ class JobDecisions:
                              request_id=job.proto.job_id, message=decision.reason)
         self.service.invalidate(name)
         return decision
+
 
 
 

@@ -36,7 +36,7 @@ from aqimodels.client.errors import (
     InvalidArgumentError,
     JobNotFoundError,
 )
-from aqimodels.server import convert
+from aqimodels.server import convert, promotion_policy
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
 from aqimodels.server.job_decisions import MEMBER_TYPES, TYPE_NAMES, JobDecisions, model_name_for
@@ -271,7 +271,13 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
             raise InvalidArgumentError("params.max_epochs must be between 1 and 10000", field="params.max_epochs")
         if len(request.dataset.spec) > 4096:
             raise InvalidArgumentError("dataset.spec is longer than 4096 characters", field="dataset.spec")
-        self.pool.validate(request.dataset, window)  # INVALID_ARGUMENT here, before any job exists
+        if request.dataset.target.strip().lower() not in promotion_policy.TARGETS:
+            raise InvalidArgumentError(f"dataset.target {request.dataset.target!r} is not one of "
+                                       f"{', '.join(t for t in promotion_policy.TARGETS if t)}", field="dataset.target")
+        checked = self.pool.validate(request.dataset, window)  # INVALID_ARGUMENT here, before any job exists
+        if wpb.MODEL_TYPE_ENSEMBLE in types and checked is not None:  # members trained elsewhere: refused now
+            promotion_policy.check_members(self.service, self._resolve_members(None, request.dataset.target, types),
+                                           checked.fingerprint, request.dataset.spec or "synthetic")
         try:
             jobs = self._create_jobs(types, request, caller, settings)
         except _Replay as replay:
@@ -313,11 +319,11 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
         if not math.isfinite(margin) or margin < 0 or margin > 10:
             raise InvalidArgumentError("promotion_margin must be between 0 and 10", field="promotion_margin")
         return {"auto_promote": request.auto_promote or self.config.auto_promotion, "metric": metric,
-                "margin": margin}
+                "margin": margin, "allow_data_change": request.allow_data_change}
 
     def _create_jobs(self, types: list[int], request: pb.RetrainRequest, caller: Caller,
                      settings: dict[str, Any]) -> list[Job]:
-        names = sorted(model_name_for(t) for t in types)
+        names = sorted(model_name_for(t, request.dataset.target) for t in types)
         locks = [self.db.model_lock(f"retrain:{n}") for n in names]
         for lock in locks:
             lock.__enter__()
@@ -338,7 +344,7 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
             now = now_ms()
             for t in types:
                 job_id = "job-" + uuid.uuid4().hex[:12]
-                proto = pb.RetrainJob(job_id=job_id, model_type=t, model_name=model_name_for(t),
+                proto = pb.RetrainJob(job_id=job_id, model_type=t, model_name=model_name_for(t, request.dataset.target),
                                       state=pb.JOB_STATE_QUEUED, dataset=request.dataset.spec or "synthetic",
                                       requested_by=caller.name)
                 proto.create_time.CopyFrom(convert.ts_from_ms(now))
@@ -467,13 +473,16 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
             if job.depends_on and not self._wait_for_members(job):
                 return
             if job.proto.model_type == wpb.MODEL_TYPE_ENSEMBLE:
-                members = self._resolve_members()
+                members = self._resolve_members(job)
                 if not members:
                     self._end(job, pb.JOB_STATE_FAILED, "the ensemble needs at least one trained member; "
                               "retrain xgboost, lstm or gnn first")
                     return
                 del job.train_request.ensemble_members[:]
                 job.train_request.ensemble_members.extend(members)
+            if job.settings.get("auto_promote") and not job.train_request.champion_model_uri:
+                champion = promotion_policy.champion_uri(self.service, job.proto.model_name)
+                job.train_request.champion_model_uri = champion  # scored on the challenger's own test rows
             for attempt in range(1, MAX_DISPATCH_ATTEMPTS + 1):
                 handle = self._wait_for_worker(job)
                 if handle is None:

@@ -55,6 +55,7 @@ from aqimodels.server.domain import (
     Stage,
     higher_is_better,
 )
+from aqimodels.server import promotion_policy
 from aqimodels.server.paging import MAX_PAGE_SIZE, SortedIndex, decode_token, encode_token, page_size, paginate
 
 log = structlog.get_logger(__name__)
@@ -147,6 +148,8 @@ class Comparison:
     rows: list[tuple[ModelVersion, int, float, float]]  # version, rank, value, delta to best
     best_version: int
     metric_names: list[str]
+    not_comparable: frozenset[int] = frozenset()  # evaluated on other test data than the ranked ones
+    reference_dataset: str = ""
 
 
 @dataclass(frozen=True)
@@ -686,6 +689,11 @@ class RegistryService:
                 f"metric {metric!r} is not logged for any compared version of {name!r}; "
                 f"known metrics: {', '.join(names[:20])}", field="metric")
         hib = higher_is_better(metric)
+        # Rank only versions evaluated on the same test rows as production (else the newest one).
+        reference = promotion_policy.reference_version(chosen, snap.alias(PRODUCTION_ALIAS))
+        same = promotion_policy.comparable_with(reference, chosen) if reference else set()
+        other = [v for v in chosen if v.version not in same]
+        chosen = [v for v in chosen if v.version in same]
         scored = [(v, v.metrics.get(metric, math.nan)) for v in chosen]
         with_value = sorted((s for s in scored if not math.isnan(s[1])),
                             key=lambda s: ((-s[1] if hib else s[1]), -s[0].version))
@@ -696,7 +704,10 @@ class RegistryService:
             delta = 0.0 if best == 0 else (value - best) / abs(best)
             rows.append((v, rank, value, -delta if hib else delta))
         rows += [(v, 0, math.nan, math.nan) for v, _ in without]
-        return Comparison(name, metric, hib, rows, with_value[0][0].version if with_value else 0, names)
+        rows += [(v, 0, v.metrics.get(metric, math.nan), math.nan) for v in other]
+        return Comparison(name, metric, hib, rows, with_value[0][0].version if with_value else 0, names,
+                          frozenset(v.version for v in other),
+                          promotion_policy.dataset_label(reference) if reference else "")
 
     # ---- mutations ----
 
@@ -705,7 +716,8 @@ class RegistryService:
                 "staging": snap.model.aliases.get(STAGING_ALIAS)}
 
     def promote(self, caller: Caller, name: str, version: int, stage: Stage | None,
-                expected_current: int | None, select_best_by: str = "", reason: str = "") -> PromotionResult:
+                expected_current: int | None, select_best_by: str = "", reason: str = "",
+                allow_data_change: bool = False) -> PromotionResult:
         validate_name(name)
         if stage not in (Stage.STAGING, Stage.PRODUCTION, Stage.ARCHIVED):
             raise InvalidArgumentError("stage must be staging, production or archived", field="stage")
@@ -746,6 +758,11 @@ class RegistryService:
                 raise FailedPreconditionError(
                     f"version {number} of {name!r} is in production; promote another version to "
                     "production or roll back first")
+            if stage == Stage.PRODUCTION and current and not allow_data_change:
+                change = promotion_policy.data_change(target, snap.version(current))
+                if change:  # another station set or target never replaces production silently
+                    raise FailedPreconditionError(
+                        promotion_policy.data_change_message(name, target, snap.version(current), change))
             now = str(_now_ms())
             staging = snap.model.aliases.get(STAGING_ALIAS)
             archived: list[int] = []

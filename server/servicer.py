@@ -96,7 +96,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         stage = convert.stage_from_proto(request.stage) if request.stage else None
         expected = request.expected_current_version if request.HasField("expected_current_version") else None
         result = self._service.promote(_caller(request.request_id), request.name, request.version, stage, expected,
-                                       request.select_best_by, request.reason)
+                                       request.select_best_by, request.reason,
+                                       allow_data_change=request.allow_data_change)
         return pb.PromoteModelVersionResponse(
             version=convert.model_version_to_proto(result.version), previous_version=result.previous_version,
             archived_versions=result.archived_versions, audit_event_id=result.audit_event_id)

@@ -24,9 +24,14 @@ REPORT_HORIZONS: tuple[int, ...] = (1, 6, 24)
 """Horizons (hours ahead) with their own metrics: ``rmse_h1``, ``rmse_h6``, ``rmse_h24`` ..."""
 
 
-def registered_model_name(model_type: str) -> str:
-    """The registered MLflow model name of a model type, e.g. ``aqi_predictor_lstm``."""
-    return f"aqi_predictor_{model_type}"
+DEFAULT_TARGET = "pm25"
+
+
+def registered_model_name(model_type: str, target: str = DEFAULT_TARGET) -> str:
+    """The registered MLflow model name of a model type, e.g. ``aqi_predictor_lstm``; a model of
+    another target pollutant than PM2.5 gets it as a suffix: ``aqi_predictor_lstm_no2``."""
+    base = f"aqi_predictor_{model_type}"
+    return base if target == DEFAULT_TARGET else f"{base}_{target}"
 
 
 @dataclass(frozen=True)
@@ -67,10 +72,13 @@ class TrainJob:
     tags: dict[str, str] = field(default_factory=dict)
     start_time: np.datetime64 | None = None
     end_time: np.datetime64 | None = None
+    target: str = "pm25"
+    champion_model_uri: str = ""
+    """The production version to score on this training's test rows (like-for-like promotion)."""
 
     @property
     def model_name(self) -> str:
-        return self.registered_model_name or registered_model_name(self.model_type)
+        return self.registered_model_name or registered_model_name(self.model_type, self.target)
 
 
 # ---- progress events (STYLE.md section 7) ----
@@ -168,8 +176,9 @@ class FeatureSet:
         feature_names: the F axis; ``feature_names.index("pm25")`` is the scaled PM2.5 input.
         window: hours in each input window.
         horizon: hours forecast ahead.
-        target_mean, target_std: PM2.5 scaling fitted on training data (neural trainers
+        target_mean, target_std: the target's scaling fitted on training data (neural trainers
             predict ``(y - mean) / std``).
+        target: the pollutant forecast (``pm25`` unless the dataset spec chose another).
     """
 
     stations: list[str]
@@ -182,6 +191,11 @@ class FeatureSet:
     test: Split
     target_mean: float
     target_std: float
+    target: str = "pm25"
+
+    @property
+    def target_index(self) -> int:
+        return self.feature_names.index(self.target)
 
 
 class Forecaster(Protocol):

@@ -60,12 +60,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from aqimodels.client.errors import InvalidArgumentError
+from aqimodels.training.runtime import frame as _frame
+from aqimodels.training.runtime.frame import COLUMNS, POLLUTANTS, VALUE_COLUMNS, WEATHER, Grid  # noqa: F401 - public names
 
-POLLUTANTS: tuple[str, ...] = ("pm25", "pm10", "so2", "no2", "co", "o3")
-WEATHER: tuple[str, ...] = ("temp", "pres", "dewp", "rain", "wind_speed", "wind_dir")
-VALUE_COLUMNS: tuple[str, ...] = POLLUTANTS + WEATHER
-COLUMNS: tuple[str, ...] = ("station", "time") + VALUE_COLUMNS
 REQUIRED_COLUMNS: tuple[str, ...] = ("station", "time", "pm25")
+"""Required with the default target; another target (``target=no2``) replaces ``pm25``."""
 
 DEFAULT_SYNTHETIC = {"stations": 6, "days": 90, "seed": 7}
 
@@ -103,7 +102,7 @@ def _invalid(message: str) -> InvalidArgumentError:
 
 
 @dataclass
-class AirQualityData:
+class AirQualityData(Grid):
     """Hourly air-quality data of several stations.
 
     Attributes:
@@ -116,25 +115,11 @@ class AirQualityData:
     frame: pd.DataFrame
     stations: pd.DataFrame
     spec: str = ""
-
-    @property
-    def station_names(self) -> list[str]:
-        return [str(s) for s in self.stations["station"]]
-
-    @property
-    def times(self) -> np.ndarray:
-        """The hours of the grid, datetime64[ns] ``[T]``."""
-        s = len(self.stations)
-        return self.frame["time"].to_numpy(dtype="datetime64[ns]")[: len(self.frame) // max(s, 1)]
+    target: str = "pm25"
 
     @property
     def n_hours(self) -> int:
         return len(self.frame) // max(len(self.stations), 1)
-
-    def column(self, name: str) -> np.ndarray:
-        """One value column as float64 ``[T, S]`` (NaN where missing)."""
-        s = len(self.stations)
-        return self.frame[name].to_numpy(dtype=np.float64).reshape(s, -1).T
 
     def available_columns(self) -> list[str]:
         """Value columns that have at least one value."""
@@ -145,7 +130,7 @@ class AirQualityData:
         return from_frame(self.frame.assign(
             latitude=self.frame["station"].map(dict(zip(self.stations["station"], self.stations["latitude"]))),
             longitude=self.frame["station"].map(dict(zip(self.stations["station"], self.stations["longitude"]))),
-        ), spec=self.spec, start=start, end=end)
+        ), spec=self.spec, start=start, end=end, target=self.target)
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the canonical data: station table, times and every value column."""
@@ -167,98 +152,68 @@ class AirQualityData:
 
 def from_frame(
     df: pd.DataFrame, *, spec: str = "", start: object = None, end: object = None,
-    stations: pd.DataFrame | None = None,
+    stations: pd.DataFrame | None = None, target: str = "pm25",
 ) -> AirQualityData:
     """Validate a long-format frame and make it canonical (complete hourly grid, sorted).
 
+    The parser is the one models use at predict (``aqimodels.training.runtime.frame``).
     ``latitude``/``longitude`` columns (or the ``stations`` table) give coordinates.
-    Raises ``InvalidArgumentError(field="dataset")`` for missing columns or no PM2.5 values.
+    Raises ``InvalidArgumentError(field="dataset")`` for missing columns or no ``target`` values.
     """
-    if not isinstance(df, pd.DataFrame):
-        raise _invalid(f"expected a pandas DataFrame in the long format, got {type(df).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise _invalid(
-            f"dataset is missing required column(s) {', '.join(missing)} "
-            f"(required: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(map(str, df.columns))})"
-        )
-    out = pd.DataFrame({"station": df["station"].astype(str).to_numpy()})
-    try:
-        t = pd.to_datetime(df["time"])
-    except (ValueError, TypeError) as e:
-        raise _invalid(f"dataset column 'time' is not parseable as timestamps: {e}") from None
-    if getattr(t.dt, "tz", None) is not None:
-        t = t.dt.tz_convert("UTC").dt.tz_localize(None)
-    out["time"] = t.dt.floor("h").astype("datetime64[ns]").to_numpy()
-    for c in VALUE_COLUMNS:
-        if c in df.columns:
-            out[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64).to_numpy()
-        else:
-            out[c] = np.nan
-    out = out[out["time"].notna()]
-    if start is not None:
-        out = out[out["time"] >= pd.Timestamp(start)]
-    if end is not None:
-        out = out[out["time"] < pd.Timestamp(end)]
-    if out.empty:
-        raise _invalid("dataset has no rows" + (" in the requested time range" if start or end else ""))
-    if not out["pm25"].notna().any():
-        raise _invalid("dataset has no PM2.5 values at all (column 'pm25' is empty)")
-
-    # coordinates
-    if stations is None:
-        if "latitude" in df.columns and "longitude" in df.columns:
-            coords = pd.DataFrame({
-                "station": df["station"].astype(str).to_numpy(),
-                "latitude": pd.to_numeric(df["latitude"], errors="coerce").to_numpy(),
-                "longitude": pd.to_numeric(df["longitude"], errors="coerce").to_numpy(),
-            }).groupby("station", sort=True)[["latitude", "longitude"]].first()
-        else:
-            coords = pd.DataFrame(columns=["latitude", "longitude"], dtype=np.float64)
-    else:
-        coords = stations.set_index("station")[["latitude", "longitude"]]
-
-    # average duplicates, then complete the hourly grid
-    if out.duplicated(["station", "time"]).any():
-        out = out.groupby(["station", "time"], sort=True, as_index=False)[list(VALUE_COLUMNS)].mean()
-    names = sorted(out["station"].unique())
-    hours = pd.date_range(out["time"].min(), out["time"].max(), freq="h")
-    grid = pd.MultiIndex.from_product([names, hours], names=["station", "time"])
-    out = out.set_index(["station", "time"]).reindex(grid).reset_index()
-    out["time"] = out["time"].astype("datetime64[ns]")
-    out = out[list(COLUMNS)]
-    st = pd.DataFrame({"station": names})
-    st["latitude"] = [float(coords["latitude"].get(n, np.nan)) if n in coords.index else np.nan for n in names]
-    st["longitude"] = [float(coords["longitude"].get(n, np.nan)) if n in coords.index else np.nan for n in names]
-    st[["latitude", "longitude"]] = st[["latitude", "longitude"]].fillna(0.0)
-    return AirQualityData(frame=out.reset_index(drop=True), stations=st, spec=spec)
+    frame, st = _frame.from_frame(df, spec=spec, start=start, end=end, stations=stations, target=target)
+    return AirQualityData(frame=frame, stations=st, spec=spec, target=target)
 
 
 # ---------------------------------------------------------------------------------------------
 # loading
 
 
-def load_dataset(spec: str | None = "synthetic", start: object = None, end: object = None) -> AirQualityData:
-    """Load a dataset by spec (see the module docstring), optionally the hours in ``[start, end)``."""
+def split_target(spec: str | None) -> tuple[str, str | None]:
+    """``(spec, target)`` of a spec with an optional ``?target=<pollutant>`` suffix."""
     spec = (spec or "").strip()
+    base, sep, query = spec.rpartition("?")
+    if sep and query.strip().lower().startswith("target="):
+        return base.strip(), query.split("=", 1)[1].strip().lower()
+    return spec, None
+
+
+def load_dataset(spec: str | None = "synthetic", start: object = None, end: object = None,
+                 target: str | None = None) -> AirQualityData:
+    """Load a dataset by spec (see the module docstring), optionally the hours in ``[start, end)``.
+
+    ``target`` (or a ``?target=<pollutant>`` suffix of the spec) is the pollutant to forecast,
+    ``pm25`` by default; a dataset without values of it is refused."""
+    spec, spec_target = split_target(spec)
+    if spec_target and target and spec_target != target:
+        raise _invalid(f"dataset spec asks for target {spec_target} but the request for {target}")
+    target = spec_target or target or "pm25"
+    data = _load(spec, start, end, target)
+    if target not in data.frame.columns or not data.frame[target].notna().any():
+        raise _invalid(f"dataset {spec or 'synthetic'} has no {target} values; it cannot train a {target} model")
+    data.target = target
+    return data
+
+
+def _load(spec: str, start: object, end: object, target: str) -> AirQualityData:
     if spec == "" or spec == "synthetic" or spec.startswith("synthetic:"):
         params = _parse_synthetic(spec.partition(":")[2])
         data = synthetic_data(**params)
         data.spec = spec or "synthetic"
+        data.target = target
         if start is not None or end is not None:
             data = data.slice(start, end)
         return data
     if spec.startswith("beijing:"):
-        return load_beijing(spec[len("beijing:"):], start=start, end=end)
+        return load_beijing(spec[len("beijing:"):], start=start, end=end, target=target)
     if spec.startswith("file:"):
-        return load_files(spec[len("file:"):], start=start, end=end)
+        return load_files(spec[len("file:"):], start=start, end=end, target=target)
     scheme, sep, _ = spec.partition(":")
     if sep and len(scheme) > 1 and not os.path.exists(spec):
         raise _invalid(
             f"unknown dataset scheme {scheme!r} in {spec!r}; use 'synthetic[:stations=6,days=90,seed=7]', "
             "'beijing:<folder>', 'file:<path>' or a path to a CSV/Parquet file or folder"
         )
-    return load_files(spec, start=start, end=end)
+    return load_files(spec, start=start, end=end, target=target)
 
 
 def _parse_synthetic(text: str) -> dict[str, int]:
@@ -291,7 +246,7 @@ def _read_table(path: str) -> pd.DataFrame:
         raise _invalid(f"cannot read dataset file {path}: {e}") from None
 
 
-def load_files(path: str, start: object = None, end: object = None) -> AirQualityData:
+def load_files(path: str, start: object = None, end: object = None, target: str = "pm25") -> AirQualityData:
     """A CSV/Parquet file or a folder of them, in the long format."""
     path = os.path.expanduser(path)
     if not path:
@@ -307,10 +262,10 @@ def load_files(path: str, start: object = None, end: object = None) -> AirQualit
     else:
         files = [path]
     df = pd.concat([_read_table(f) for f in files], ignore_index=True)
-    return from_frame(df, spec=f"file:{path}", start=start, end=end)
+    return from_frame(df, spec=f"file:{path}", start=start, end=end, target=target)
 
 
-def load_beijing(folder: str, start: object = None, end: object = None) -> AirQualityData:
+def load_beijing(folder: str, start: object = None, end: object = None, target: str = "pm25") -> AirQualityData:
     """The UCI Beijing Multi-Site files in ``folder`` (see the module docstring)."""
     folder = os.path.expanduser(folder)
     if not os.path.isdir(folder):
@@ -356,7 +311,7 @@ def load_beijing(folder: str, start: object = None, end: object = None) -> AirQu
         import logging
 
         logging.getLogger(__name__).warning("no coordinates for Beijing stations %s; using (0, 0)", unknown)
-    return from_frame(df, spec=f"beijing:{folder}", start=start, end=end, stations=stations)
+    return from_frame(df, spec=f"beijing:{folder}", start=start, end=end, stations=stations, target=target)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Metric names (overall, then per report horizon +1, +6, +24 h with suffix ``_h1``
   ``|pred - actual| <= max(10 µg/m³, 0.15 * actual)`` (an absolute floor for clean air,
   15% relative tolerance for polluted air).
 * ``aqi_accuracy``: the fraction of cells whose predicted US EPA AQI category equals the
-  actual one.
+  actual one (the target pollutant's breakpoints, ``aqimodels.training.runtime.aqi``).
 * ``baseline_rmse``, ``baseline_mae``, ``baseline_accuracy`` (+ ``_hK``): the persistence
   forecast (the last observed PM2.5 at the origin, for every horizon) on the same cells.
 * ``skill``, ``skill_hK``: ``1 - rmse / baseline_rmse`` (> 0: better than persistence).
@@ -25,58 +25,22 @@ from __future__ import annotations
 
 import numpy as np
 from aqimodels.training.core import REPORT_HORIZONS
-
-# (C_low, C_high, I_low, I_high)
-PM25_BREAKPOINTS: tuple[tuple[float, float, float, float], ...] = (
-    (0.0, 9.0, 0, 50),
-    (9.1, 35.4, 51, 100),
-    (35.5, 55.4, 101, 150),
-    (55.5, 125.4, 151, 200),
-    (125.5, 225.4, 201, 300),
-    (225.5, 325.4, 301, 500),
+from aqimodels.training.runtime.aqi import (  # noqa: F401 - public names of this module
+    AQI_CATEGORIES,
+    PM25_BREAKPOINTS,
+    aqi_category,
+    aqi_category_index,
+    pm25_to_aqi,
+    to_aqi,
 )
-AQI_CATEGORIES: tuple[str, ...] = (
-    "Good", "Moderate", "Unhealthy for Sensitive Groups", "Unhealthy", "Very Unhealthy", "Hazardous",
-)
-_AQI_UPPER = (50, 100, 150, 200, 300)
 
 ABS_TOLERANCE = 10.0
 REL_TOLERANCE = 0.15
 
 
-def pm25_to_aqi(x: np.ndarray | float) -> np.ndarray | float:
-    """US EPA AQI of PM2.5 concentrations (µg/m³); NaN stays NaN, negatives count as 0."""
-    c = np.floor(np.clip(np.asarray(x, dtype=np.float64), 0, None) * 10 + 1e-9) / 10
-    out = np.full(c.shape, np.nan)
-    for c_lo, c_hi, i_lo, i_hi in PM25_BREAKPOINTS:
-        # each segment covers [c_lo, next c_lo); the 0.1 gaps between segments fall to the lower one
-        sel = (c >= c_lo) & (c <= c_hi + 0.0999)
-        sel &= np.isnan(out)
-        out[sel] = i_lo + (i_hi - i_lo) / (c_hi - c_lo) * (np.minimum(c[sel], c_hi) - c_lo)
-    c_lo, c_hi, i_lo, i_hi = PM25_BREAKPOINTS[-1]
-    beyond = c > c_hi
-    out[beyond] = i_lo + (i_hi - i_lo) / (c_hi - c_lo) * (c[beyond] - c_lo)
-    out = np.round(out)
-    if np.ndim(x) == 0:
-        return float(out)
-    return out
-
-
-def aqi_category_index(aqi: np.ndarray | float) -> np.ndarray:
-    """Category index 0..5 of AQI values (-1 for NaN)."""
-    a = np.asarray(aqi, dtype=np.float64)
-    idx = np.searchsorted(np.asarray(_AQI_UPPER, dtype=np.float64), np.round(a), side="left")
-    return np.where(np.isnan(a), -1, idx)
-
-
-def aqi_category(aqi: float) -> str:
-    """The EPA category name of one AQI value (e.g. 42 -> "Good"); "" for NaN."""
-    i = int(aqi_category_index(aqi))
-    return AQI_CATEGORIES[i] if i >= 0 else ""
-
-
-def pm25_category_index(x: np.ndarray) -> np.ndarray:
-    return aqi_category_index(pm25_to_aqi(x))
+def pm25_category_index(x: np.ndarray, pollutant: str = "pm25") -> np.ndarray:
+    """AQI category index of concentrations of ``pollutant`` (PM2.5 by default)."""
+    return aqi_category_index(to_aqi(x, pollutant))
 
 
 def persistence(last_pm25: np.ndarray, horizon: int) -> np.ndarray:
@@ -84,7 +48,7 @@ def persistence(last_pm25: np.ndarray, horizon: int) -> np.ndarray:
     return np.repeat(np.asarray(last_pm25, dtype=np.float64)[..., None], horizon, axis=-1)
 
 
-def _basic(pred: np.ndarray, y: np.ndarray, m: np.ndarray) -> dict[str, float]:
+def _basic(pred: np.ndarray, y: np.ndarray, m: np.ndarray, target: str = "pm25") -> dict[str, float]:
     p, t = pred[m].astype(np.float64), y[m].astype(np.float64)
     if t.size == 0:
         return {k: float("nan") for k in ("rmse", "mae", "r2", "accuracy", "aqi_accuracy")}
@@ -96,12 +60,13 @@ def _basic(pred: np.ndarray, y: np.ndarray, m: np.ndarray) -> dict[str, float]:
         "mae": float(np.mean(np.abs(err))),
         "r2": float(1 - sse / sst) if sst > 0 else float("nan"),
         "accuracy": float(np.mean(np.abs(err) <= np.maximum(ABS_TOLERANCE, REL_TOLERANCE * np.abs(t)))),
-        "aqi_accuracy": float(np.mean(pm25_category_index(p) == pm25_category_index(t))),
+        "aqi_accuracy": float(np.mean(pm25_category_index(p, target) == pm25_category_index(t, target))),
     }
 
 
 def forecast_metrics(
     pred: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None, horizons: tuple[int, ...] = REPORT_HORIZONS,
+    target: str = "pm25",
 ) -> dict[str, float]:
     """rmse, mae, r2, accuracy, aqi_accuracy overall and at each report horizon (``_h1`` ...)."""
     pred, y = np.asarray(pred), np.asarray(y)
@@ -110,18 +75,18 @@ def forecast_metrics(
     m = np.isfinite(y) & np.isfinite(pred)
     if mask is not None:
         m &= mask
-    out = _basic(pred, y, m)
+    out = _basic(pred, y, m, target)
     H = y.shape[-1]
     for h in horizons:
         if h <= H:
             k = h - 1
-            out.update({f"{name}_h{h}": v for name, v in _basic(pred[..., k], y[..., k], m[..., k]).items()})
+            out.update({f"{name}_h{h}": v for name, v in _basic(pred[..., k], y[..., k], m[..., k], target).items()})
     return out
 
 
 def evaluate(
     pred: np.ndarray, y: np.ndarray, last_pm25: np.ndarray, mask: np.ndarray | None = None,
-    horizons: tuple[int, ...] = REPORT_HORIZONS,
+    horizons: tuple[int, ...] = REPORT_HORIZONS, target: str = "pm25",
 ) -> dict[str, float]:
     """Model metrics plus the persistence baseline on exactly the same cells, and skill scores.
 
@@ -132,8 +97,8 @@ def evaluate(
     m = np.isfinite(y) & np.isfinite(pred) & np.isfinite(base)
     if mask is not None:
         m &= mask
-    out = forecast_metrics(pred, y, m, horizons)
-    b = forecast_metrics(base, y, m, horizons)
+    out = forecast_metrics(pred, y, m, horizons, target)
+    b = forecast_metrics(base, y, m, horizons, target)
     for k in ("rmse", "mae", "accuracy", "aqi_accuracy"):
         out[f"baseline_{k}"] = b[k]
         for h in horizons:

@@ -104,11 +104,23 @@ def _prepare(job: TrainJob) -> tuple[AirQualityData, FeatureSet, FeaturePipeline
             )
     elif window < 1 or window > 24 * 30:
         raise InvalidArgumentError(f"window_hours must be 1..720, got {window}", field="window_hours")
-    data = load_dataset(job.dataset, start=job.start_time, end=job.end_time)
+    target = _target(job)
+    data = load_dataset(job.dataset, start=job.start_time, end=job.end_time, target=target)
     if job.model_type == "ensemble":
         return data, None, None, members  # type: ignore[return-value]  # features after loading members
-    fs, pipe = build_features(data, window=window, horizon=HORIZON_HOURS, stride=_stride(job))
+    fs, pipe = build_features(data, window=window, horizon=HORIZON_HOURS, stride=_stride(job), target=target)
     return data, fs, pipe, members
+
+
+def _target(job: TrainJob) -> str:
+    from aqimodels.training.runtime.aqi import AQI_POLLUTANTS
+
+    target = (job.target or "pm25").strip().lower()
+    if target not in AQI_POLLUTANTS:
+        raise InvalidArgumentError(
+            f"target {job.target!r} is not a pollutant with AQI breakpoints; use one of {', '.join(AQI_POLLUTANTS)}",
+            field="target")
+    return target
 
 
 def _stride(job: TrainJob) -> int:
@@ -123,9 +135,8 @@ def _stride(job: TrainJob) -> int:
 
 
 def _load_member(uri: str, tracking_uri: str) -> Any:
-    import mlflow.pyfunc
+    from aqimodels.training.model import load_forecast_model
     from mlflow.artifacts import download_artifacts
-
     from mlflow.tracking import MlflowClient
 
     try:
@@ -140,7 +151,7 @@ def _load_member(uri: str, tracking_uri: str) -> Any:
                 name, version = ref.rsplit("/", 1)
             uri = client.get_model_version_download_uri(name, str(version))
         local = download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
-        return mlflow.pyfunc.load_model(local).unwrap_python_model()
+        return load_forecast_model(local)
     except MlflowException as e:
         raise InvalidArgumentError(f"cannot load ensemble member {uri}: {e.message}", field="model_types") from None
 
@@ -149,15 +160,25 @@ def _ensemble_features(job: TrainJob, data: AirQualityData, tracking_uri: str) -
     from aqimodels.training.model import AqiForecastModel
 
     members, names = [], []
+    fingerprint, target = data.fingerprint(), _target(job)
+    other_data = []
     for ref in job.ensemble_members:
         m = _load_member(ref.model_uri, tracking_uri)
         if not isinstance(m, AqiForecastModel):
             raise InvalidArgumentError(f"ensemble member {ref.model_uri} is not an AQI forecast model", field="model_types")
+        trained_on = str(m.metadata.get("data_fingerprint", ""))
+        if (trained_on and trained_on != fingerprint) or m.target != target:
+            other_data.append(f"{ref.model_name} v{ref.version} (target {m.target}, data {trained_on[:12] or '?'})")
         members.append(m)
         name = ref.model_type
         names.append(name if name not in names else f"{name}_v{ref.version}")
+    if other_data:
+        raise InvalidArgumentError(
+            f"ensemble member(s) {', '.join(other_data)} were trained and evaluated on other data than this "
+            f"ensemble's ({job.dataset or 'synthetic'}, target {target}, data {fingerprint[:12]}); "
+            "retrain them on this dataset in the same request, or choose members trained on it", field="model_types")
     window = max(m.window for m in members)
-    fs, pipe = build_features(data, window=window, horizon=HORIZON_HOURS, stride=_stride(job))
+    fs, pipe = build_features(data, window=window, horizon=HORIZON_HOURS, stride=_stride(job), target=target)
     return fs, pipe, members, names
 
 
@@ -183,13 +204,18 @@ def run_training(
         from aqimodels.training.trainers import get_trainer
 
         trainer = get_trainer(job.model_type)
+    from aqimodels.training.model import input_example, raw_forecast
     _check(stop)
     fingerprint = data.fingerprint()
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     exp_id = _experiment(client, job.experiment_name, artifact_location or default_artifact_location(tracking_uri))
+    lineage = evaluation_context(job, data, fs, fingerprint)
+    if job.model_type == "ensemble":
+        lineage.update(ensemble_lineage(job))
     tags = {"job_id": job.job_id, "model_type": job.model_type, "data_fingerprint": fingerprint,
-            "dataset": job.dataset or "synthetic", "mlflow.runName": f"{job.model_type}-{job.job_id}", **job.tags}
+            "dataset": job.dataset or "synthetic", "mlflow.runName": f"{job.model_type}-{job.job_id}",
+            **lineage, **job.tags}
     run = client.create_run(exp_id, tags=tags)
     run_id = run.info.run_id
     status = "FAILED"
@@ -205,9 +231,10 @@ def run_training(
         params: dict[str, Any] = {
             "model_type": job.model_type, "window_hours": fs.window, "horizon_hours": fs.horizon,
             "dataset": job.dataset or "synthetic", "data_fingerprint": fingerprint, "seed": job.config.seed,
-            "job_id": job.job_id, **sizes,
+            "job_id": job.job_id, "target": fs.target, **sizes,
             **{f"extra_{k}": v for k, v in job.config.extra.items()},
         }
+        params.update({f"member_{n}": f"{r.model_name}:{r.version}" for n, r in zip(member_names, job.ensemble_members)})
         for key in ("max_epochs", "learning_rate", "batch_size", "early_stopping_patience", "hidden_size"):
             v = getattr(job.config, key)
             if v is not None:
@@ -230,23 +257,30 @@ def run_training(
             from aqimodels.training.model import AqiForecastModel
 
             model: Any = AqiForecastModel(pipe, trainer.forecaster, job.model_type,
-                                          metadata={"job_id": job.job_id, "data_fingerprint": fingerprint})
-            test_pred = np.asarray(trainer.forecaster.predict(fs.test.x))
-            forecaster: Any = trainer.forecaster
+                                          metadata={"job_id": job.job_id, "data_fingerprint": fingerprint, **lineage})
+            test_raw = np.asarray(raw_forecast(model, fs.test.x), dtype=np.float64)
+            test_pred = np.clip(test_raw, 0.0, None)
         else:
             model, test_pred, convergence = yield from _fit_ensemble(
                 client, run_id, job, data, fs, members, member_names, stop)
-            forecaster = None
+            model.metadata.update({"data_fingerprint": fingerprint, **lineage})
+            test_raw = None
         training_seconds = time.monotonic() - t_train
         _check(stop)
 
         yield Evaluating(test_samples=len(fs.test))
-        metrics = evaluate(test_pred, fs.test.y, fs.test.last_pm25)
-        latency_ms, throughput = _inference_speed(model, forecaster, fs, data)
+        metrics = evaluate(test_pred, fs.test.y, fs.test.last_pm25, target=fs.target)
+        metrics.update(bound_effect(test_raw, fs))
+        metrics["negative_share"] = float(np.mean(np.asarray(test_pred) < 0))  # of what the model outputs
+        champion, champion_tags = champion_scores(job, data, fs, tracking_uri)
+        metrics.update(champion)
+        lineage.update(champion_tags)
+        if champion_tags:
+            client.log_batch(run_id, tags=[_tag(k, v) for k, v in champion_tags.items()], synchronous=True)
+        metrics.update(inference_speed(model, fs, data))
         metrics.update({
             "training_seconds": training_seconds, "total_seconds": time.monotonic() - t_start,
-            "peak_memory_mb": _peak_memory_mb(), "inference_latency_ms": latency_ms,
-            "inference_throughput": throughput,
+            "peak_memory_mb": _peak_memory_mb(),
             **{k: float(v) for k, v in sizes.items()},
             **{k: float(v) for k, v in convergence.items()},
         })
@@ -257,11 +291,11 @@ def run_training(
         client.log_dict(run_id, {**describe(fs), "data_fingerprint": fingerprint, "dataset": job.dataset,
                                  "data_rows": len(data.frame), "data_hours": data.n_hours}, "features.json")
         _check(stop)
-        model_id, source = _log_model(client, exp_id, run_id, job, model)
+        model_id, source = _log_model(client, exp_id, run_id, job, model, input_example(model, data))
         _check(stop)
 
         yield Registering(model_name=job.model_name)
-        version = _register(client, job, source, run_id, model_id)
+        version = _register(client, job, source, run_id, model_id, lineage)
         status = "FINISHED"
         yield Finished(model_name=job.model_name, version=version, run_id=run_id,
                        model_uri=f"models:/{job.model_name}/{version}", metrics=metrics,
@@ -296,6 +330,40 @@ def _epoch_metrics(ev: EpochFinished) -> list[Any]:
     if np.isfinite(ev.loss):
         out.append(_metric(f"{prefix}train_loss", ev.loss, ev.epoch))
     return out
+
+
+def _tag(key: str, value: str) -> Any:
+    from mlflow.entities import RunTag
+
+    return RunTag(key, str(value)[:5000])
+
+
+def champion_scores(job: TrainJob, data: AirQualityData, fs: FeatureSet,
+                    tracking_uri: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The production model (``job.champion_model_uri``) scored on exactly this training's test
+    rows: ``champion_<metric>`` metrics, and tags naming it (``champion.skipped`` says why not)."""
+    uri = job.champion_model_uri
+    if not uri:
+        return {}, {}
+    tags = {"champion.model_uri": uri, "champion.version": uri.rsplit("/", 1)[-1]}
+    try:
+        champion = _load_member(uri, tracking_uri)
+    except InvalidArgumentError as e:
+        return {}, {**tags, "champion.skipped": str(e)[:500]}
+    stations, target = list(getattr(champion, "stations", [])), getattr(champion, "target", "pm25")
+    tags.update({"champion.stations": ",".join(sorted(stations)), "champion.target": target})
+    if sorted(stations) != sorted(fs.stations) or target != fs.target:
+        return {}, {**tags, "champion.skipped": f"production has stations {','.join(stations)} and target {target}; "
+                                                f"this training {','.join(fs.stations)} and {fs.target}"}
+    step = np.timedelta64(1, "h")
+    try:
+        part = data.slice(start=fs.test.times[0] - (int(champion.window) - 1) * step)
+        pred, times = champion.predict_dataset(part)
+        pred = _align(np.asarray(pred)[:, [stations.index(s) for s in fs.stations]], times, fs.test.times)
+    except (InvalidArgumentError, RuntimeError, ValueError, KeyError) as e:
+        return {}, {**tags, "champion.skipped": f"production could not be scored on these rows: {e}"[:500]}
+    scored = evaluate(pred, fs.test.y, fs.test.last_pm25, target=fs.target)
+    return {f"champion_{k}": float(v) for k, v in scored.items() if np.isfinite(v)}, tags
 
 
 def _params(params: dict[str, Any]) -> list[Any]:
@@ -334,7 +402,8 @@ def _fit_ensemble(
             logged.update({f"weight_{n}_h{h}": float(weights[i, h - 1]) for i, n in enumerate(names)})
     client.log_batch(run_id, params=_params({k: f"{v:.6f}" for k, v in logged.items()}),
                      metrics=[_metric(k, v) for k, v in logged.items()], synchronous=True)
-    model = EnsembleForecastModel(members, weights, names, metadata={"job_id": job.job_id})
+    model = EnsembleForecastModel(members, weights, names, metadata={
+        "job_id": job.job_id, "members": ",".join(f"{r.model_name}:{r.version}" for r in job.ensemble_members)})
     test_pred = model.combine(np.stack(test_preds))
     val_rmse = masked_rmse(model.combine(np.stack(val_preds)), fs.val.y)
     convergence = {"epochs_run": float(len(members)), "best_epoch": float(len(members)),
@@ -343,32 +412,56 @@ def _fit_ensemble(
     return model, test_pred, convergence
 
 
-def _inference_speed(model: Any, forecaster: Any, fs: FeatureSet, data: AirQualityData) -> tuple[float, float]:
-    """(latency of one sample in ms, median of a few; throughput in samples/s on the test set)."""
-    if forecaster is not None:
-        one = np.ascontiguousarray(fs.test.x[-1:])
-        batch = fs.test.x
-        run_one, run_batch = (lambda: forecaster.predict(one)), (lambda: forecaster.predict(batch))
-        n = len(batch)
-    else:  # the ensemble: from raw data, every member's pipeline included
-        tail = data.slice(start=fs.test.times[0] - np.timedelta64(model.window - 1, "h"))
-        last = data.slice(start=fs.test.times[-1] - np.timedelta64(model.window - 1, "h"),
-                          end=fs.test.times[-1] + np.timedelta64(1, "h"))
-        run_one, run_batch = (lambda: model.predict(None, last.frame)), (lambda: model.predict_dataset(tail))
-        n = len(fs.test)
-    run_one()  # warm-up
+LATENCY_BATCH_ORIGINS = 100
+
+
+def inference_speed(model: Any, fs: FeatureSet, data: AirQualityData) -> dict[str, float]:
+    """Inference latency, one definition for every model type: raw long-format frame in, forecast
+    frame out (``model.predict``, input checks and feature pipeline included).
+
+    ``inference_latency_ms``: one origin (the frame of the last ``window`` test hours), median of
+    a few calls. ``inference_batch_latency_ms``: ``params={"origins": [...]}`` with up to 100
+    test origins evenly spaced, from one frame of the test period; ``inference_batch_origins`` how
+    many; ``inference_throughput`` origins per second in that call."""
+    step = np.timedelta64(1, "h")
+    window = int(model.window)
+    last = fs.test.times[-1]
+    one = data.slice(start=last - (window - 1) * step, end=last + step).frame
+    pick = np.unique(np.linspace(0, len(fs.test) - 1, min(LATENCY_BATCH_ORIGINS, len(fs.test))).round().astype(int))
+    origins = fs.test.times[pick]
+    tail = data.slice(start=origins[0] - (window - 1) * step, end=origins[-1] + step).frame
+    params = {"allow_missing_inputs": True}  # the training data's own gaps are not the question here
+    batch = {**params, "origins": [str(np.datetime_as_string(t, unit="s")) for t in origins]}
+    model.predict(None, one, params)  # warm-up
     times = []
     for _ in range(LATENCY_REPEATS):
         t = time.perf_counter()
-        run_one()
+        model.predict(None, one, params)
         times.append(time.perf_counter() - t)
     t = time.perf_counter()
-    run_batch()
+    model.predict(None, tail, batch)
     elapsed = max(time.perf_counter() - t, 1e-9)
-    return float(np.median(times) * 1000), float(n / elapsed)
+    return {"inference_latency_ms": float(np.median(times) * 1000), "inference_batch_latency_ms": elapsed * 1000,
+            "inference_batch_origins": float(len(origins)), "inference_throughput": float(len(origins) / elapsed)}
 
 
-def _log_model(client: MlflowClient, exp_id: str, run_id: str, job: TrainJob, model: Any) -> tuple[str, str]:
+def bound_effect(test_raw: np.ndarray | None, fs: FeatureSet) -> dict[str, float]:
+    """What the lower bound at 0 changed on the test set: the share of forecast cells that were
+    negative before it, and the rmse without it (``rmse_unbounded``, ``_hK``)."""
+    if test_raw is None:  # the ensemble combines bounded members: nothing to bound
+        return {}
+    out = {"negative_share_unbounded": float(np.mean(test_raw < 0))}
+    y = np.asarray(fs.test.y, dtype=np.float64)
+    for key, sl in (("rmse_unbounded", slice(None)), *((f"rmse_unbounded_h{h}", slice(h - 1, h)) for h in (1, 6, 24))):
+        p, t = test_raw[..., sl], y[..., sl]
+        m = np.isfinite(t)
+        if m.any():
+            out[key] = float(np.sqrt(np.mean((p[m] - t[m]) ** 2)))
+    return out
+
+
+def _log_model(client: MlflowClient, exp_id: str, run_id: str, job: TrainJob, model: Any,
+               example: Any = None) -> tuple[str, str]:
     """Save the pyfunc model and log it as an MLflow 3 logged model of the run: (model_id, source)."""
     from aqimodels.training.model import save_pyfunc
 
@@ -377,7 +470,7 @@ def _log_model(client: MlflowClient, exp_id: str, run_id: str, job: TrainJob, mo
     try:
         with tempfile.TemporaryDirectory(prefix="aqimodel-") as tmp:
             path = os.path.join(tmp, "model")
-            save_pyfunc(model, path)
+            save_pyfunc(model, path, example)
             _stamp_model_id(path, lm.model_id, run_id)
             client.log_model_artifacts(lm.model_id, path)
     except BaseException:
@@ -401,7 +494,8 @@ def _stamp_model_id(path: str, model_id: str, run_id: str) -> None:
     m.save(mlmodel)
 
 
-def _register(client: MlflowClient, job: TrainJob, source: str, run_id: str, model_id: str) -> int:
+def _register(client: MlflowClient, job: TrainJob, source: str, run_id: str, model_id: str,
+              lineage: dict[str, str] | None = None) -> int:
     name = job.model_name
     try:
         client.create_registered_model(name)
@@ -410,7 +504,63 @@ def _register(client: MlflowClient, job: TrainJob, source: str, run_id: str, mod
             raise
     mv = client.create_model_version(
         name, source=source, run_id=run_id, model_id=model_id,
-        tags={"job_id": job.job_id, "model_type": job.model_type},
+        tags={"job_id": job.job_id, "model_type": job.model_type, **(lineage or {})},
     )
     return int(mv.version)
+
+
+# ---- lineage: what a version was evaluated on, and by which code ----
+
+def code_version() -> dict[str, str]:
+    """``code.version`` (the installed aqimodels distribution) and ``code.git_commit`` (when the
+    source is a git checkout; with uncommitted changes it ends in ``-dirty``)."""
+    import importlib.metadata
+    import subprocess
+
+    out = {}
+    try:
+        out["code.version"] = importlib.metadata.version("aqimodels")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - always installed here
+        out["code.version"] = "unknown"
+    here = os.path.dirname(os.path.realpath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        if commit.returncode == 0 and commit.stdout.strip():
+            dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5, check=False)
+            out["code.git_commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def test_set_key(fs: FeatureSet) -> str:
+    """SHA-256 of exactly the rows a version is scored on: station set, target, test origins and
+    the observed test targets. Two versions with the same key were evaluated on the same data."""
+    import hashlib
+
+    h = hashlib.sha256(b"aqimodels-test-set-v1\n")
+    h.update(",".join(fs.stations).encode() + b"\n" + fs.target.encode() + b"\n")
+    h.update(np.asarray(fs.test.times, dtype="datetime64[ns]").astype(np.int64).tobytes())
+    h.update(np.round(np.nan_to_num(np.asarray(fs.test.y, dtype=np.float64), nan=-1.0), 4).tobytes())
+    return h.hexdigest()
+
+
+def evaluation_context(job: TrainJob, data: AirQualityData, fs: FeatureSet, fingerprint: str) -> dict[str, str]:
+    """The tags (run and version) that say on what a version was trained and evaluated."""
+    return {
+        "eval.dataset": job.dataset or "synthetic", "eval.data_fingerprint": fingerprint,
+        "eval.stations": ",".join(fs.stations), "eval.target": fs.target,
+        "eval.test_start": str(np.datetime_as_string(fs.test.times[0], unit="s")),
+        "eval.test_end": str(np.datetime_as_string(fs.test.times[-1], unit="s")),
+        "eval.test_origins": str(len(fs.test)), "eval.test_key": test_set_key(fs),
+        **code_version(),
+    }
+
+
+def ensemble_lineage(job: TrainJob) -> dict[str, str]:
+    """The exact member versions an ensemble combines (``ensemble.members``: name:version, ...)."""
+    out = {"ensemble.members": ",".join(f"{r.model_name}:{r.version}" for r in job.ensemble_members)}
+    out.update({f"ensemble.member.{r.model_type}": str(r.version) for r in job.ensemble_members})
+    return out
 

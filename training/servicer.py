@@ -86,8 +86,19 @@ def job_from_proto(request: wpb.TrainRequest, experiment_name: str) -> core.Trai
         job_id=request.job_id, model_type=TYPES[request.model_type], dataset=request.dataset.spec or "synthetic",
         config=config, experiment_name=request.experiment_name or experiment_name,
         registered_model_name=request.registered_model_name, ensemble_members=members, tags=dict(request.tags),
+        target=_target(request.dataset.target), champion_model_uri=request.champion_model_uri,
         start_time=_ts(request.dataset.start_time if request.dataset.HasField("start_time") else None),
         end_time=_ts(request.dataset.end_time if request.dataset.HasField("end_time") else None, "dataset.end_time"))
+
+
+def _target(value: str) -> str:
+    from aqimodels.training.runtime.aqi import AQI_POLLUTANTS
+
+    target = (value or "pm25").strip().lower()
+    if target not in AQI_POLLUTANTS:
+        raise InvalidArgumentError(f"dataset.target {value!r} is not one of {', '.join(AQI_POLLUTANTS)}",
+                                   field="dataset.target")
+    return target
 
 
 def event_to_proto(ev: core.ProgressEvent, seq: int) -> wpb.TrainEvent:
@@ -322,13 +333,13 @@ class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
         data = load_dataset(request.dataset.spec or "synthetic",
                             _ts(request.dataset.start_time if request.dataset.HasField("start_time") else None),
                             _ts(request.dataset.end_time if request.dataset.HasField("end_time") else None,
-                                "dataset.end_time"))
+                                "dataset.end_time"), target=_target(request.dataset.target))
         need = min_hours(window)
         if data.n_hours < need:
             raise InvalidArgumentError(
                 f"dataset {request.dataset.spec or 'synthetic'!r} has {data.n_hours} hours; a {window}-hour window "
                 f"and the 24-hour horizon need at least {need}", field="dataset")
-        build_features(data, window=window, stride=24)  # every check of training, at 1/24 of the memory
+        build_features(data, window=window, stride=24, target=data.target)  # every check of training, at 1/24 of the memory
         times = data.times
         out = wpb.ValidateDatasetResponse(stations=len(data.station_names), hours=data.n_hours,
                                           fingerprint=data.fingerprint())

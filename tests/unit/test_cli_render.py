@@ -214,3 +214,34 @@ def test_connection_options_are_accepted_after_the_command_too() -> None:
         "--target", "h:1", "--token=t", "status", "--json"]
     assert hoist_global_options(["--target", "h:1", "list", "m"]) == ["--target", "h:1", "list", "m"]
     assert hoist_global_options(["show", "m", "1", "--", "--target"]) == ["show", "m", "1", "--", "--target"]
+
+
+def _plain(renderable: object) -> str:
+    out = io.StringIO()
+    Console(file=out, width=220, force_terminal=False, color_system=None).print(renderable)
+    return out.getvalue()
+
+
+def test_compare_shows_each_versions_dataset_and_marks_other_test_data_not_comparable() -> None:
+    rows = [pb.VersionComparison(version=pb.ModelVersion(name="m", version=2, metrics={"rmse": 45.0}), rank=1,
+                                 value=45.0, delta_to_best=0.0, comparable=True, dataset="beijing:/d test 2016..2017"),
+            pb.VersionComparison(version=pb.ModelVersion(name="m", version=3, metrics={"rmse": 15.0}), rank=0,
+                                 value=15.0, delta_to_best=math.nan, comparable=False, dataset="file:/uk.csv test 2020")]
+    resp = pb.CompareModelVersionsResponse(versions=rows, metric="rmse", best_version=2, metric_names=["rmse"],
+                                           reference_dataset="beijing:/d test 2016..2017")
+    text = _plain(render.compare_table("m", resp))
+    v3 = next(line for line in text.splitlines() if "file:/uk.csv" in line)
+    assert "not comparable" in v3 and "★" not in v3
+    assert "★ best" in next(line for line in text.splitlines() if "beijing:/d" in line)
+    assert "ranked on beijing:/d test 2016..2017" in text
+
+
+def test_show_prints_the_lineage() -> None:
+    mv = pb.ModelVersion(name="aqi_predictor_ensemble", version=4, lineage=pb.VersionLineage(
+        run_id="r1", dataset="synthetic", data_fingerprint="ab" * 32, stations="S01,S02", target="pm25",
+        test_start="2024-01-01T00:00:00", test_end="2024-01-05T00:00:00", test_key="cd" * 32, code_version="0.1.0",
+        git_commit="0123456789abcdef", members=["aqi_predictor_xgboost:3", "aqi_predictor_lstm:2"]))
+    text = _plain(render.version_view(mv))
+    for fragment in ("synthetic (target pm25)", "stations S01,S02", "2024-01-01T00:00:00 .. 2024-01-05T00:00:00",
+                     "0.1.0 (git 0123456789ab)", "aqi_predictor_xgboost:3, aqi_predictor_lstm:2"):
+        assert fragment in text, fragment

@@ -24,7 +24,8 @@ def _plain(v: ModelVersion) -> pb.ModelVersion:
                            create_time=convert.ts_from_ms(v.create_time_ms),
                            update_time=convert.ts_from_ms(v.update_time_ms),
                            metrics=v.metrics, tags=v.tags,
-                           description=v.description, job_id=v.job_id)
+                           description=v.description, job_id=v.job_id,
+                           lineage=pb.VersionLineage(run_id=v.run_id))  # no evaluation tags: the run only
 
 
 def _wire(message: object) -> bytes:
@@ -47,9 +48,23 @@ def test_a_comparison_is_the_same_message() -> None:
                    metric_names=["r2", "rmse"])
     fast = pb.CompareModelVersionsResponse.FromString(convert.comparison_wire(c).data)
     plain = pb.CompareModelVersionsResponse(
-        versions=[pb.VersionComparison(version=_plain(v), rank=r, value=x, delta_to_best=d) for v, r, x, d in rows],
+        versions=[pb.VersionComparison(version=_plain(v), rank=r, value=x, delta_to_best=d, comparable=True,
+                                       dataset="unknown (before evaluation tags)") for v, r, x, d in rows],
         metric="rmse", direction=pb.METRIC_DIRECTION_LOWER_IS_BETTER, best_version=1, metric_names=["r2", "rmse"])
     assert _wire(fast) == _wire(plain)
+
+
+def test_a_comparison_marks_versions_evaluated_on_other_data() -> None:
+    tags = {"eval.dataset": "file:/uk.csv", "eval.test_start": "2020-01-01T00:00:00",
+            "eval.test_end": "2020-03-01T00:00:00", "eval.test_key": "k2"}
+    other = replace(_version(7), tags=tags)
+    rows = [(_version(1), 1, 20.14, 0.0), (other, 0, 15.0, math.nan)]
+    c = Comparison(name="aqi_predictor_lstm", metric="rmse", higher_is_better=False, rows=rows, best_version=1,
+                   metric_names=["rmse"], not_comparable=frozenset({7}), reference_dataset="synthetic")
+    fast = pb.CompareModelVersionsResponse.FromString(convert.comparison_wire(c).data)
+    assert [r.comparable for r in fast.versions] == [True, False]
+    assert fast.versions[1].dataset == "file:/uk.csv test 2020-01-01T00..2020-03-01T00"
+    assert fast.reference_dataset == "synthetic"
 
 
 def test_a_status_carries_the_same_versions() -> None:

@@ -27,23 +27,27 @@ thread by default; ``num_threads=2`` is allowed for a dedicated machine.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from aqimodels.training.core import EpochFinished, FeatureSet, TrainConfig, TrainingCancelled
+from aqimodels.training.runtime.nets import (  # noqa: F401 - old pickles name these classes here
+    DEFAULT_THREADS,
+    MAX_THREADS,
+    ForecastHead,
+    StationEncoder,
+    TorchForecaster,
+    _as_input,
+    torch_threads,
+)
+from aqimodels.training.runtime.nets import predict_scaled as _predict_scaled
 from torch import nn
-
-MAX_THREADS = 2
-"""The worker machines have 2 cores; torch never gets more threads than this."""
-DEFAULT_THREADS = 1
-
 
 # ---- settings ----
 
@@ -100,79 +104,9 @@ class LoopSettings:
         return settings
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Runs the block with torch on ``n`` intra-op threads (1..2), restoring the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, MAX_THREADS)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def seed_everything(seed: int) -> None:
     """Seeds torch's global RNG (weight init, dropout) before a network is built."""
     torch.manual_seed(seed)
-
-
-# ---- shared network parts ----
-
-
-class StationEncoder(nn.Module):
-    """Per-station temporal encoder with weights shared across stations.
-
-    Each station's window ``x[:, :, s, :]`` plus a small learned station embedding goes through
-    one LSTM; the output is the last hidden state of every (sample, station) pair, ordered
-    sample-major (row ``b * S + s``), which is also the node order of the GNN's batched graph.
-    """
-
-    def __init__(self, n_features: int, n_stations: int, hidden_size: int, embedding_dim: int = 4) -> None:
-        super().__init__()
-        self.n_stations = n_stations
-        self.embedding = nn.Embedding(n_stations, embedding_dim)
-        self.lstm = nn.LSTM(n_features + embedding_dim, hidden_size, batch_first=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, w, s, f = x.shape
-        seq = x.permute(0, 2, 1, 3).reshape(b * s, w, f)
-        emb = self.embedding.weight[None, :, None, :].expand(b, s, w, -1).reshape(b * s, w, -1)
-        _, (h_n, _) = self.lstm(torch.cat([seq, emb], dim=-1))
-        last_hidden: torch.Tensor = h_n[-1]
-        return last_hidden
-
-
-class ForecastHead(nn.Module):
-    """Hidden state plus the station's last input step -> H scaled horizons.
-
-    The skip from the last input step lets the head learn persistence directly, so the
-    recurrent part only has to learn the correction.
-    """
-
-    def __init__(self, hidden_size: int, n_features: int, horizon: int, dropout: float) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self._n_features = n_features
-        self.linear = nn.Linear(hidden_size + n_features, horizon)
-
-    def start_at_persistence(self, pm25_index: int) -> None:
-        """Initialises the head to forecast "PM2.5 stays as it is now" at every horizon.
-
-        Inputs and targets share PM2.5's scaler, so persistence is weight 1 on the last input's
-        PM2.5 and 0 elsewhere; training then learns corrections instead of rediscovering the
-        level (measured: without this the LSTM's +1 h rmse was more than twice persistence's).
-        """
-        hidden = self.linear.in_features - self._n_features
-        with torch.no_grad():
-            self.linear.weight.mul_(0.1)
-            self.linear.weight[:, hidden + pm25_index] = 1.0
-            self.linear.bias.zero_()
-
-    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        b, _, s, f = x.shape
-        last = x[:, -1].reshape(b * s, f)
-        out: torch.Tensor = self.linear(torch.cat([self.dropout(h), last], dim=-1))
-        return out.view(b, s, -1)
 
 
 # ---- loss and prediction ----
@@ -182,58 +116,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """Mean squared error over the cells where ``mask`` is true (targets there are finite)."""
     diff = torch.where(mask, pred - target, torch.zeros_like(pred))
     return (diff * diff).sum() / mask.sum().clamp(min=1)
-
-
-def _as_input(x: np.ndarray) -> torch.Tensor:
-    # Unobserved scaled inputs become 0, the training mean, rather than poisoning the batch.
-    return torch.nan_to_num(torch.as_tensor(np.asarray(x, dtype=np.float32)))
-
-
-def _predict_scaled(module: nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
-    was_training = module.training
-    module.eval()
-    outs: list[np.ndarray] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                outs.append(module(_as_input(x[start : start + batch_size])).numpy())
-    finally:
-        module.train(was_training)
-    if not outs:
-        return np.zeros((0, x.shape[2], 0), dtype=np.float32)
-    return np.concatenate(outs, axis=0)
-
-
-class TorchForecaster:
-    """A fitted PyTorch network plus the PM2.5 scaling; picklable (cloudpickle or pickle).
-
-    ``predict`` runs in eval mode on CPU without gradients, in batches, and returns µg/m³.
-    It runs torch on ``num_threads`` threads (default 1, restored afterwards): on a busy
-    2-core machine a 2-thread predict of a few hundred windows was measured 10-25x slower.
-    """
-
-    def __init__(
-        self,
-        module: nn.Module,
-        target_mean: float,
-        target_std: float,
-        batch_size: int = 512,
-        num_threads: int = DEFAULT_THREADS,
-    ) -> None:
-        self.module = module.cpu().eval()
-        self.target_mean = float(target_mean)
-        self.target_std = float(target_std)
-        self.batch_size = int(batch_size)
-        self.num_threads = int(num_threads)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Forecast from scaled windows ``x`` ``[N, window, S, F]`` to PM2.5 µg/m³ ``[N, S, H]``."""
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 4:
-            raise ValueError(f"expected x of shape [N, window, S, F], got {x.shape}")
-        with torch_threads(self.num_threads):
-            scaled = _predict_scaled(self.module, x, self.batch_size)
-        return (scaled * self.target_std + self.target_mean).astype(np.float32)
 
 
 def masked_rmse(pred: np.ndarray, y: np.ndarray) -> float:
@@ -297,8 +179,8 @@ def _train(
         raise ValueError(f"target_std must be positive, got {std}")
 
     head = getattr(module, "head", None)
-    if isinstance(head, ForecastHead) and "pm25" in features.feature_names:
-        head.start_at_persistence(features.feature_names.index("pm25"))
+    if isinstance(head, ForecastHead) and features.target in features.feature_names:
+        head.start_at_persistence(features.target_index)
 
     train_x = features.train.x
     train_y = torch.as_tensor((np.asarray(features.train.y, dtype=np.float32) - mean) / std)
@@ -349,7 +231,7 @@ def _train(
         epochs_run = epoch
 
         if has_val:
-            pred = _predict_scaled(module, val_x, 512) * std + mean
+            pred = np.clip(_predict_scaled(module, val_x, 512) * std + mean, 0.0, None)  # as forecast: >= 0
             val_rmse = masked_rmse(pred, val_y)
             score = (val_rmse / std) ** 2
         else:

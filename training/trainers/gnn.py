@@ -29,28 +29,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
-import torch
-from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.core import EpochFinished, FeatureSet, Forecaster, TrainConfig
+from aqimodels.training.runtime.gnn_net import ATTENTION_HEADS, DEFAULT_CONV, GNNNet  # noqa: F401 - old pickles
 from aqimodels.training.trainers._torch_loop import (
-    ForecastHead,
     LoopSettings,
-    StationEncoder,
     extra_float,
     extra_int,
     seed_everything,
     train_loop,
 )
-from torch import nn
-from torch_geometric.nn import GATv2Conv, GCNConv
 
 DEFAULT_HIDDEN_SIZE = 64
 DEFAULT_K_NEIGHBORS = 3  # knn_graph's default; the trainer joins every station unless told
-DEFAULT_CONV = "gat"
-ATTENTION_HEADS = 4
 EARTH_RADIUS_KM = 6371.0088
 
 
@@ -90,68 +82,6 @@ def knn_graph(coords: np.ndarray, k: int = DEFAULT_K_NEIGHBORS) -> tuple[np.ndar
     d_min = positive.min() if positive.size else 1.0
     weight = np.where(d > 0, d_min / np.maximum(d, 1e-12), 1.0)
     return np.stack([src, dst]).astype(np.int64), weight.astype(np.float32)
-
-
-class GNNNet(nn.Module):
-    """``[B, window, S, F]`` scaled windows -> ``[B, S, H]`` scaled PM2.5 over the station graph."""
-
-    edge_index: torch.Tensor
-    edge_weight: torch.Tensor
-
-    def __init__(
-        self,
-        n_features: int,
-        n_stations: int,
-        horizon: int,
-        edge_index: np.ndarray,
-        edge_weight: np.ndarray,
-        hidden_size: int = DEFAULT_HIDDEN_SIZE,
-        embedding_dim: int = 4,
-        dropout: float = 0.1,
-        n_layers: int = 2,
-        conv: str = DEFAULT_CONV,
-    ) -> None:
-        super().__init__()
-        if conv not in ("gat", "gcn"):
-            raise InvalidArgumentError(f"gnn parameter conv must be gat or gcn, got {conv!r}", field="config")
-        self.n_stations = n_stations
-        self.conv_kind = conv
-        self.encoder = StationEncoder(n_features, n_stations, hidden_size, embedding_dim)
-        self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(n_layers))
-        self.convs = nn.ModuleList(
-            GATv2Conv(hidden_size, hidden_size, heads=ATTENTION_HEADS, concat=False, edge_dim=1) if conv == "gat"
-            else GCNConv(hidden_size, hidden_size) for _ in range(n_layers))
-        self.dropout = nn.Dropout(dropout)
-        self.head = ForecastHead(hidden_size, n_features, horizon, dropout)
-        self.register_buffer("edge_index", torch.as_tensor(edge_index, dtype=torch.long))
-        self.register_buffer("edge_weight", torch.as_tensor(edge_weight, dtype=torch.float32))
-        self._batched: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def batched_graph(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch`` copies of the station graph as one disjoint graph (node ``b * S + s``)."""
-        cached = self._batched.get(batch)
-        if cached is None:
-            offsets = torch.arange(batch, dtype=torch.long) * self.n_stations
-            edge_index = (self.edge_index[:, None, :] + offsets[None, :, None]).reshape(2, -1)
-            cached = (edge_index, self.edge_weight.repeat(batch))
-            self._batched[batch] = cached
-        return cached
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(x)
-        edge_index, edge_weight = self.batched_graph(x.shape[0])
-        # Models pickled before attention have no conv_kind: they were built with GCNConv.
-        edge_attr = edge_weight[:, None] if getattr(self, "conv_kind", "gcn") == "gat" else edge_weight
-        for norm, conv in zip(self.norms, self.convs):
-            h = h + self.dropout(torch.relu(conv(norm(h), edge_index, edge_attr)))
-        out: torch.Tensor = self.head(h, x)
-        return out
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The per-batch-size graphs are a cache: keep pickles small, rebuild on demand.
-        state = self.__dict__.copy()
-        state["_batched"] = {}
-        return state
 
 
 class GNNTrainer:

@@ -14,41 +14,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-import torch
 from aqimodels.training.core import EpochFinished, FeatureSet, Forecaster, TrainConfig
+from aqimodels.training.runtime.nets import DEFAULT_HIDDEN_SIZE, LSTMNet
 from aqimodels.training.trainers._torch_loop import (
-    ForecastHead,
     LoopSettings,
-    StationEncoder,
     extra_float,
     extra_int,
     seed_everything,
     train_loop,
 )
-from torch import nn
-
-DEFAULT_HIDDEN_SIZE = 64
-
-
-class LSTMNet(nn.Module):
-    """``[B, window, S, F]`` scaled windows -> ``[B, S, H]`` scaled PM2.5, station by station."""
-
-    def __init__(
-        self,
-        n_features: int,
-        n_stations: int,
-        horizon: int,
-        hidden_size: int = DEFAULT_HIDDEN_SIZE,
-        embedding_dim: int = 4,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__()
-        self.encoder = StationEncoder(n_features, n_stations, hidden_size, embedding_dim)
-        self.head = ForecastHead(hidden_size, n_features, horizon, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(self.encoder(x), x)
-        return out
 
 
 class LSTMTrainer:

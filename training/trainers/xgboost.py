@@ -29,6 +29,12 @@ import numpy as np
 import xgboost as xgb
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.core import EpochFinished, FeatureSet, TrainConfig, TrainingCancelled
+from aqimodels.training.runtime.xgb import (  # noqa: F401 - XGBoostForecaster: old pickles name it here
+    PM_LAGS,
+    ROLL_MEANS,
+    XGBoostForecaster,
+    derive_features,
+)
 
 DEFAULTS: dict[str, Any] = {
     "max_epochs": 300,
@@ -42,83 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "max_bin": 64,
 }
 
-PM_LAGS = (0, 1, 2, 3, 5, 11, 23)
-ROLL_MEANS = (3, 6, 12)
 METRIC = "val_rmse_ugm3"
-
-
-def derive_features(x: np.ndarray, feature_names: list[str], target_mean: float, target_std: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Tabular rows ``[N*S, D]`` from windows ``x [N, W, S, F]``, plus the raw PM2.5 at each
-    origin ``[N*S]`` and the column names. Rows are ordered sample-major (n, s)."""
-    N, W, S, _ = x.shape
-    p = feature_names.index("pm25")
-    pm = np.asarray(x[..., p], dtype=np.float32)  # [N, W, S], scaled
-    cols: list[np.ndarray] = []  # each [N, S]
-    names: list[str] = []
-
-    def add(name: str, a: np.ndarray) -> None:
-        cols.append(np.asarray(a, dtype=np.float32))
-        names.append(name)
-
-    for lag in PM_LAGS:
-        if lag < W:
-            add(f"pm25_lag{lag}", pm[:, W - 1 - lag])
-    for k in (*ROLL_MEANS, W):
-        if k <= W and f"pm25_mean{k}" not in names:
-            add(f"pm25_mean{k}", pm[:, W - k:].mean(axis=1))
-    for k in (6, W):
-        if 2 <= k <= W and f"pm25_std{k}" not in names:
-            add(f"pm25_std{k}", pm[:, W - k:].std(axis=1))
-    if W > 3:
-        add("pm25_diff3", pm[:, -1] - pm[:, -4])
-    last = np.asarray(x[:, -1], dtype=np.float32)  # [N, S, F]
-    for j, f in enumerate(feature_names):
-        add(f"{f}_now", last[:, :, j])
-    k6 = min(6, W)
-    for f in ("wind_u", "wind_v", "rain", "wind_speed"):
-        if f in feature_names:
-            add(f"{f}_mean6", np.asarray(x[:, W - k6:, :, feature_names.index(f)]).mean(axis=1))
-    if "pm25_missing" in feature_names:
-        add("pm25_missing_count", np.asarray(x[..., feature_names.index("pm25_missing")]).sum(axis=1))
-    if S > 1:
-        tot_now = pm[:, -1].sum(axis=1, keepdims=True)
-        add("neigh_pm25_now", (tot_now - pm[:, -1]) / (S - 1))
-        if W > 3:
-            tot3 = pm[:, -4].sum(axis=1, keepdims=True)
-            add("neigh_pm25_lag3", (tot3 - pm[:, -4]) / (S - 1))
-        m6 = pm[:, W - k6:].mean(axis=1)
-        add("neigh_pm25_mean6", (m6.sum(axis=1, keepdims=True) - m6) / (S - 1))
-        for s in range(S):
-            add(f"st{s}_pm25_now", np.repeat(pm[:, -1, s:s + 1], S, axis=1))
-            if W > 3:
-                add(f"st{s}_pm25_lag3", np.repeat(pm[:, -4, s:s + 1], S, axis=1))
-    add("station", np.broadcast_to(np.arange(S, dtype=np.float32), (N, S)))
-    tab = np.stack(cols, axis=-1).reshape(N * S, len(cols))
-    origin_raw = (pm[:, -1] * target_std + target_mean).reshape(N * S)
-    return tab, origin_raw, names
-
-
-class XGBoostForecaster:
-    """A fitted booster plus the transform from windows to tabular rows."""
-
-    def __init__(self, booster: xgb.Booster, feature_names: list[str], target_mean: float, target_std: float,
-                 horizon: int, best_iteration: int) -> None:
-        self.booster = booster
-        self.feature_names = list(feature_names)
-        self.target_mean = float(target_mean)
-        self.target_std = float(target_std)
-        self.horizon = int(horizon)
-        self.best_iteration = int(best_iteration)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        N, _, S, _ = x.shape
-        if N == 0:
-            return np.zeros((0, S, self.horizon), dtype=np.float32)
-        tab, origin, _ = derive_features(x, self.feature_names, self.target_mean, self.target_std)
-        delta = self.booster.inplace_predict(tab, iteration_range=(0, self.best_iteration + 1))
-        delta = np.asarray(delta, dtype=np.float32).reshape(N * S, self.horizon)
-        pred = origin[:, None] + delta * self.target_std
-        return np.clip(pred, 0.0, None).reshape(N, S, self.horizon)
 
 
 class _Progress(xgb.callback.TrainingCallback):
@@ -175,8 +105,10 @@ class XGBoostTrainer:
         fs = features
         std, mean, H = fs.target_std, fs.target_mean, fs.horizon
 
+        target = fs.target
+
         def matrix(split: Any) -> tuple[xgb.DMatrix, np.ndarray, np.ndarray]:
-            tab, origin, names = derive_features(split.x, fs.feature_names, mean, std)
+            tab, origin, names = derive_features(split.x, fs.feature_names, mean, std, target)
             y = np.asarray(split.y, dtype=np.float64).reshape(-1, H)
             mask = np.isfinite(y)
             label = np.where(mask, (y - origin[:, None]) / std, 0.0).astype(np.float32)
@@ -252,7 +184,7 @@ class XGBoostTrainer:
             best = int(booster.best_iteration)
         except AttributeError:
             best = rounds - 1
-        self.forecaster = XGBoostForecaster(booster, fs.feature_names, mean, std, H, best)
+        self.forecaster = XGBoostForecaster(booster, fs.feature_names, mean, std, H, best, target)
         self.convergence = {
             "epochs_run": float(rounds), "best_epoch": float(best + 1),
             "final_loss": float(last.loss) if last else float("nan"),

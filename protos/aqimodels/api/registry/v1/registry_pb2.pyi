@@ -209,6 +209,7 @@ class ModelVersion(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registered model name, e.g. `aqi_predictor_lstm`."""
     version: _builtins.int
@@ -245,6 +246,10 @@ class ModelVersion(_message.Message):
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Version tags (job id, archive time, promotion decision...)."""
 
+    @_builtins.property
+    def lineage(self) -> Global___VersionLineage:
+        """What it was trained and evaluated on, and by which code."""
+
     def __init__(
         self,
         *,
@@ -261,14 +266,81 @@ class ModelVersion(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         description: _builtins.str = ...,
         job_id: _builtins.str = ...,
+        lineage: Global___VersionLineage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lineage", b"lineage", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "create_time", b"create_time", "description", b"description", "job_id", b"job_id", "metrics", b"metrics", "model_uri", b"model_uri", "name", b"name", "run_id", b"run_id", "source", b"source", "stage", b"stage", "tags", b"tags", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "create_time", b"create_time", "description", b"description", "job_id", b"job_id", "lineage", b"lineage", "metrics", b"metrics", "model_uri", b"model_uri", "name", b"name", "run_id", b"run_id", "source", b"source", "stage", b"stage", "tags", b"tags", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class VersionLineage(_message.Message):
+    """A version's lineage (empty fields: not recorded, e.g. versions registered
+    before evaluation tags existed).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    DATA_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    STATIONS_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    TEST_START_FIELD_NUMBER: _builtins.int
+    TEST_END_FIELD_NUMBER: _builtins.int
+    TEST_KEY_FIELD_NUMBER: _builtins.int
+    CODE_VERSION_FIELD_NUMBER: _builtins.int
+    GIT_COMMIT_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The MLflow run that trained it."""
+    dataset: _builtins.str
+    """The dataset spec it was trained on."""
+    data_fingerprint: _builtins.str
+    """SHA-256 of the canonical data."""
+    stations: _builtins.str
+    """The stations, comma-separated."""
+    target: _builtins.str
+    """The target pollutant, e.g. `pm25`."""
+    test_start: _builtins.str
+    """First and last test origin (ISO time)."""
+    test_end: _builtins.str
+    """Last test origin."""
+    test_key: _builtins.str
+    """SHA-256 of exactly the rows it was scored on; equal keys are comparable."""
+    code_version: _builtins.str
+    """The aqimodels version that trained it."""
+    git_commit: _builtins.str
+    """The git commit of that code, when it ran from a checkout."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For an ensemble: the member versions it combines, `name:version`."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        data_fingerprint: _builtins.str = ...,
+        stations: _builtins.str = ...,
+        target: _builtins.str = ...,
+        test_start: _builtins.str = ...,
+        test_end: _builtins.str = ...,
+        test_key: _builtins.str = ...,
+        code_version: _builtins.str = ...,
+        git_commit: _builtins.str = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_version", b"code_version", "data_fingerprint", b"data_fingerprint", "dataset", b"dataset", "git_commit", b"git_commit", "members", b"members", "run_id", b"run_id", "stations", b"stations", "target", b"target", "test_end", b"test_end", "test_key", b"test_key", "test_start", b"test_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionLineage: _TypeAlias = VersionLineage  # noqa: Y015
 
 @_typing.final
 class RegisteredModel(_message.Message):
@@ -749,12 +821,20 @@ class VersionComparison(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     DELTA_TO_BEST_FIELD_NUMBER: _builtins.int
+    COMPARABLE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     """1 for the best by the chosen metric; 0 when it lacks the metric."""
     value: _builtins.float
     """Value of the chosen metric (NaN when missing)."""
     delta_to_best: _builtins.float
     """Relative difference to the best version's value, e.g. 0.05 = 5% worse."""
+    comparable: _builtins.bool
+    """False when it was evaluated on other test data than the versions ranked
+    (then rank is 0): its numbers cannot be compared with theirs.
+    """
+    dataset: _builtins.str
+    """What it was evaluated on, e.g. `beijing:... test 2016-05-24T16..2017-02-27T23`."""
     @_builtins.property
     def version(self) -> Global___ModelVersion:
         """The version."""
@@ -766,10 +846,12 @@ class VersionComparison(_message.Message):
         rank: _builtins.int = ...,
         value: _builtins.float = ...,
         delta_to_best: _builtins.float = ...,
+        comparable: _builtins.bool = ...,
+        dataset: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_to_best", b"delta_to_best", "rank", b"rank", "value", b"value", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparable", b"comparable", "dataset", b"dataset", "delta_to_best", b"delta_to_best", "rank", b"rank", "value", b"value", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -818,12 +900,17 @@ class CompareModelVersionsResponse(_message.Message):
     DIRECTION_FIELD_NUMBER: _builtins.int
     BEST_VERSION_FIELD_NUMBER: _builtins.int
     METRIC_NAMES_FIELD_NUMBER: _builtins.int
+    REFERENCE_DATASET_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """The metric used."""
     direction: Global___MetricDirection.ValueType
     """Whether lower or higher values of it are better."""
     best_version: _builtins.int
     """The best version (0 when none has the metric)."""
+    reference_dataset: _builtins.str
+    """The test data the ranked versions share (production's, else the newest
+    version's).
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionComparison]:
         """The compared versions, best first by the chosen metric."""
@@ -840,10 +927,11 @@ class CompareModelVersionsResponse(_message.Message):
         direction: Global___MetricDirection.ValueType = ...,
         best_version: _builtins.int = ...,
         metric_names: _abc.Iterable[_builtins.str] | None = ...,
+        reference_dataset: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_version", b"best_version", "direction", b"direction", "metric", b"metric", "metric_names", b"metric_names", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_version", b"best_version", "direction", b"direction", "metric", b"metric", "metric_names", b"metric_names", "reference_dataset", b"reference_dataset", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -862,6 +950,7 @@ class PromoteModelVersionRequest(_message.Message):
     SELECT_BEST_BY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ALLOW_DATA_CHANGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registered model name."""
     version: _builtins.int
@@ -878,6 +967,10 @@ class PromoteModelVersionRequest(_message.Message):
     """Idempotency key: a repeated id returns the first result."""
     reason: _builtins.str
     """Why, recorded in the audit log."""
+    allow_data_change: _builtins.bool
+    """Allow a version trained on another station set or target to replace
+    production (otherwise FAILED_PRECONDITION naming the difference).
+    """
     def __init__(
         self,
         *,
@@ -888,10 +981,11 @@ class PromoteModelVersionRequest(_message.Message):
         select_best_by: _builtins.str = ...,
         request_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        allow_data_change: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_current_version", b"_expected_current_version", "expected_current_version", b"expected_current_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_current_version", b"_expected_current_version", "expected_current_version", b"expected_current_version", "name", b"name", "reason", b"reason", "request_id", b"request_id", "select_best_by", b"select_best_by", "stage", b"stage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_current_version", b"_expected_current_version", "allow_data_change", b"allow_data_change", "expected_current_version", b"expected_current_version", "name", b"name", "reason", b"reason", "request_id", b"request_id", "select_best_by", b"select_best_by", "stage", b"stage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_current_version: _TypeAlias = _typing.Literal["expected_current_version"]  # noqa: Y015
     _WhichOneofArgType__expected_current_version: _TypeAlias = _typing.Literal["_expected_current_version", b"_expected_current_version"]  # noqa: Y015
@@ -1382,6 +1476,7 @@ class PromotionDecision(_message.Message):
     PRODUCTION_VALUE_FIELD_NUMBER: _builtins.int
     PRODUCTION_VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EVALUATED_ON_FIELD_NUMBER: _builtins.int
     considered: _builtins.bool
     """True when auto-promotion was asked for."""
     promoted: _builtins.bool
@@ -1396,6 +1491,8 @@ class PromotionDecision(_message.Message):
     """The production version compared against (0: none)."""
     reason: _builtins.str
     """Why, for people."""
+    evaluated_on: _builtins.str
+    """The test data both values come from."""
     def __init__(
         self,
         *,
@@ -1406,10 +1503,11 @@ class PromotionDecision(_message.Message):
         production_value: _builtins.float = ...,
         production_version: _builtins.int = ...,
         reason: _builtins.str = ...,
+        evaluated_on: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_value", b"candidate_value", "considered", b"considered", "metric", b"metric", "production_value", b"production_value", "production_version", b"production_version", "promoted", b"promoted", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_value", b"candidate_value", "considered", b"considered", "evaluated_on", b"evaluated_on", "metric", b"metric", "production_value", b"production_value", "production_version", b"production_version", "promoted", b"promoted", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1428,6 +1526,7 @@ class RetrainRequest(_message.Message):
     PROMOTION_METRIC_FIELD_NUMBER: _builtins.int
     PROMOTION_MARGIN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_DATA_CHANGE_FIELD_NUMBER: _builtins.int
     auto_promote: _builtins.bool
     """Promote a new version that beats production (also on when the server
     runs with MLFLOW_AUTO_PROMOTION=true).
@@ -1438,6 +1537,10 @@ class RetrainRequest(_message.Message):
     """Required relative improvement, e.g. 0.02 = 2% better (default 0)."""
     request_id: _builtins.str
     """Idempotency key: a repeated id streams the first request's jobs."""
+    allow_data_change: _builtins.bool
+    """Auto-promotion may replace production by a version trained on another
+    station set or target.
+    """
     @_builtins.property
     def model_types(self) -> _containers.RepeatedScalarFieldContainer[_worker_pb2.ModelType.ValueType]:
         """Model types to train; empty means all four (the ensemble after its
@@ -1462,10 +1565,11 @@ class RetrainRequest(_message.Message):
         promotion_metric: _builtins.str = ...,
         promotion_margin: _builtins.float = ...,
         request_id: _builtins.str = ...,
+        allow_data_change: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_promote", b"auto_promote", "dataset", b"dataset", "model_types", b"model_types", "params", b"params", "promotion_margin", b"promotion_margin", "promotion_metric", b"promotion_metric", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_data_change", b"allow_data_change", "auto_promote", b"auto_promote", "dataset", b"dataset", "model_types", b"model_types", "params", b"params", "promotion_margin", b"promotion_margin", "promotion_metric", b"promotion_metric", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

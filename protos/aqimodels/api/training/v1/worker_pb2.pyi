@@ -98,11 +98,16 @@ class DatasetSpec(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
     spec: _builtins.str
     """The dataset spec string: `synthetic` (the default when empty),
     `synthetic:stations=8,days=120,seed=7`, `beijing:<folder>` for the
     Beijing Multi-Site `PRSA_Data_*.csv[.gz]` files, or `file:<path>` (or a
     bare path) for a CSV/Parquet file or folder in the long format.
+    """
+    target: _builtins.str
+    """The pollutant to forecast: `pm25` (the default when empty), `pm10`,
+    `no2` or `o3`. A dataset without values of it is refused.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -118,10 +123,11 @@ class DatasetSpec(_message.Message):
         spec: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "spec", b"spec", "start_time", b"start_time", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,6 +273,7 @@ class TrainRequest(_message.Message):
     REGISTERED_MODEL_NAME_FIELD_NUMBER: _builtins.int
     ENSEMBLE_MEMBERS_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    CHAMPION_MODEL_URI_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The registry's job id; tagged on the MLflow run and the new version."""
     model_type: Global___ModelType.ValueType
@@ -275,6 +282,11 @@ class TrainRequest(_message.Message):
     """MLflow experiment to log under (empty: the worker's configured one)."""
     registered_model_name: _builtins.str
     """Registered model name (empty: `aqi_predictor_<type>`)."""
+    champion_model_uri: _builtins.str
+    """The production version to score on this training's own test rows
+    (`models:/<name>/<version>`; empty: none), for a like-for-like
+    promotion decision. Logged as `champion_<metric>` run metrics.
+    """
     @_builtins.property
     def dataset(self) -> Global___DatasetSpec:
         """Where the data comes from."""
@@ -302,10 +314,11 @@ class TrainRequest(_message.Message):
         registered_model_name: _builtins.str = ...,
         ensemble_members: _abc.Iterable[Global___EnsembleMember] | None = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        champion_model_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "ensemble_members", b"ensemble_members", "experiment_name", b"experiment_name", "job_id", b"job_id", "model_type", b"model_type", "params", b"params", "registered_model_name", b"registered_model_name", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["champion_model_uri", b"champion_model_uri", "dataset", b"dataset", "ensemble_members", b"ensemble_members", "experiment_name", b"experiment_name", "job_id", b"job_id", "model_type", b"model_type", "params", b"params", "registered_model_name", b"registered_model_name", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
