@@ -125,6 +125,20 @@ for _cls, _code in ERROR_CODES.items():
     CODE_ERRORS.setdefault(_code, _cls)
 
 
+QUOTE_CHARS = 200
+
+
+def bound(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending with "…" when it was cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """An input quoted in an error message: its repr, at most ``limit`` characters, then "…"."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def status_code_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC status code an error travels as (INTERNAL for anything outside the table)."""
     for cls in type(error).__mro__:

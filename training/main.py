@@ -29,6 +29,7 @@ from aqimodels.server.config import (
     metrics_port_from_env,
     security_from_env,
 )
+from aqimodels.server.health_service import HealthServicer
 from aqimodels.server.interceptors import ServerInterceptor
 from aqimodels.server.metrics import Metrics, endpoint_host
 from aqimodels.training.servicer import TYPES, TrainingWorkerServicer, WorkerConfig
@@ -66,7 +67,7 @@ def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.S
                          interceptors=[ServerInterceptor(authenticate, metrics.observe_rpc if metrics else None)],
                          options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_TrainingWorkerServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)

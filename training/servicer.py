@@ -24,7 +24,7 @@ import structlog
 
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.api.training.v1 import worker_pb2_grpc
-from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, ResourceExhaustedError
+from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, ResourceExhaustedError, quote
 from aqimodels.training import core
 
 log = structlog.get_logger(__name__)
@@ -232,7 +232,7 @@ class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
         need = min_hours(window)
         if data.n_hours < need:
             raise InvalidArgumentError(
-                f"dataset {request.dataset.spec or 'synthetic'!r} has {data.n_hours} hours; a {window}-hour window "
+                f"dataset {quote(request.dataset.spec or 'synthetic')} has {data.n_hours} hours; a {window}-hour window "
                 f"and the 24-hour horizon need at least {need}", field="dataset")
         build_features(data, window=window, stride=24)  # every check of training, at 1/24 of the memory
         times = data.times
