@@ -136,10 +136,44 @@ def _fail(exc: AqiModelsError, settings: _Settings) -> NoReturn:
     raise typer.Exit(1)
 
 
+def _settings_problem(s: _Settings) -> str:
+    """Why the connection settings cannot work (naming the option and its variable), or ""."""
+    import re
+    from pathlib import Path
+
+    target = s.target.strip()
+    if not re.match(r"^(dns|unix|unix-abstract|ipv4|ipv6|vsock):", target):
+        host, sep, port = target.rpartition(":")
+        if (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+                or re.search(r"[\s/]", host) or host.strip("[]").count(":") == 1):
+            return f"--target / AQIMODELS_TARGET {target[:80]!r} is not host:port (e.g. 127.0.0.1:50051)"
+    if s.token is not None and not re.fullmatch(r"[\x21-\x7e]{1,4096}", s.token):
+        return "--token / AQIMODELS_TOKEN holds spaces, control or non-ASCII characters; a token is printable ASCII"
+    for option, variable, path, kind in (("--ca-cert", "AQIMODELS_CA_CERT", s.ca_cert, "CERTIFICATE"),
+                                         ("--client-cert", "AQIMODELS_CLIENT_CERT", s.client_cert, "CERTIFICATE"),
+                                         ("--client-key", "AQIMODELS_CLIENT_KEY", s.client_key, "PRIVATE KEY")):
+        if not path:
+            continue
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            return f"{option} / {variable} {path[:80]!r} cannot be read: {exc.strerror or exc}"
+        if not re.search(rb"-----BEGIN [A-Z ]*" + kind.encode() + rb"-----", data):
+            return f"{option} / {variable} {path[:80]!r} is not a PEM {kind.lower()}"
+    return ""
+
+
 @contextmanager
 def _registry(ctx: typer.Context) -> Iterator[RegistryClient]:
-    """A connected client; any AqiModelsError inside the block becomes ``STATUS: message`` and exit 1."""
+    """A connected client; any AqiModelsError inside the block becomes ``STATUS: message`` and exit 1.
+
+    Connection settings that cannot work stop first: ``configuration error: ...`` and exit 2.
+    """
     s = _settings(ctx)
+    problem = _settings_problem(s)
+    if problem:
+        _err(f"configuration error: {problem}")
+        raise typer.Exit(2)
     try:
         with RegistryClient(s.target, token=s.token, timeout=s.timeout, ca_cert=s.ca_cert,
                             client_cert=s.client_cert, client_key=s.client_key) as client:

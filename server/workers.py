@@ -9,6 +9,7 @@ with a free slot (registry-side count below the capacity they report) receive jo
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -68,8 +69,10 @@ class WorkerPool:
         self._tmp = tempfile.TemporaryDirectory(prefix="aqimodels-worker-")
         # The registry authenticates to its workers with its own token, over TLS when configured.
         self._creds = _worker_credentials(config)
-        self._token_md: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else ())
+        # A local worker it starts trusts this token too (AQIMODELS_REGISTRY_TOKEN, below): without a
+        # configured one, a fresh per-process token, so a token file shared with it locks nothing out.
+        self._local_token = config.worker_token or secrets.token_urlsafe(32)
+        self._token_md: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self._local_token}"),)
         for target in config.workers:
             if target.startswith("dns:///"):
                 continue  # expanded into one handle per address by refresh_dns()
@@ -124,6 +127,7 @@ class WorkerPool:
                     "MLFLOW_DISABLE_TELEMETRY": env.get("MLFLOW_DISABLE_TELEMETRY", "true")})
         if self.config.artifact_location:
             env["AQIMODELS_ARTIFACT_LOCATION"] = self.config.artifact_location
+        env["AQIMODELS_REGISTRY_TOKEN"] = self._local_token
         cmd = [sys.executable, "-m", "aqimodels.training.main", "--host", "127.0.0.1", "--port", "0",
                "--port-file", str(port_file)]
         handle.message = "starting local worker"

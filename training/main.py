@@ -25,7 +25,11 @@ from aqimodels.server.config import (
     ConfigError,
     _int,
     absolute_sqlite_uri,
+    check_artifact_location,
     check_exposure,
+    check_host,
+    check_tracking_uri,
+    experiment_from_env,
     metrics_port_from_env,
     security_from_env,
 )
@@ -41,13 +45,15 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["TrainingWorker"].full_nam
 def config_from_env(env: Mapping[str, str] = os.environ) -> WorkerConfig:
     """The worker's configuration; a bad value raises ConfigError naming the variable."""
     config = WorkerConfig(
-        tracking_uri=absolute_sqlite_uri(env.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI),
-        experiment_name=env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or "aqi-predictor",
-        artifact_location=env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip() or None,
+        tracking_uri=check_tracking_uri(absolute_sqlite_uri(env.get("MLFLOW_TRACKING_URI", "").strip()
+                                                            or DEFAULT_TRACKING_URI)),
+        experiment_name=experiment_from_env(env),
+        artifact_location=check_artifact_location(env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip()) or None,
         capacity=_int(env, "AQIMODELS_WORKER_CAPACITY", 1, 1, 64),
-        host=env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1",
+        host=check_host(env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1", "AQIMODELS_WORKER_HOST"),
         port=_int(env, "AQIMODELS_WORKER_PORT", 50052, 0, 65535),
         metrics_port=metrics_port_from_env(env, "AQIMODELS_WORKER_METRICS_PORT", "AQIMODELS_WORKER_PORT", 50052),
+        registry_token=env.get("AQIMODELS_REGISTRY_TOKEN", "").strip(),
         **security_from_env(env),
     )
     check_exposure(config.host, config.tokens_file, "AQIMODELS_WORKER_HOST")
@@ -62,7 +68,7 @@ def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.S
     """
     metrics = Metrics("worker") if config.metrics_port is not None else None
     servicer = TrainingWorkerServicer(config) if metrics is None else MeteredWorkerServicer(config, metrics)
-    authenticate = auth.authenticator(config.tokens_file, None, "worker")
+    authenticate = auth.authenticator(config.tokens_file, None, "worker", config.registry_token)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="worker-rpc"),
                          interceptors=[ServerInterceptor(authenticate, metrics.observe_rpc if metrics else None)],
                          options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
@@ -102,17 +108,23 @@ def main(host: str | None = None, port: int | None = None, port_file: str | None
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    os.environ.pop("AQIMODELS_REGISTRY_TOKEN", None)  # read once; nothing this process starts inherits it
     if host:
         config = WorkerConfig(**{**config.__dict__, "host": host})
     if port is not None:
         config = WorkerConfig(**{**config.__dict__, "port": port})
     try:
+        check_host(config.host, "--host")
         check_exposure(config.host, config.tokens_file, "--host")
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(json=(os.environ.get("AQIMODELS_LOG_FORMAT", "") == "json") or not sys.stderr.isatty())
-    server, bound, servicer = create_worker(config)
+    try:
+        server, bound, servicer = create_worker(config)
+    except ConfigError as exc:  # found while starting (e.g. a token file entry without a role)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     if port_file:
         Path(port_file).write_text(str(bound))
     log.info("worker_started", address=f"{config.host}:{bound}", capacity=config.capacity,

@@ -67,6 +67,20 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def _check_artifact_root(client: MlflowClient, exp_id: str) -> None:
+    """Before any training: a local artifact folder that cannot be written would fail only at the end."""
+    from aqimodels.client.errors import FailedPreconditionError, quote
+    from aqimodels.server.config import local_folder_problem
+
+    location = client.get_experiment(exp_id).artifact_location or ""
+    if location and (location.startswith("file:") or "://" not in location):
+        problem = local_folder_problem(location)
+        if problem:
+            raise FailedPreconditionError(
+                f"the artifact location {quote(location)} of experiment {exp_id} {problem}; nothing could be "
+                "saved after training (fix the folder or set AQIMODELS_ARTIFACT_LOCATION for a new experiment)")
+
+
 def _experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -188,6 +202,7 @@ def run_training(
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     exp_id = _experiment(client, job.experiment_name, artifact_location or default_artifact_location(tracking_uri))
+    _check_artifact_root(client, exp_id)
     tags = {"job_id": job.job_id, "model_type": job.model_type, "data_fingerprint": fingerprint,
             "dataset": job.dataset or "synthetic", "mlflow.runName": f"{job.model_type}-{job.job_id}", **job.tags}
     run = client.create_run(exp_id, tags=tags)

@@ -46,6 +46,7 @@ class WorkerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     metrics_port: int | None = None  # Prometheus endpoint: None = off, 0 = ephemeral (tests)
+    registry_token: str = ""  # the token of the registry that started this worker (AQIMODELS_REGISTRY_TOKEN)
 
 
 @dataclass
