@@ -195,17 +195,22 @@ def serve(
                                              show_default=False)] = None,
 ) -> None:
     """Run the registry server (and a local training worker unless AQIMODELS_WORKERS is set)."""
-    try:
-        from aqimodels.server.main import main as serve_main
-    except ImportError as exc:
-        _err(f"`aqimodels serve` needs the server extra: pip install 'aqimodels[server]' ({exc})")
-        raise typer.Exit(2) from None
     kwargs: dict[str, Any] = {}
     if host is not None:
         kwargs["host"] = host
     if port is not None:
         kwargs["port"] = port
-    raise typer.Exit(serve_main(**kwargs) or 0)
+    # The server's modules load inside main (after the configuration is read): a module missing
+    # anywhere in that start-up is the missing extra, not a traceback.
+    try:
+        from aqimodels.server.main import main as serve_main
+
+        code = serve_main(**kwargs)
+    except ModuleNotFoundError as exc:
+        _err(f"`aqimodels serve` needs the server extra: pip install 'aqimodels[server]' "
+             f"(missing module {(exc.name or str(exc)).split('.')[0]})")
+        raise typer.Exit(2) from None
+    raise typer.Exit(code or 0)
 
 
 @app.command()
@@ -214,17 +219,20 @@ def worker(
     port: Annotated[int | None, typer.Option(help="Listen port.", show_default=False)] = None,
 ) -> None:
     """Run a training worker."""
-    try:
-        from aqimodels.training.main import main as worker_main
-    except ImportError as exc:
-        _err(f"`aqimodels worker` needs the training extra: pip install 'aqimodels[training]' ({exc})")
-        raise typer.Exit(2) from None
     kwargs: dict[str, Any] = {}
     if host is not None:
         kwargs["host"] = host
     if port is not None:
         kwargs["port"] = port
-    raise typer.Exit(worker_main(**kwargs) or 0)
+    try:
+        from aqimodels.training.main import main as worker_main
+
+        code = worker_main(**kwargs)
+    except ModuleNotFoundError as exc:
+        _err(f"`aqimodels worker` needs the training extra: pip install 'aqimodels[training]' "
+             f"(missing module {(exc.name or str(exc)).split('.')[0]})")
+        raise typer.Exit(2) from None
+    raise typer.Exit(code or 0)
 
 
 # ---- read commands ----

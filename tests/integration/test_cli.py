@@ -286,6 +286,19 @@ def test_console_script_status_json_and_error_exit(lstm: Registry) -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(("command", "blocked", "extra"), [("serve", "grpc_reflection", "server"),
+                                                         ("worker", "numpy", "training")])
+def test_serve_and_worker_in_a_client_only_install_give_the_hint(command: str, blocked: str, extra: str) -> None:
+    """A client-only install lacks the extras' modules (here: marked absent before the CLI starts)."""
+    code = (f"import sys; sys.modules[{blocked!r}] = None; sys.argv = ['aqimodels', {command!r}]; "
+            "from aqimodels.client.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", code], check=False, env=_subprocess_env("127.0.0.1:1"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"`aqimodels {command}` needs the {extra} extra: pip install 'aqimodels[{extra}]' (missing module {blocked})"]
+
+
 # ---- retrain and jobs against a scripted job manager ----
 
 class ScriptedJobs:
