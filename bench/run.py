@@ -1,7 +1,8 @@
 """``make bench``: runs the benchmark sections, writes bench/results/<section>.json and BENCHMARKS.md.
 
 Sections: ``rpc`` (registry RPCs against MLflow's paths and the gRPC ceiling), ``streams`` (relay
-latency and throughput, 50 watchers), ``process`` (start time and memory), ``training`` (reads
+latency and throughput, 50 watchers), ``process`` (start time and memory), ``cli`` (``aqimodels
+status`` start against the import of grpc and the registry module), ``training`` (reads
 bench/results/training_*.json after rerunning the synthetic one, ~1 min, and the Beijing one when
 the data is present, ~7 min). Every section builds its own data in a
 temporary folder. Usage::
@@ -25,7 +26,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 from bench import common  # noqa: E402
 
-SECTIONS = ("rpc", "streams", "process", "training", "report")
+SECTIONS = ("rpc", "streams", "process", "cli", "training", "report")
 BEIJING = common.BEIJING
 
 
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = process.run(tmp / "process", args.runs)
             print(f"   wrote {common.write_result('process', {**res, 'section_seconds': time.perf_counter() - t0})}")
+        if "cli" in wanted:
+            from bench import cli_start
+
+            print("== 5. CLI start-up", flush=True)
+            t0 = time.perf_counter()
+            res = cli_start.run(tmp / "cli", max(args.runs, 7))
+            print(f"   wrote {common.write_result('cli_start', {**res, 'section_seconds': time.perf_counter() - t0})}")
         if "training" in wanted:
             from bench import report, training
 

@@ -39,6 +39,69 @@ from aqimodels.client.errors import AqiModelsError, InvalidArgumentError
 from rich.console import Console, RenderableType
 from rich.markup import escape
 
+def _plain_kind(annotation: Any) -> type | None:
+    """str, int, float or bool, also ``X | None``; None for anything else."""
+    import types
+
+    if isinstance(annotation, types.UnionType):
+        args = [a for a in annotation.__args__ if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    return annotation if annotation in (str, int, float, bool) else None
+
+
+def _install_plain_coercion() -> None:
+    """typer 0.29 coerces every parameter through a pydantic TypeAdapter. Importing pydantic and
+    building the adapters was ~250 ms of every CLI start, more than all the rest of it (bench/
+    cli_start.py). The CLI's parameters are plain str/int/float/bool (or None): those are coerced
+    here with pydantic's wording; anything else (lists, choices, files) keeps typer's own path.
+    Written by hand because typer offers no switch for it; typer is pinned exactly."""
+    from typer import _coercion, core
+    from typer._click.exceptions import BadParameter
+
+    original = _coercion.build_runtime_param
+    if getattr(core.build_runtime_param, "aqimodels_plain", False):
+        return
+    words = {int: ("a valid integer", "an integer"), float: ("a valid number", "a number")}
+
+    @dataclass(frozen=True)
+    class PlainRuntimeParam(_coercion.RuntimeParam):
+        kind: type
+
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            if self.kind in (str, bool) or (isinstance(value, self.kind) and not isinstance(value, bool)):
+                out = value if self.kind is not str else str(value)
+            else:
+                try:
+                    out = self.kind(str(value).strip())
+                except ValueError:
+                    what, parse = words[self.kind]
+                    raise BadParameter(f"Input should be {what}, unable to parse string as {parse}", ctx=ctx,
+                                       param=param) from None
+            info = self.parameter_info
+            if self.kind in (int, float):
+                if info.min is not None and out < info.min:
+                    if not info.clamp:
+                        raise BadParameter(f"Input should be greater than or equal to {info.min}", ctx=ctx,
+                                           param=param)
+                    out = info.min
+                if info.max is not None and out > info.max:
+                    if not info.clamp:
+                        raise BadParameter(f"Input should be less than or equal to {info.max}", ctx=ctx, param=param)
+                    out = info.max
+            return out
+
+    def build(descriptor: Any) -> Any:
+        kind = _plain_kind(descriptor.annotation)
+        if kind is None or descriptor.file_annotation is not None or descriptor.is_choice:
+            return original(descriptor)
+        return PlainRuntimeParam(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation, kind=kind)
+
+    build.aqimodels_plain = True  # type: ignore[attr-defined]
+    core.build_runtime_param = build  # type: ignore[assignment]
+
+
+_install_plain_coercion()
+
 app = typer.Typer(
     name="aqimodels",
     help="Operate the aqimodels registry: status, list, compare, promote, rollback, retrain, jobs, audit.",
@@ -100,8 +163,14 @@ def _settings(ctx: typer.Context) -> _Settings:
     return _Settings(DEFAULT_TARGET, None, None, None, None, 30.0)
 
 
+# Off a terminal (a pipe, a file) nothing is cut to 80 columns: tables take their natural width.
+PIPE_WIDTH = 4096
+
+
 def _console() -> Console:
     # Built per command so that it writes to the sys.stdout of the moment (tests swap it).
+    if not sys.stdout.isatty():
+        return Console(highlight=False, width=PIPE_WIDTH)
     return Console(highlight=False)
 
 
@@ -251,14 +320,21 @@ def health(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Every model's production, staging and latest versions, jobs, backend and workers."""
+def status(ctx: typer.Context, as_json: JsonOpt = False,
+           wide: Annotated[bool, typer.Option("--wide", help="One table per model: pointers with their metrics.")]
+           = False) -> None:
+    """Every model's production, staging and latest versions, jobs, backend and workers (one line a model).
+
+    Exits 1 when the MLflow backend is unhealthy or the server is not serving, so scripts can tell.
+    """
     with _registry(ctx) as client:
         resp = client.status()
     if as_json:
         _print_json(resp)
-        return
-    _print(render.status_view(resp))
+    else:
+        _print(render.status_view(resp, wide=wide))
+    if not resp.backend.healthy:
+        raise typer.Exit(1)
 
 
 @app.command("list")
@@ -702,9 +778,39 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
+def _only_the_invoked_command(args: list[str]) -> None:
+    """Keeps only the command being run in the app: typer builds (and evaluates the annotations
+    of) every registered command on each start, a third of a fast command's own time. Help, no
+    command or an unknown one keep them all (for the listing and "did you mean")."""
+    rest = args[len(args) - len(hoist_rest(args)):]
+    name = rest[0] if rest else ""
+    commands = {(c.name or (c.callback.__name__ if c.callback else "")).replace("_", "-"): c
+                for c in app.registered_commands}
+    groups = {g.name: g for g in app.registered_groups}
+    if name in commands:
+        app.registered_commands = [commands[name]]
+        app.registered_groups = []
+    elif name in groups:
+        app.registered_commands = []
+        app.registered_groups = [groups[name]]
+
+
+def hoist_rest(args: list[str]) -> list[str]:
+    """``args`` after the leading connection options (as hoist_global_options leaves them)."""
+    i = 0
+    while i < len(args):
+        name = args[i].split("=", 1)[0]
+        if name not in _GLOBAL_OPTIONS:
+            break
+        i += 1 if "=" in args[i] else 2
+    return args[i:]
+
+
 def main() -> None:
     """The ``aqimodels`` console script."""
-    app(args=hoist_global_options(sys.argv[1:]), prog_name="aqimodels")
+    args = hoist_global_options(sys.argv[1:])
+    _only_the_invoked_command(args)
+    app(args=args, prog_name="aqimodels")
 
 
 if __name__ == "__main__":

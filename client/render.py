@@ -12,19 +12,20 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client.client import model_type_name, stage_name
 from aqimodels.client.errors import InvalidArgumentError
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 # The metrics a person looks at first, in table order; horizons and the baseline follow when present.
 KEY_METRICS: tuple[str, ...] = ("rmse", "mae", "r2", "accuracy")
@@ -185,6 +186,8 @@ def promotion_text(decision: pb.PromotionDecision) -> str:
 
 def to_dict(message: Message) -> dict[str, Any]:
     """A proto as the JSON the CLI prints (field names as in the .proto)."""
+    from google.protobuf.json_format import MessageToDict  # only --json needs it: kept off the CLI's start
+
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -214,8 +217,9 @@ def _metric_cells(mv: pb.ModelVersion | None, names: Iterable[str]) -> list[str]
     return [fmt_metric(n, mv.metrics[n]) if mv is not None and n in mv.metrics else _MISSING for n in names]
 
 
-def status_view(status: pb.GetStatusResponse, now: datetime | None = None) -> RenderableType:
-    """The whole ``aqimodels status`` screen: one table per model, the backend line, the workers."""
+def status_view(status: pb.GetStatusResponse, now: datetime | None = None, *, wide: bool = False) -> RenderableType:
+    """The whole ``aqimodels status`` screen: one line per model (``wide``: one table per model),
+    the backend line, the workers."""
     parts: list[RenderableType] = []
     backend = status.backend
     if not status.models:
@@ -225,13 +229,46 @@ def status_view(status: pb.GetStatusResponse, now: datetime | None = None) -> Re
         else:
             parts.append(Text("No models could be read: the MLflow backend is unhealthy (see below).",
                               style="bold red"))
-    for ms in status.models:
-        parts.append(model_status_table(ms, now))
+    if wide:
+        for ms in status.models:
+            parts.append(model_status_table(ms, now))
+    elif status.models:
+        parts.append(models_status_table(status.models, now))
     parts.append(backend_line(backend))
     parts.append(workers_view(status.workers))
     if status.server_version:
         parts.append(Text(f"server {status.server_version}", style="dim"))
     return Group(*parts)
+
+
+def _pointer_cell(mv: pb.ModelVersion | None, metric: str = "rmse") -> str:
+    if mv is None or not mv.version:
+        return _MISSING
+    return f"v{mv.version} {fmt_metric(metric, mv.metrics[metric])}" if metric in mv.metrics else f"v{mv.version}"
+
+
+def running_jobs_text(jobs: Sequence[pb.RetrainJob]) -> str:
+    return ", ".join(f"{j.job_id} ({job_state_name(j.state)}"
+                     + (f", epoch {j.epoch}/{j.total_epochs}" if j.total_epochs else "") + ")"
+                     for j in jobs) or "none"
+
+
+def models_status_table(models: Sequence[pb.ModelStatus], now: datetime | None = None) -> RenderableType:
+    """``aqimodels status``: one row per model (production, staging and latest with their rmse)."""
+    table = Table(title="Models (rmse of each pointer; details: status --wide or show MODEL VERSION)",
+                  title_justify="left")
+    for col, justify in (("model", "left"), ("health", "left"), ("production", "right"), ("staging", "right"),
+                         ("latest", "right"), ("versions", "right"), ("trained", "left"), ("jobs", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for ms in models:
+        health, style = _HEALTH.get(ms.health, ("unknown", "dim"))
+        table.add_row(ms.model.name, Text(health, style=style),
+                      _pointer_cell(ms.production if ms.HasField("production") else None),
+                      _pointer_cell(ms.staging if ms.HasField("staging") else None),
+                      _pointer_cell(ms.latest if ms.HasField("latest") else None),
+                      str(ms.model.version_count), human_time(ms.last_training_time, now),
+                      escape(running_jobs_text(ms.running_jobs)))
+    return table
 
 
 def model_status_table(ms: pb.ModelStatus, now: datetime | None = None) -> RenderableType:
@@ -259,13 +296,7 @@ def model_status_table(ms: pb.ModelStatus, now: datetime | None = None) -> Rende
             continue
         table.add_row(Text(label, style=_STAGE_STYLES.get(label, "")), version_label(mv.version),
                       *_metric_cells(mv, KEY_METRICS), human_time(mv.create_time, now))
-    if ms.running_jobs:
-        jobs = ", ".join(f"{j.job_id} ({job_state_name(j.state)}"
-                         + (f", epoch {j.epoch}/{j.total_epochs}" if j.total_epochs else "") + ")"
-                         for j in ms.running_jobs)
-        table.caption = f"running jobs: {jobs}"
-    else:
-        table.caption = "running jobs: none"
+    table.caption = f"running jobs: {running_jobs_text(ms.running_jobs)}"
     table.caption_justify = "left"
     return Group(Text(), title, table)
 
@@ -574,6 +605,8 @@ class RetrainView:
     """One rich progress bar per job, fed with RetrainEvents."""
 
     def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # retrain/watch only
+
         self.console = console
         self.jobs: dict[str, JobProgress] = {}
         self.progress = Progress(

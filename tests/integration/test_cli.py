@@ -100,7 +100,11 @@ def test_empty_registry_says_so_and_what_to_run(sqlite_registry: Registry) -> No
 
 def test_status_shows_pointers_with_metrics_and_backend(lstm: Registry) -> None:
     lstm.client.promote(LSTM, 3, "staging")  # type: ignore[attr-defined]
-    out = ok(lstm, "status")
+    compact = ok(lstm, "status")
+    row = next(r for r in rows(compact) if r and r[0] == LSTM)
+    assert row[1:7] == ["healthy", "v1 25.00", "v3 30.00", "v3 30.00", "3", "just now"], row
+    assert lstm.tracking_uri in compact and "running jobs" not in compact
+    out = ok(lstm, "status", "--wide")
     assert LSTM in out and "healthy" in out and "3 versions" in out and "last trained just now" in out
     table = {r[0]: r for r in rows(out)}
     assert table["production"][1:3] == ["v1", "25.00"]
