@@ -188,15 +188,25 @@ def _err(message: str) -> None:
     sys.stderr.flush()
 
 
+def _from_server(exc: AqiModelsError) -> bool:
+    """The server itself answered (its interceptor echoes a request id on every answer)."""
+    return bool(getattr(exc, "request_id", ""))
+
+
 def _is_connect_failure(exc: AqiModelsError) -> bool:
     text = exc.message.lower()
-    return exc.code == grpc.StatusCode.UNAVAILABLE and any(s in text for s in _CONNECT_FAILURES)
+    return (exc.code == grpc.StatusCode.UNAVAILABLE and not _from_server(exc)
+            and any(s in text for s in _CONNECT_FAILURES))
 
 
 def _fail(exc: AqiModelsError, settings: _Settings) -> NoReturn:
     name = exc.code.name if isinstance(exc.code, grpc.StatusCode) else str(exc.code)
-    if _is_connect_failure(exc) or (exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
-                                    and exc.message.strip().lower() == "deadline exceeded"):
+    if exc.code == grpc.StatusCode.UNAVAILABLE and _from_server(exc):
+        _err(f"{name}: the registry at {settings.target} answers, but its backend does not: {exc.message}\n"
+             "Check the database or MLflow store it points to (`aqimodels status` shows the backend); "
+             "the registry recovers by itself when it is back.")
+    elif _is_connect_failure(exc) or (exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                                      and exc.message.strip().lower() == "deadline exceeded"):
         _err(f"{name}: the registry server at {settings.target} does not answer ({exc.message}).\n"
              f"Start one with `make run` or `aqimodels serve`, or point --target / AQIMODELS_TARGET at a running "
              f"registry.")
@@ -405,7 +415,8 @@ def compare(
     if as_json:
         _print_json(resp)
     else:
-        _print(render.compare_table(model, resp))
+        console = _console()
+        console.print(render.compare_table(model, resp, console.width if console.is_terminal else None))
 
 
 @app.command()
@@ -564,6 +575,9 @@ def alerts(
 ) -> None:
     """Follow degradation alerts as they are raised (Ctrl-C stops)."""
     with _registry(ctx) as client:
+        if not as_json:
+            about = f" about {model}" if model else ""
+            _err(f"Waiting for degradation alerts{about} from {_settings(ctx).target} (Ctrl-C stops)...")
         try:
             for alert in client.watch_alerts(model):
                 if as_json:

@@ -154,4 +154,11 @@ def error_from_rpc(error: grpc.RpcError) -> AqiModelsError:
     cls = CODE_ERRORS.get(code, AqiModelsError)
     exc = cls(details or code.name)
     exc.code = code
+    # The server's interceptor echoes x-request-id on every answer: an error without one never
+    # reached it (the transport failed), one with it is the server's own answer.
+    try:
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 - a call that never started has no metadata to read
+        trailing = None
+    exc.request_id = next((v for k, v in (trailing or ()) if k == "x-request-id"), "")  # type: ignore[attr-defined]
     return exc

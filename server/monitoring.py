@@ -473,6 +473,11 @@ class Monitor:
 
     def cleanup(self, caller: Caller, name: str, keep_last: int, versions: list[int], dry_run: bool) -> CleanupResult:
         """CleanupModelVersions; with keep_last 0 and no versions, the configured retention policy."""
-        if keep_last == 0 and not versions and self.retention.configured:
+        if keep_last == 0 and not versions:
+            if not self.retention.configured:
+                raise InvalidArgumentError(
+                    "no retention policy is configured on this registry (AQIMODELS_RETENTION, e.g. "
+                    "keep_last=5,older_than_days=30); give keep_last or the versions to delete instead",
+                    field="keep_last")
             return self.retention.apply(caller, name, dry_run)
         return self.service.cleanup(caller, name, keep_last, versions, dry_run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,20 @@ def rows(out: str) -> list[list[str]]:
             if line.lstrip().startswith("│")]
 
 
+def simple_rows(out: str) -> list[list[str]]:
+    """The cells of a borderless table (compare, compact status): the lines under its header rule."""
+    found: list[list[str]] = []
+    under = False
+    for line in out.splitlines():
+        if line.startswith("─"):
+            under = True
+        elif under and line.strip() and line.startswith((" ", "1", "2", "3", "4", "5", "6", "7", "8", "9", "—")):
+            found.append([c for c in re.split(r"\s{2,}", line.strip())])
+        else:
+            under = False
+    return found
+
+
 def metrics(rmse: float) -> dict[str, float]:
     m = realistic_metrics(0)
     m.update(rmse=rmse, mae=rmse * 0.7, rmse_h1=rmse * 0.5, rmse_h6=rmse * 0.9, rmse_h24=rmse * 1.3)
@@ -101,8 +116,8 @@ def test_empty_registry_says_so_and_what_to_run(sqlite_registry: Registry) -> No
 def test_status_shows_pointers_with_metrics_and_backend(lstm: Registry) -> None:
     lstm.client.promote(LSTM, 3, "staging")  # type: ignore[attr-defined]
     compact = ok(lstm, "status")
-    row = next(r for r in rows(compact) if r and r[0] == LSTM)
-    assert row[1:7] == ["healthy", "v1 25.00", "v3 30.00", "v3 30.00", "3", "just now"], row
+    row = next(re.split(r"\s{2,}", line.strip()) for line in compact.splitlines() if line.startswith(LSTM))
+    assert row[1:6] == ["healthy", "v1 25.00", "v3 30.00", "v3 30.00", "just now"], row
     assert lstm.tracking_uri in compact and "running jobs" not in compact
     out = ok(lstm, "status", "--wide")
     assert LSTM in out and "healthy" in out and "3 versions" in out and "last trained just now" in out
@@ -149,14 +164,14 @@ def test_show_prints_identity_sorted_metrics_and_tags(lstm: Registry) -> None:
 def test_compare_ranks_and_marks_the_best(lstm: Registry) -> None:
     out = ok(lstm, "compare", LSTM)
     assert "lower is better" in out
-    best = [r for r in rows(out) if r[-1] == "★ best"]
+    best = [r for r in simple_rows(out) if r[-1] == "★ best"]
     assert len(best) == 1 and best[0][:2] == ["1", "v2"]
     for col in ("rmse", "mae", "r2", "accuracy", "rmse_h1", "rmse_h6", "rmse_h24", "baseline"):
         assert col in out
-    assert [r[:2] for r in rows(out)] == [["1", "v2"], ["2", "v1"], ["3", "v3"]]
+    assert [r[:2] for r in simple_rows(out)] == [["1", "v2"], ["2", "v1"], ["3", "v3"]]
 
     out = ok(lstm, "compare", LSTM, "--versions", "1,3")
-    assert [(r[1], r[-1]) for r in rows(out)] == [("v1", "★ best"), ("v3", "")]
+    assert [(r[1], r[-1] == "★ best") for r in simple_rows(out)] == [("v1", True), ("v3", False)]
 
     data = json.loads(ok(lstm, "compare", LSTM, "--metric", "r2", "--json"))
     assert data["metric"] == "r2" and data["direction"] == "METRIC_DIRECTION_HIGHER_IS_BETTER"
