@@ -611,10 +611,15 @@ def _follow(ctx: typer.Context, events: Iterator[pb.RetrainEvent], as_json: bool
         close = getattr(events, "close", None)
         if close is not None:
             close()
-        _err("\nDetached: the jobs go on on the server. Watch them again with:")
-        for job in jobs.values():
-            if not job.done:
-                _err(f"  aqimodels jobs watch {job.job_id} --after {job.last_sequence}")
+        running = [job for job in jobs.values() if not job.done]
+        if len(running) == 1:
+            _err("\nDetached: the job goes on on the server. Watch it again with:\n"
+                 f"  aqimodels jobs watch {running[0].job_id} --after {running[0].last_sequence}")
+        elif running:
+            _err("\nDetached: the jobs go on on the server. Watch them all again with:\n"
+                 "  aqimodels jobs watch " + " ".join(job.job_id for job in running))
+        else:
+            _err("\nDetached.")
         raise typer.Exit(130) from None
     if not as_json and jobs:
         console.print(render.summary_table(jobs.values()))
@@ -705,16 +710,62 @@ def jobs(
         _print(render.jobs_table(found))
 
 
+class _Merged:
+    """Events of several streams as they arrive (one thread per stream); close() cancels them all."""
+
+    def __init__(self, streams: list[Any]) -> None:
+        import queue
+        import threading
+
+        self._streams = streams
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._ended = 0
+        for stream in streams:
+            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        try:
+            for event in stream:
+                self._queue.put(("event", event))
+            self._queue.put(("end", None))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            self._queue.put(("error", exc))
+
+    def __iter__(self) -> _Merged:
+        return self
+
+    def __next__(self) -> pb.RetrainEvent:
+        while self._ended < len(self._streams):
+            kind, payload = self._queue.get()
+            if kind == "event":
+                return payload  # type: ignore[no-any-return]
+            if kind == "error":
+                raise payload
+            self._ended += 1
+        raise StopIteration
+
+    def close(self) -> None:
+        """Nothing to do here: the streams belong to the pump threads (a generator cannot be closed
+        from another thread while it runs); closing the client's channel cancels every call."""
+
+
 @jobs_app.command("watch")
 def jobs_watch(
     ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job id.")],
-    after: Annotated[int, typer.Option(min=0, help="Replay only events after this sequence number.")] = 0,
+    job_ids: Annotated[list[str], typer.Argument(metavar="JOB...", help="One job id or several.")],
+    after: Annotated[int, typer.Option(min=0, help="Replay only events after this sequence number (one job).")]
+    = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Replay a job's events, then follow it live until it ends."""
+    """Replay the events of one or several jobs, then follow them live until they end."""
     with _registry(ctx) as client:
-        _follow(ctx, client.watch_job(job_id, after_sequence=after), as_json)
+        if len(job_ids) == 1:
+            _follow(ctx, client.watch_job(job_ids[0], after_sequence=after), as_json)
+            return
+        if after:
+            raise InvalidArgumentError("--after takes one job; several are replayed from their start",
+                                       field="after_sequence")
+        _follow(ctx, _Merged([client.watch_job(job_id) for job_id in dict.fromkeys(job_ids)]), as_json)
 
 
 @jobs_app.command("show")
@@ -821,10 +872,18 @@ def hoist_rest(args: list[str]) -> list[str]:
 
 
 def main() -> None:
-    """The ``aqimodels`` console script."""
-    args = hoist_global_options(sys.argv[1:])
-    _only_the_invoked_command(args)
-    app(args=args, prog_name="aqimodels")
+    """The ``aqimodels`` console script; Ctrl-C anywhere exits 130 without a traceback."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # commands handle KeyboardInterrupt
+    try:
+        args = hoist_global_options(sys.argv[1:])
+        _only_the_invoked_command(args)
+        app(args=args, prog_name="aqimodels", standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -318,6 +318,29 @@ def test_serve_and_worker_in_a_client_only_install_give_the_hint(command: str, b
         f"`aqimodels {command}` needs the {extra} extra: pip install 'aqimodels[{extra}]' (missing module {blocked})"]
 
 
+def test_ctrl_c_at_any_moment_of_the_start_exits_130_quietly() -> None:
+    """SIGINT while the CLI's modules load (the first half second) and while it waits on a silent
+    server: exit 130, no KeyboardInterrupt traceback."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections, never speaks HTTP/2: the call waits for its deadline
+    target = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        for delay in (0.05, 0.15, 0.3, 0.6, 1.2):
+            proc = subprocess.Popen([str(AQIMODELS), "--target", target, "--timeout", "30", "list"],
+                                    env=_subprocess_env(target), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, (delay, proc.returncode, err)
+            assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
+    finally:
+        silent.close()
+
+
 # ---- retrain and jobs against a scripted job manager ----
 
 class ScriptedJobs:
@@ -505,3 +528,29 @@ def test_ctrl_c_while_following_detaches_and_tells_how_to_watch_again(
     assert proc.returncode == 130, (out, err)
     assert "Detached" in err and "aqimodels jobs watch job1-slow --after 3" in err
     assert scripted.disconnected.wait(10)
+
+
+def test_detaching_from_several_jobs_offers_one_command_for_all(
+        jobs_registry: tuple[Registry, ScriptedJobs]) -> None:
+    reg, scripted = jobs_registry
+    ok(reg, "retrain", "lstm", "xgboost", "--json")
+    for source in ("job1", "job2"):
+        slow = f"{source}-slow"
+        scripted.events[slow] = [e.__deepcopy__() for e in scripted.events[source]]
+        for e in scripted.events[slow]:
+            e.job_id = slow
+        scripted.jobs[slow] = scripted.jobs[source]
+    proc = subprocess.Popen([str(AQIMODELS), "jobs", "watch", "job1-slow", "job2-slow"],
+                            env=_subprocess_env(reg.target), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout is not None
+    seen = {proc.stdout.readline().split(" ", 1)[0] for _ in range(2)}  # both streams are live
+    assert seen <= {"job1-slow", "job2-slow"}
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines.count("Detached: the jobs go on on the server. Watch them all again with:") == 1, err
+    assert lines.count("  aqimodels jobs watch job1-slow job2-slow") == 1, err
+    assert len(lines) == 2, err
