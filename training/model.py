@@ -15,6 +15,8 @@ latest origin (params ``{"all_origins": True}``: for every origin with a full wi
 from __future__ import annotations
 
 import importlib.metadata
+import logging
+import warnings
 from typing import Any
 
 import mlflow.pyfunc
@@ -26,6 +28,27 @@ from aqimodels.training.evaluation import AQI_CATEGORIES, aqi_category_index, pm
 from aqimodels.training.features import FeaturePipeline
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+# Two MLflow notices our own models trigger, on every worker start and every training: the
+# models' signatures are given explicitly (no type-hint inference wanted), and a pyfunc saved
+# from a Python object is pickled by design (the artifact is ours). Only those two are silenced.
+# (MLflow emits the first under its own warnings.simplefilter("once"), which beats a filter of
+# ours: the notice is dropped where it is shown, while the two classes below are defined.)
+_showwarning = warnings.showwarning
+
+
+def _without_type_hint_notice(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                              line: str | None = None) -> None:
+    if "Add type hints to the `predict` method" not in str(message):
+        _showwarning(message, category, filename, lineno, file, line)
+
+
+class _NoCloudPickleNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "serialized using CloudPickle" not in record.getMessage()
+
+
+logging.getLogger("mlflow.pyfunc").addFilter(_NoCloudPickleNotice())
 
 OUTPUT_COLUMNS = ("station", "origin_time", "forecast_time", "horizon", "pm25", "aqi", "aqi_category")
 
@@ -61,6 +84,9 @@ def forecast_frame(stations: list[str], pred: np.ndarray, times: np.ndarray) -> 
         "aqi": aqi,
         "aqi_category": names[cat],
     })
+
+
+warnings.showwarning = _without_type_hint_notice  # put back after EnsembleForecastModel
 
 
 class AqiForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
@@ -145,6 +171,9 @@ class EnsembleForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         if not _all_origins(params):
             pred, times = pred[-1:], times[-1:]
         return forecast_frame(self.stations, pred, times)
+
+
+warnings.showwarning = _showwarning
 
 
 def combine(member_preds: np.ndarray, weights: np.ndarray) -> np.ndarray:
