@@ -39,6 +39,7 @@ from aqimodels.client.errors import AqiModelsError, InvalidArgumentError
 from rich.console import Console, RenderableType
 from rich.markup import escape
 
+
 def _plain_kind(annotation: Any) -> type | None:
     """str, int, float or bool, also ``X | None``; None for anything else."""
     import types

@@ -218,19 +218,19 @@ def _as_int(value: Any) -> Any:
 
 
 def _whole_numbers_in_structs(message: Message, data: dict[str, Any]) -> None:
-    for field, value in message.ListFields():
-        if field.message_type is None or field.name not in data:
+    for fd, value in message.ListFields():
+        if fd.message_type is None or fd.name not in data:
             continue
-        if field.message_type.full_name == "google.protobuf.Struct":
-            data[field.name] = _as_int(data[field.name])
-        elif field.message_type.GetOptions().map_entry:
+        if fd.message_type.full_name == "google.protobuf.Struct":
+            data[fd.name] = _as_int(data[fd.name])
+        elif fd.message_type.GetOptions().map_entry:
             continue
-        elif field.is_repeated:
-            for item, out in zip(value, data[field.name]):
+        elif fd.is_repeated:
+            for item, out in zip(value, data[fd.name], strict=False):
                 if isinstance(out, dict):
                     _whole_numbers_in_structs(item, out)
-        elif isinstance(data[field.name], dict):
-            _whole_numbers_in_structs(value, data[field.name])
+        elif isinstance(data[fd.name], dict):
+            _whole_numbers_in_structs(value, data[fd.name])
 
 
 def to_json(message: Message | Mapping[str, Any] | Sequence[Any], *, indent: int | None = 2) -> str:
@@ -652,9 +652,9 @@ def _apply_train_event(job: JobProgress, ev: Any) -> None:
 def _note_early_stop(job: JobProgress) -> None:
     """From the run's convergence metrics: how many epochs ran and whether training stopped early."""
     ran, best = job.metrics.get("epochs_run"), job.metrics.get("best_epoch")
-    if ran is not None and ran == ran:
+    if ran is not None and not math.isnan(ran):
         job.epoch = int(ran)
-    if best is not None and best == best:
+    if best is not None and not math.isnan(best):
         job.best_epoch = int(best)
     job.stopped_early = bool(job.metrics.get("early_stopped")) or (job.total > 0 and 0 < job.epoch < job.total
                                                                    and ran is not None)

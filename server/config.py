@@ -116,7 +116,7 @@ def check_database_url(url: str, name: str = "AQIMODELS_DATABASE_URL") -> str:
 
 def check_host(host: str, name: str) -> str:
     """An IP address or a host name."""
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bare = host.removeprefix("[").removesuffix("]") if host.startswith("[") and host.endswith("]") else host
     try:
         ipaddress.ip_address(bare)
         return host
@@ -131,7 +131,7 @@ def check_worker_target(target: str, name: str = "AQIMODELS_WORKERS") -> str:
     """``local``, ``host:port``, ``[v6]:port`` or ``dns:///host:port``."""
     if target == LOCAL_WORKER:
         return target
-    rest = target[len("dns:///"):] if target.startswith("dns:///") else target
+    rest = target.removeprefix("dns:///")
     host, sep, port = rest.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{name}: {_shown(target)} is not a worker target; use host:port, dns:///name:port, "

@@ -152,7 +152,7 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if self._reject is not None:
             try:
                 self._reject(current_caller(), rpc, error.message)
-            except Exception:  # noqa: BLE001 - a failed audit write must not turn INVALID_ARGUMENT into INTERNAL
+            except Exception:  # a failed audit write must not turn INVALID_ARGUMENT into INTERNAL
                 log.exception("rejection_not_audited", rpc=rpc)
         raise error
 

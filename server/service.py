@@ -49,6 +49,7 @@ from aqimodels.server.domain import (
     RegisteredModel,
     Stage,
     higher_is_better,
+    tag_time,
 )
 from aqimodels.server.paging import SortedIndex, decode_token, encode_token, page_size, paginate
 
@@ -611,7 +612,7 @@ class RegistryService:
             archived: list[int] = []
             self._bump(name)
             try:
-                now = str(_now_ms())
+                now = tag_time(_now_ms())
                 if stage == Stage.PRODUCTION:
                     w.set_alias(name, PRODUCTION_ALIAS, version)
                     if current and current != version:
@@ -680,7 +681,7 @@ class RegistryService:
                 message=f"rollback {current} -> {previous}" + (f": {reason}" if reason else ""))
             try:
                 self._bump(name)
-                now = str(_now_ms())
+                now = tag_time(_now_ms())
                 w.set_alias(name, PRODUCTION_ALIAS, previous)
                 w.delete_tag(name, previous, ARCHIVED_TAG)
                 w.set_tag(name, previous, PROMOTED_TIME_TAG, now)

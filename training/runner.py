@@ -276,7 +276,8 @@ def run_training(
         _check(stop)
 
         yield Registering(model_name=job.model_name)
-        version = _register(client, job, source, run_id, model_id)
+        version = _register(client, job, source, run_id, model_id,
+                            version_description(job, len(data.station_names), data.n_hours, metrics))
         status = "FINISHED"
         yield Finished(model_name=job.model_name, version=version, run_id=run_id,
                        model_uri=f"models:/{job.model_name}/{version}", metrics=metrics,
@@ -416,16 +417,39 @@ def _stamp_model_id(path: str, model_id: str, run_id: str) -> None:
     m.save(mlmodel)
 
 
-def _register(client: MlflowClient, job: TrainJob, source: str, run_id: str, model_id: str) -> int:
+def model_description(model_type: str) -> str:
+    """The registered model's MLflow description (shown in MLflow's UI)."""
+    return (f"aqimodels {model_type} forecaster of PM2.5 and AQI for every station, 1 to 24 hours ahead. "
+            "Versions are trained by aqimodels retrain jobs; each version's description names its data and "
+            "test metrics. Stages: the 'production' and 'staging' aliases (aqimodels promote / rollback).")
+
+
+def version_description(job: TrainJob, stations: int, hours: int, metrics: dict[str, float]) -> str:
+    """A version's MLflow description: what it is, the data it saw, its headline test metrics."""
+    def m(key: str) -> str:
+        return f"{metrics[key]:.2f}" if key in metrics else "n/a"
+
+    ran = int(metrics.get("epochs_run", 0))
+    stopped = ", stopped early" if metrics.get("early_stopped") else ""
+    return (f"{job.model_type} trained by aqimodels job {job.job_id} on {job.dataset or 'synthetic'} "
+            f"({stations} stations, {hours} hours). Test rmse {m('rmse')} µg/m³ (persistence {m('baseline_rmse')}), "
+            f"mae {m('mae')}, rmse at +1/+6/+24 h {m('rmse_h1')}/{m('rmse_h6')}/{m('rmse_h24')}"
+            + (f"; {ran} epochs{stopped}" if ran else "") + ".")
+
+
+def _register(client: MlflowClient, job: TrainJob, source: str, run_id: str, model_id: str,
+              description: str = "") -> int:
     name = job.model_name
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=model_description(job.model_type))
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+        if not (client.get_registered_model(name).description or ""):  # never overwrite one set by people
+            client.update_registered_model(name, description=model_description(job.model_type))
     mv = client.create_model_version(
         name, source=source, run_id=run_id, model_id=model_id,
-        tags={"job_id": job.job_id, "model_type": job.model_type},
+        tags={"job_id": job.job_id, "model_type": job.model_type}, description=description or None,
     )
     return int(mv.version)
 

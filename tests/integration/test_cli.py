@@ -334,7 +334,7 @@ def test_ctrl_c_at_any_moment_of_the_start_exits_130_quietly() -> None:
                                     text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             time.sleep(delay)
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
+            _, err = proc.communicate(timeout=30)
             assert proc.returncode == 130, (delay, proc.returncode, err)
             assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
     finally:

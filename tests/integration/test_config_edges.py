@@ -112,9 +112,9 @@ def test_every_documented_variable_has_a_bad_value(junk: Path) -> None:
 
 def test_each_bad_value_stops_its_process_with_one_line(junk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    import aqimodels.server.app as app
     import aqimodels.training.main as worker_main
     from aqimodels.client.cli import app as cli_app
+    from aqimodels.server import app
     from aqimodels.server.main import main as serve_main
 
     def started(*_: object, **__: object) -> None:
@@ -158,7 +158,7 @@ def test_the_console_scripts_exit_2_without_a_traceback(junk: Path, tmp_path: Pa
         procs.append((command, variable, subprocess.Popen([AQIMODELS, command], env=env, cwd=tmp_path,
                                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     for command, variable, proc in procs:
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, (command, variable, err)
         _one_line_naming(err, variable)
 

@@ -214,3 +214,22 @@ def test_error_messages_quote_at_most_200_characters_of_an_input(edge_worker: st
                 wpb.ValidateDatasetRequest(dataset=wpb.DatasetSpec(spec=spec)), metadata=md, timeout=30))
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (spec[:20], code, details)
             assert "…" in details and len(details) < 500, (spec[:20], len(details), details[:300])
+
+
+def test_times_in_mlflow_tags_are_iso_8601_utc(sqlite_registry: Registry) -> None:
+    import re
+
+    from aqimodels.server.domain import tag_time_ms
+
+    name = "aqi_predictor_lstm"
+    v1, v2 = sqlite_registry.seed(name, [{"rmse": 20.0}, {"rmse": 19.0}])
+    client = sqlite_registry.client
+    client.promote(name, v1, "production")  # type: ignore[attr-defined]
+    client.promote(name, v2, "production")  # type: ignore[attr-defined]
+    promoted = client.get_version(name, v2).tags["aqimodels.promoted_time"]  # type: ignore[attr-defined]
+    archived = client.get_version(name, v1).tags["aqimodels.archived_time"]  # type: ignore[attr-defined]
+    for value in (promoted, archived):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", value), value
+        assert tag_time_ms(value) is not None
+    history = client.history(name)  # type: ignore[attr-defined]
+    assert [p.version for p in history.production_periods] == [v1, v2]  # the monitor reads them back

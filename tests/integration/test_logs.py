@@ -28,12 +28,21 @@ print("trained")
 """
 
 
-def test_a_training_prints_no_mlflow_notices_about_our_models(tmp_path: Path) -> None:
+def test_a_training_prints_no_mlflow_notices_and_describes_its_version(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", TRAIN.replace("{db}", str(tmp_path / "m.db"))], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr
     assert "Add type hints" not in done.stderr, done.stderr
     assert "CloudPickle" not in done.stderr, done.stderr
+    # ... and MLflow's UI reads naturally: the model and the version say what they are (issue 13)
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert "xgboost forecaster of PM2.5 and AQI" in mlflow.get_registered_model("aqi_predictor_xgboost").description
+    described = mlflow.get_model_version("aqi_predictor_xgboost", "1").description
+    assert described.startswith("xgboost trained by aqimodels job j1 on synthetic:stations=2,days=12 "
+                                "(2 stations, 288 hours). Test rmse "), described
+    assert "persistence" in described and "+1/+6/+24 h" in described
 
 
 def test_health_probes_log_at_debug_and_failures_at_info(tmp_path: Path) -> None:

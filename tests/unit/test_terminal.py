@@ -36,7 +36,7 @@ def console(width: int | None, terminal: bool) -> tuple[Console, io.StringIO]:
 
 @pytest.mark.parametrize("width", [80, 160])
 def test_bars_and_numbers_survive_a_long_queued_text(width: int) -> None:
-    c, out = console(width, True)
+    c, _ = console(width, True)
     with render.RetrainView(c) as view:
         view.update(epoch("job-lstm", 1, 3, 30))
         view.update(ev("job-ens", 1, pb.JOB_STATE_QUEUED, wpb.MODEL_TYPE_ENSEMBLE,
