@@ -459,6 +459,15 @@ def promote(
     with _registry(ctx) as client:
         if best == (version is not None):
             raise InvalidArgumentError("give either VERSION or --best", field="version")
+        if best:  # the best one may hold the stage already: that is an answer, not an error
+            chosen = client.compare(model, metric=metric).best_version
+            held = next((v.version for v in client.iter_versions(model, stage=stage)), 0)
+            if chosen and held == chosen:
+                if as_json:
+                    _print_json({"name": model, "version": chosen, "stage": stage, "unchanged": True})
+                else:
+                    _print(f"{model}: v{chosen} is the best by {metric} and already {stage}; nothing to do.")
+                return
         resp = client.promote(model, version or 0, stage, expected_current_version=expect_current,
                               select_best_by=metric if best else "", request_id=request_id, reason=reason)
     if as_json:
