@@ -60,7 +60,7 @@ def _install_plain_coercion() -> None:
     from typer._click.exceptions import BadParameter
 
     original = _coercion.build_runtime_param
-    if getattr(core.build_runtime_param, "aqimodels_plain", False):
+    if getattr(getattr(core, "build_runtime_param", None), "aqimodels_plain", False):
         return
     words = {int: ("a valid integer", "an integer"), float: ("a valid number", "a number")}
 
@@ -69,6 +69,7 @@ def _install_plain_coercion() -> None:
         kind: type
 
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            out: Any
             if self.kind in (str, bool) or (isinstance(value, self.kind) and not isinstance(value, bool)):
                 out = value if self.kind is not str else str(value)
             else:
@@ -98,7 +99,7 @@ def _install_plain_coercion() -> None:
         return PlainRuntimeParam(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation, kind=kind)
 
     build.aqimodels_plain = True  # type: ignore[attr-defined]
-    core.build_runtime_param = build  # type: ignore[assignment]
+    setattr(core, "build_runtime_param", build)  # noqa: B010 - typer.core does not export the name
 
 
 _install_plain_coercion()

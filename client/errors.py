@@ -7,6 +7,8 @@ Anything not in the table is a bug: the server answers INTERNAL with a generic m
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -156,9 +158,10 @@ def error_from_rpc(error: grpc.RpcError) -> AqiModelsError:
     exc.code = code
     # The server's interceptor echoes x-request-id on every answer: an error without one never
     # reached it (the transport failed), one with it is the server's own answer.
+    trailing: Any = None
     try:
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     except Exception:  # noqa: BLE001 - a call that never started has no metadata to read
         trailing = None
-    exc.request_id = next((v for k, v in (trailing or ()) if k == "x-request-id"), "")  # type: ignore[attr-defined]
+    exc.request_id = next((str(item[1]) for item in (trailing or ()) if item[0] == "x-request-id"), "")  # type: ignore[attr-defined]
     return exc

@@ -401,11 +401,17 @@ def experiment_from_env(env: Mapping[str, str]) -> str:
     return name
 
 
-def worker_tls_from_env(env: Mapping[str, str]) -> dict[str, str]:
+class WorkerTls(TypedDict):
+    worker_ca_cert: str
+    worker_client_cert: str
+    worker_client_key: str
+
+
+def worker_tls_from_env(env: Mapping[str, str]) -> WorkerTls:
     """How the registry reaches its workers over TLS: a CA bundle, and a client pair for mutual TLS."""
-    values = {"worker_ca_cert": _pem(env, "AQIMODELS_WORKER_CA_CERT", "CERTIFICATE"),
-              "worker_client_cert": _pem(env, "AQIMODELS_WORKER_CLIENT_CERT", "CERTIFICATE"),
-              "worker_client_key": _pem(env, "AQIMODELS_WORKER_CLIENT_KEY", "PRIVATE KEY")}
+    values = WorkerTls(worker_ca_cert=_pem(env, "AQIMODELS_WORKER_CA_CERT", "CERTIFICATE"),
+                       worker_client_cert=_pem(env, "AQIMODELS_WORKER_CLIENT_CERT", "CERTIFICATE"),
+                       worker_client_key=_pem(env, "AQIMODELS_WORKER_CLIENT_KEY", "PRIVATE KEY"))
     if bool(values["worker_client_cert"]) != bool(values["worker_client_key"]):
         raise ConfigError("AQIMODELS_WORKER_CLIENT_CERT and AQIMODELS_WORKER_CLIENT_KEY must be set together")
     return values
