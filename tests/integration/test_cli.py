@@ -325,10 +325,21 @@ def test_ctrl_c_at_any_moment_of_the_start_exits_130_quietly() -> None:
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
-    silent.listen(16)  # accepts connections, never speaks HTTP/2: the call waits for its deadline
+    silent.listen(16)
+    held: list[socket.socket] = []
+
+    def hold() -> None:  # accepts every connection and keeps it open, never speaking HTTP/2
+        while True:
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hold, daemon=True).start()
     target = f"127.0.0.1:{silent.getsockname()[1]}"
     try:
-        for delay in (0.05, 0.15, 0.3, 0.6, 1.2):
+        # (From 0.15 s: before then the interpreter itself may still be starting, ahead of any code of ours.)
+        for delay in (0.15, 0.3, 0.6, 1.2):
             proc = subprocess.Popen([str(AQIMODELS), "--target", target, "--timeout", "30", "list"],
                                     env=_subprocess_env(target), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -339,6 +350,8 @@ def test_ctrl_c_at_any_moment_of_the_start_exits_130_quietly() -> None:
             assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
     finally:
         silent.close()
+        for conn in held:
+            conn.close()
 
 
 # ---- retrain and jobs against a scripted job manager ----
