@@ -118,6 +118,8 @@ def targets(rpc: Any, streams: Any, process: Any, beijing: Any, scale: Any = Non
          med(process, "registry", "idle_rss_mb"), "MB", "<= 250 MB", lambda v: v <= 250),
         ("Registry start to SERVING", "mlflow server ready ~6-9 s", med(process, "registry", "ready_seconds"), "s",
          "<= 2.5 s", lambda v: v <= 2.5),
+        ("CLI `status` wall / import of grpc + registry module (same run)", "2.8x before issue 13",
+         med(load("cli_start"), "ratio_status_over_import_floor"), "x", "<= 1.5x", lambda v: v <= 1.5),
     ]
     if scale is not None:
         mm = get(scale, "many_models") or {}
@@ -376,6 +378,14 @@ def write_markdown(path: Path) -> str:
                   f"- start to ready, default mlflow server / registry: "
                   f"{_fig(process.get('ratio_mlflow_default_ready_over_registry'))}",
                   "- the worker's loaded memory is its training peak (section 4).", ""]
+    cli = load("cli_start")
+    if cli:
+        lines += ["## 3b. CLI start-up (`python -m bench.run --sections cli`)", "",
+                  "`aqimodels --target T status`, piped, against a live registry (4 models x 20 versions), and",
+                  "a process that only imports grpc and the generated registry module, in interleaved pairs.", "",
+                  f"- `aqimodels status`: {_fig(cli.get('status_seconds'))}",
+                  f"- import floor: {_fig(cli.get('import_floor_seconds'))}",
+                  f"- ratio status / floor: {_fig(cli.get('ratio_status_over_import_floor'))}", ""]
     lines += ["## 4. Training (from bench/results/training_*.json, `python -m bench.training`)", ""]
     for label, t in (("synthetic", synth), ("beijing", beijing)):
         if t is None:

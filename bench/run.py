@@ -1,7 +1,8 @@
 """``make bench``: runs the benchmark sections, writes bench/results/<section>.json and BENCHMARKS.md.
 
 Sections: ``rpc`` (registry RPCs against MLflow's paths and the gRPC ceiling), ``streams`` (relay
-latency and throughput, 50 watchers), ``process`` (start time and memory), ``scale`` (start to
+latency and throughput, 50 watchers), ``process`` (start time and memory), ``cli`` (``aqimodels
+status`` start against the import of grpc and the registry module), ``scale`` (start to
 SERVING at 4 x 10,000, GetStatus at 100 models, idle CPU at 400 models, memory per version,
 about 14 minutes), ``durability``
 (takeover of a job by another replica after kill -9 and SIGTERM, events lost, the lease
@@ -30,7 +31,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 from bench import common  # noqa: E402
 
-SECTIONS = ("rpc", "streams", "process", "scale", "durability", "training", "resilience", "dashboard", "report")
+SECTIONS = ("rpc", "streams", "process", "cli", "scale", "durability", "training", "resilience", "dashboard", "report")
 BEIJING = common.BEIJING
 
 
@@ -96,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = dashboard.run(tmp / "dashboard", args.runs)
             print(f"   wrote {common.write_result('dashboard', {**res, 'section_seconds': time.perf_counter() - t0})}")
+        if "cli" in wanted:
+            from bench import cli_start
+
+            print("== 3b. CLI start-up", flush=True)
+            t0 = time.perf_counter()
+            res = cli_start.run(tmp / "cli", max(args.runs, 7))
+            print(f"   wrote {common.write_result('cli_start', {**res, 'section_seconds': time.perf_counter() - t0})}")
         if "training" in wanted:
             from bench import report, training
 

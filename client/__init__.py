@@ -1,5 +1,24 @@
 """The published client of aqimodels: the typed registry client, its errors, and the CLI."""
 
+import os as _os
+import signal as _signal
+import sys as _sys
+import threading as _threading
+
+
+def _quiet_ctrl_c(_signum: int, _frame: object) -> None:
+    raise SystemExit(130)
+
+
+# Run as the `aqimodels` console script, this is the first of our code to execute, before the
+# CLI's modules load (a few hundred ms): Ctrl-C meanwhile exits 130 quietly instead of printing a
+# KeyboardInterrupt traceback. cli.main() puts Python's own handler back. Imported as a library,
+# nothing changes.
+if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "aqimodels"
+        and _threading.current_thread() is _threading.main_thread()
+        and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
+    _signal.signal(_signal.SIGINT, _quiet_ctrl_c)
+
 from aqimodels.client.client import RegistryClient
 from aqimodels.client.errors import (
     AlreadyExistsError,

@@ -39,6 +39,71 @@ from aqimodels.client.errors import AqiModelsError, InvalidArgumentError
 from rich.console import Console, RenderableType
 from rich.markup import escape
 
+
+def _plain_kind(annotation: Any) -> type | None:
+    """str, int, float or bool, also ``X | None``; None for anything else."""
+    import types
+
+    if isinstance(annotation, types.UnionType):
+        args = [a for a in annotation.__args__ if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    return annotation if annotation in (str, int, float, bool) else None
+
+
+def _install_plain_coercion() -> None:
+    """typer 0.29 coerces every parameter through a pydantic TypeAdapter. Importing pydantic and
+    building the adapters was ~250 ms of every CLI start, more than all the rest of it (bench/
+    cli_start.py). The CLI's parameters are plain str/int/float/bool (or None): those are coerced
+    here with pydantic's wording; anything else (lists, choices, files) keeps typer's own path.
+    Written by hand because typer offers no switch for it; typer is pinned exactly."""
+    from typer import _coercion, core
+    from typer._click.exceptions import BadParameter
+
+    original = _coercion.build_runtime_param
+    if getattr(getattr(core, "build_runtime_param", None), "aqimodels_plain", False):
+        return
+    words = {int: ("a valid integer", "an integer"), float: ("a valid number", "a number")}
+
+    @dataclass(frozen=True)
+    class PlainRuntimeParam(_coercion.RuntimeParam):
+        kind: type
+
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            out: Any
+            if self.kind in (str, bool) or (isinstance(value, self.kind) and not isinstance(value, bool)):
+                out = value if self.kind is not str else str(value)
+            else:
+                try:
+                    out = self.kind(str(value).strip())
+                except ValueError:
+                    what, parse = words[self.kind]
+                    raise BadParameter(f"Input should be {what}, unable to parse string as {parse}", ctx=ctx,
+                                       param=param) from None
+            info = self.parameter_info
+            if self.kind in (int, float):
+                if info.min is not None and out < info.min:
+                    if not info.clamp:
+                        raise BadParameter(f"Input should be greater than or equal to {info.min}", ctx=ctx,
+                                           param=param)
+                    out = info.min
+                if info.max is not None and out > info.max:
+                    if not info.clamp:
+                        raise BadParameter(f"Input should be less than or equal to {info.max}", ctx=ctx, param=param)
+                    out = info.max
+            return out
+
+    def build(descriptor: Any) -> Any:
+        kind = _plain_kind(descriptor.annotation)
+        if kind is None or descriptor.file_annotation is not None or descriptor.is_choice:
+            return original(descriptor)
+        return PlainRuntimeParam(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation, kind=kind)
+
+    build.aqimodels_plain = True  # type: ignore[attr-defined]
+    setattr(core, "build_runtime_param", build)  # noqa: B010 - typer.core does not export the name
+
+
+_install_plain_coercion()
+
 app = typer.Typer(
     name="aqimodels",
     help="Operate the aqimodels registry: status, list, compare, promote, rollback, retrain, jobs, audit.",
@@ -100,8 +165,14 @@ def _settings(ctx: typer.Context) -> _Settings:
     return _Settings(DEFAULT_TARGET, None, None, None, None, 30.0)
 
 
+# Off a terminal (a pipe, a file) nothing is cut to 80 columns: tables take their natural width.
+PIPE_WIDTH = 4096
+
+
 def _console() -> Console:
     # Built per command so that it writes to the sys.stdout of the moment (tests swap it).
+    if not sys.stdout.isatty():
+        return Console(highlight=False, width=PIPE_WIDTH)
     return Console(highlight=False)
 
 
@@ -119,15 +190,25 @@ def _err(message: str) -> None:
     sys.stderr.flush()
 
 
+def _from_server(exc: AqiModelsError) -> bool:
+    """The server itself answered (its interceptor echoes a request id on every answer)."""
+    return bool(getattr(exc, "request_id", ""))
+
+
 def _is_connect_failure(exc: AqiModelsError) -> bool:
     text = exc.message.lower()
-    return exc.code == grpc.StatusCode.UNAVAILABLE and any(s in text for s in _CONNECT_FAILURES)
+    return (exc.code == grpc.StatusCode.UNAVAILABLE and not _from_server(exc)
+            and any(s in text for s in _CONNECT_FAILURES))
 
 
 def _fail(exc: AqiModelsError, settings: _Settings) -> NoReturn:
     name = exc.code.name if isinstance(exc.code, grpc.StatusCode) else str(exc.code)
-    if _is_connect_failure(exc) or (exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
-                                    and exc.message.strip().lower() == "deadline exceeded"):
+    if exc.code == grpc.StatusCode.UNAVAILABLE and _from_server(exc):
+        _err(f"{name}: the registry at {settings.target} answers, but its backend does not: {exc.message}\n"
+             "Check the database or MLflow store it points to (`aqimodels status` shows the backend); "
+             "the registry recovers by itself when it is back.")
+    elif _is_connect_failure(exc) or (exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                                      and exc.message.strip().lower() == "deadline exceeded"):
         _err(f"{name}: the registry server at {settings.target} does not answer ({exc.message}).\n"
              f"Start one with `make run` or `aqimodels serve`, or point --target / AQIMODELS_TARGET at a running "
              f"registry.")
@@ -136,10 +217,44 @@ def _fail(exc: AqiModelsError, settings: _Settings) -> NoReturn:
     raise typer.Exit(1)
 
 
+def _settings_problem(s: _Settings) -> str:
+    """Why the connection settings cannot work (naming the option and its variable), or ""."""
+    import re
+    from pathlib import Path
+
+    target = s.target.strip()
+    if not re.match(r"^(dns|unix|unix-abstract|ipv4|ipv6|vsock):", target):
+        host, sep, port = target.rpartition(":")
+        if (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+                or re.search(r"[\s/]", host) or host.strip("[]").count(":") == 1):
+            return f"--target / AQIMODELS_TARGET {target[:80]!r} is not host:port (e.g. 127.0.0.1:50051)"
+    if s.token is not None and not re.fullmatch(r"[\x21-\x7e]{1,4096}", s.token):
+        return "--token / AQIMODELS_TOKEN holds spaces, control or non-ASCII characters; a token is printable ASCII"
+    for option, variable, path, kind in (("--ca-cert", "AQIMODELS_CA_CERT", s.ca_cert, "CERTIFICATE"),
+                                         ("--client-cert", "AQIMODELS_CLIENT_CERT", s.client_cert, "CERTIFICATE"),
+                                         ("--client-key", "AQIMODELS_CLIENT_KEY", s.client_key, "PRIVATE KEY")):
+        if not path:
+            continue
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            return f"{option} / {variable} {path[:80]!r} cannot be read: {exc.strerror or exc}"
+        if not re.search(rb"-----BEGIN [A-Z ]*" + kind.encode() + rb"-----", data):
+            return f"{option} / {variable} {path[:80]!r} is not a PEM {kind.lower()}"
+    return ""
+
+
 @contextmanager
 def _registry(ctx: typer.Context) -> Iterator[RegistryClient]:
-    """A connected client; any AqiModelsError inside the block becomes ``STATUS: message`` and exit 1."""
+    """A connected client; any AqiModelsError inside the block becomes ``STATUS: message`` and exit 1.
+
+    Connection settings that cannot work stop first: ``configuration error: ...`` and exit 2.
+    """
     s = _settings(ctx)
+    problem = _settings_problem(s)
+    if problem:
+        _err(f"configuration error: {problem}")
+        raise typer.Exit(2)
     try:
         with RegistryClient(s.target, token=s.token, timeout=s.timeout, ca_cert=s.ca_cert,
                             client_cert=s.client_cert, client_key=s.client_key) as client:
@@ -161,17 +276,22 @@ def serve(
                                              show_default=False)] = None,
 ) -> None:
     """Run the registry server (and a local training worker unless AQIMODELS_WORKERS is set)."""
-    try:
-        from aqimodels.server.main import main as serve_main
-    except ImportError as exc:
-        _err(f"`aqimodels serve` needs the server extra: pip install 'aqimodels[server]' ({exc})")
-        raise typer.Exit(2) from None
     kwargs: dict[str, Any] = {}
     if host is not None:
         kwargs["host"] = host
     if port is not None:
         kwargs["port"] = port
-    raise typer.Exit(serve_main(**kwargs) or 0)
+    # The server's modules load inside main (after the configuration is read): a module missing
+    # anywhere in that start-up is the missing extra, not a traceback.
+    try:
+        from aqimodels.server.main import main as serve_main
+
+        code = serve_main(**kwargs)
+    except ModuleNotFoundError as exc:
+        _err(f"`aqimodels serve` needs the server extra: pip install 'aqimodels[server]' "
+             f"(missing module {(exc.name or str(exc)).split('.')[0]})")
+        raise typer.Exit(2) from None
+    raise typer.Exit(code or 0)
 
 
 @app.command()
@@ -180,17 +300,20 @@ def worker(
     port: Annotated[int | None, typer.Option(help="Listen port.", show_default=False)] = None,
 ) -> None:
     """Run a training worker."""
-    try:
-        from aqimodels.training.main import main as worker_main
-    except ImportError as exc:
-        _err(f"`aqimodels worker` needs the training extra: pip install 'aqimodels[training]' ({exc})")
-        raise typer.Exit(2) from None
     kwargs: dict[str, Any] = {}
     if host is not None:
         kwargs["host"] = host
     if port is not None:
         kwargs["port"] = port
-    raise typer.Exit(worker_main(**kwargs) or 0)
+    try:
+        from aqimodels.training.main import main as worker_main
+
+        code = worker_main(**kwargs)
+    except ModuleNotFoundError as exc:
+        _err(f"`aqimodels worker` needs the training extra: pip install 'aqimodels[training]' "
+             f"(missing module {(exc.name or str(exc)).split('.')[0]})")
+        raise typer.Exit(2) from None
+    raise typer.Exit(code or 0)
 
 
 @app.command()
@@ -248,14 +371,21 @@ def status(
                                                     show_default=False)] = None,
     prefix: Annotated[str, typer.Option(help="Only models whose name starts with this.")] = "",
     as_json: JsonOpt = False,
+    wide: Annotated[bool, typer.Option("--wide", help="One table per model: pointers with their metrics.")]
+    = False,
 ) -> None:
-    """Every model's production, staging and latest versions, jobs, backend and workers."""
+    """Every model's production, staging and latest versions, jobs, backend and workers (one line a model).
+
+    Exits 1 when the MLflow backend is unhealthy or the server is not serving, so scripts can tell.
+    """
     with _registry(ctx) as client:
         resp = client.status(names=model or (), name_prefix=prefix)
     if as_json:
         _print_json(resp)
-        return
-    _print(render.status_view(resp))
+    else:
+        _print(render.status_view(resp, wide=wide))
+    if not resp.backend.healthy:
+        raise typer.Exit(1)
 
 
 @app.command("list")
@@ -326,7 +456,8 @@ def compare(
     if as_json:
         _print_json(resp)
     else:
-        _print(render.compare_table(model, resp))
+        console = _console()
+        console.print(render.compare_table(model, resp, console.width if console.is_terminal else None))
 
 
 @app.command()
@@ -370,6 +501,15 @@ def promote(
     with _registry(ctx) as client:
         if best == (version is not None):
             raise InvalidArgumentError("give either VERSION or --best", field="version")
+        if best:  # the best one may hold the stage already: that is an answer, not an error
+            chosen = client.compare(model, metric=metric).best_version
+            held = next((v.version for v in client.iter_versions(model, stage=stage)), 0)
+            if chosen and held == chosen:
+                if as_json:
+                    _print_json({"name": model, "version": chosen, "stage": stage, "unchanged": True})
+                else:
+                    _print(f"{model}: v{chosen} is the best by {metric} and already {stage}; nothing to do.")
+                return
         resp = client.promote(model, version or 0, stage, expected_current_version=expect_current,
                               select_best_by=metric if best else "", request_id=request_id, reason=reason,
                               allow_data_change=allow_data_change)
@@ -488,6 +628,9 @@ def alerts(
 ) -> None:
     """Follow degradation alerts as they are raised (Ctrl-C stops)."""
     with _registry(ctx) as client:
+        if not as_json:
+            about = f" about {model}" if model else ""
+            _err(f"Waiting for degradation alerts{about} from {_settings(ctx).target} (Ctrl-C stops)...")
         try:
             for alert in client.watch_alerts(model):
                 if as_json:
@@ -521,10 +664,15 @@ def _follow(ctx: typer.Context, events: Iterator[pb.RetrainEvent], as_json: bool
         close = getattr(events, "close", None)
         if close is not None:
             close()
-        _err("\nDetached: the jobs go on on the server. Watch them again with:")
-        for job in jobs.values():
-            if not job.done:
-                _err(f"  aqimodels jobs watch {job.job_id} --after {job.last_sequence}")
+        running = [job for job in jobs.values() if not job.done]
+        if len(running) == 1:
+            _err("\nDetached: the job goes on on the server. Watch it again with:\n"
+                 f"  aqimodels jobs watch {running[0].job_id} --after {running[0].last_sequence}")
+        elif running:
+            _err("\nDetached: the jobs go on on the server. Watch them all again with:\n"
+                 "  aqimodels jobs watch " + " ".join(job.job_id for job in running))
+        else:
+            _err("\nDetached.")
         raise typer.Exit(130) from None
     if not as_json and jobs:
         console.print(render.summary_table(jobs.values()))
@@ -621,16 +769,62 @@ def jobs(
         _print(render.jobs_table(found))
 
 
+class _Merged:
+    """Events of several streams as they arrive (one thread per stream); close() cancels them all."""
+
+    def __init__(self, streams: list[Any]) -> None:
+        import queue
+        import threading
+
+        self._streams = streams
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._ended = 0
+        for stream in streams:
+            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        try:
+            for event in stream:
+                self._queue.put(("event", event))
+            self._queue.put(("end", None))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            self._queue.put(("error", exc))
+
+    def __iter__(self) -> _Merged:
+        return self
+
+    def __next__(self) -> pb.RetrainEvent:
+        while self._ended < len(self._streams):
+            kind, payload = self._queue.get()
+            if kind == "event":
+                return payload  # type: ignore[no-any-return]
+            if kind == "error":
+                raise payload
+            self._ended += 1
+        raise StopIteration
+
+    def close(self) -> None:
+        """Nothing to do here: the streams belong to the pump threads (a generator cannot be closed
+        from another thread while it runs); closing the client's channel cancels every call."""
+
+
 @jobs_app.command("watch")
 def jobs_watch(
     ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job id.")],
-    after: Annotated[int, typer.Option(min=0, help="Replay only events after this sequence number.")] = 0,
+    job_ids: Annotated[list[str], typer.Argument(metavar="JOB...", help="One job id or several.")],
+    after: Annotated[int, typer.Option(min=0, help="Replay only events after this sequence number (one job).")]
+    = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Replay a job's events, then follow it live until it ends."""
+    """Replay the events of one or several jobs, then follow them live until they end."""
     with _registry(ctx) as client:
-        _follow(ctx, client.watch_job(job_id, after_sequence=after), as_json)
+        if len(job_ids) == 1:
+            _follow(ctx, client.watch_job(job_ids[0], after_sequence=after), as_json)
+            return
+        if after:
+            raise InvalidArgumentError("--after takes one job; several are replayed from their start",
+                                       field="after_sequence")
+        _follow(ctx, _Merged([client.watch_job(job_id) for job_id in dict.fromkeys(job_ids)]), as_json)
 
 
 @jobs_app.command("show")
@@ -708,9 +902,47 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
+def _only_the_invoked_command(args: list[str]) -> None:
+    """Keeps only the command being run in the app: typer builds (and evaluates the annotations
+    of) every registered command on each start, a third of a fast command's own time. Help, no
+    command or an unknown one keep them all (for the listing and "did you mean")."""
+    rest = args[len(args) - len(hoist_rest(args)):]
+    name = rest[0] if rest else ""
+    commands = {(c.name or (c.callback.__name__ if c.callback else "")).replace("_", "-"): c
+                for c in app.registered_commands}
+    groups = {g.name: g for g in app.registered_groups}
+    if name in commands:
+        app.registered_commands = [commands[name]]
+        app.registered_groups = []
+    elif name in groups:
+        app.registered_commands = []
+        app.registered_groups = [groups[name]]
+
+
+def hoist_rest(args: list[str]) -> list[str]:
+    """``args`` after the leading connection options (as hoist_global_options leaves them)."""
+    i = 0
+    while i < len(args):
+        name = args[i].split("=", 1)[0]
+        if name not in _GLOBAL_OPTIONS:
+            break
+        i += 1 if "=" in args[i] else 2
+    return args[i:]
+
+
 def main() -> None:
-    """The ``aqimodels`` console script."""
-    app(args=hoist_global_options(sys.argv[1:]), prog_name="aqimodels")
+    """The ``aqimodels`` console script; Ctrl-C anywhere exits 130 without a traceback."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # commands handle KeyboardInterrupt
+    try:
+        args = hoist_global_options(sys.argv[1:])
+        _only_the_invoked_command(args)
+        app(args=args, prog_name="aqimodels", standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Anything not in the table is a bug: the server answers INTERNAL with a generic m
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -125,6 +127,20 @@ for _cls, _code in ERROR_CODES.items():
     CODE_ERRORS.setdefault(_code, _cls)
 
 
+QUOTE_CHARS = 200
+
+
+def bound(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending with "…" when it was cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """An input quoted in an error message: its repr, at most ``limit`` characters, then "…"."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def status_code_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC status code an error travels as (INTERNAL for anything outside the table)."""
     for cls in type(error).__mro__:
@@ -140,4 +156,12 @@ def error_from_rpc(error: grpc.RpcError) -> AqiModelsError:
     cls = CODE_ERRORS.get(code, AqiModelsError)
     exc = cls(details or code.name)
     exc.code = code
+    # The server's interceptor echoes x-request-id on every answer: an error without one never
+    # reached it (the transport failed), one with it is the server's own answer.
+    trailing: Any = None
+    try:
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 - a call that never started has no metadata to read
+        trailing = None
+    exc.request_id = next((str(item[1]) for item in (trailing or ()) if item[0] == "x-request-id"), "")  # type: ignore[attr-defined]
     return exc

@@ -9,22 +9,25 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client.client import model_type_name, stage_name
 from aqimodels.client.errors import InvalidArgumentError
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 # The metrics a person looks at first, in table order; horizons and the baseline follow when present.
 KEY_METRICS: tuple[str, ...] = ("rmse", "mae", "r2", "accuracy")
@@ -50,9 +53,17 @@ _HEALTH = {
     pb.MODEL_HEALTH_NO_PRODUCTION: ("no production version", "yellow"),
     pb.MODEL_HEALTH_DEGRADED: ("DEGRADED", "bold red"),
 }
+_SHORT_HEALTH = {
+    pb.MODEL_HEALTH_HEALTHY: ("healthy", "green"),
+    pb.MODEL_HEALTH_NO_PRODUCTION: ("no prod", "yellow"),
+    pb.MODEL_HEALTH_DEGRADED: ("DEGRADED", "bold red"),
+}
 _MISSING = "—"
 # Metrics that count things print without decimals.
 _COUNT_SUFFIXES = ("epochs", "samples", "stations", "rows", "hours", "size", "count", "rounds")
+# Metrics that measure (errors, scores, times): their whole values keep the decimals of their kind.
+_MEASURE_WORDS = ("rmse", "mae", "mse", "r2", "accuracy", "skill", "loss", "latency", "seconds", "throughput",
+                  "memory", "ratio", "rate", "margin", "value")
 
 
 # ---- plain values ----
@@ -135,8 +146,8 @@ def fmt_metric(name: str, value: float | None) -> str:
         return f"{value * 100:.1f}%"
     if name == "r2":
         return f"{value:.3f}"
-    if value == int(value) and name.endswith(_COUNT_SUFFIXES):
-        return f"{int(value):,}"
+    if value == int(value) and (name.endswith(_COUNT_SUFFIXES) or not any(w in name for w in _MEASURE_WORDS)):
+        return f"{int(value):,}"  # counts, epochs, sizes, flags: 6, not 6.00
     if abs(value) >= 10_000:
         return f"{value:,.0f}"
     if abs(value) >= 100:
@@ -184,8 +195,42 @@ def promotion_text(decision: pb.PromotionDecision) -> str:
 
 
 def to_dict(message: Message) -> dict[str, Any]:
-    """A proto as the JSON the CLI prints (field names as in the .proto)."""
-    return MessageToDict(message, preserving_proto_field_name=True)
+    """A proto as the JSON the CLI prints (field names as in the .proto).
+
+    A google.protobuf.Struct holds every number as a double: whole ones inside it (the versions
+    in an audit event's ``before``/``after``) print as integers, 3 and not 3.0.
+    """
+    from google.protobuf.json_format import MessageToDict  # only --json needs it: kept off the CLI's start
+
+    data = MessageToDict(message, preserving_proto_field_name=True)
+    _whole_numbers_in_structs(message, data)
+    return data
+
+
+def _as_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _as_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_int(v) for v in value]
+    return value
+
+
+def _whole_numbers_in_structs(message: Message, data: dict[str, Any]) -> None:
+    for fd, value in message.ListFields():
+        if fd.message_type is None or fd.name not in data:
+            continue
+        if fd.message_type.full_name == "google.protobuf.Struct":
+            data[fd.name] = _as_int(data[fd.name])
+        elif fd.message_type.GetOptions().map_entry:
+            continue
+        elif fd.is_repeated:
+            for item, out in zip(value, data[fd.name], strict=False):
+                if isinstance(out, dict):
+                    _whole_numbers_in_structs(item, out)
+        elif isinstance(data[fd.name], dict):
+            _whole_numbers_in_structs(value, data[fd.name])
 
 
 def to_json(message: Message | Mapping[str, Any] | Sequence[Any], *, indent: int | None = 2) -> str:
@@ -214,8 +259,9 @@ def _metric_cells(mv: pb.ModelVersion | None, names: Iterable[str]) -> list[str]
     return [fmt_metric(n, mv.metrics[n]) if mv is not None and n in mv.metrics else _MISSING for n in names]
 
 
-def status_view(status: pb.GetStatusResponse, now: datetime | None = None) -> RenderableType:
-    """The whole ``aqimodels status`` screen: one table per model, the backend line, the workers."""
+def status_view(status: pb.GetStatusResponse, now: datetime | None = None, *, wide: bool = False) -> RenderableType:
+    """The whole ``aqimodels status`` screen: one line per model (``wide``: one table per model),
+    the backend line, the workers."""
     parts: list[RenderableType] = []
     backend = status.backend
     if not status.models:
@@ -225,13 +271,49 @@ def status_view(status: pb.GetStatusResponse, now: datetime | None = None) -> Re
         else:
             parts.append(Text("No models could be read: the MLflow backend is unhealthy (see below).",
                               style="bold red"))
-    for ms in status.models:
-        parts.append(model_status_table(ms, now))
+    if wide:
+        for ms in status.models:
+            parts.append(model_status_table(ms, now))
+    elif status.models:
+        parts.append(models_status_table(status.models, now))
     parts.append(backend_line(backend))
     parts.append(workers_view(status.workers))
     if status.server_version:
         parts.append(Text(f"server {status.server_version}", style="dim"))
     return Group(*parts)
+
+
+def _pointer_cell(mv: pb.ModelVersion | None, metric: str = "rmse") -> str:
+    if mv is None or not mv.version:
+        return _MISSING
+    return f"v{mv.version} {fmt_metric(metric, mv.metrics[metric])}" if metric in mv.metrics else f"v{mv.version}"
+
+
+def running_jobs_text(jobs: Sequence[pb.RetrainJob]) -> str:
+    return ", ".join(f"{j.job_id} ({job_state_name(j.state)}"
+                     + (f", epoch {j.epoch}/{j.total_epochs}" if j.total_epochs else "") + ")"
+                     for j in jobs) or "none"
+
+
+def models_status_table(models: Sequence[pb.ModelStatus], now: datetime | None = None) -> RenderableType:
+    """``aqimodels status``: one row per model (production, staging and latest with their rmse)."""
+    from rich import box
+
+    table = Table(title="Models: version and rmse of each pointer (status --wide: all metrics)",
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
+                  collapse_padding=True)
+    table.add_column("model", no_wrap=True)
+    for col, justify in (("health", "left"), ("production", "right"), ("staging", "right"), ("latest", "right"),
+                         ("trained", "left"), ("jobs", "left")):
+        table.add_column(col, justify=justify, no_wrap=col != "jobs")  # type: ignore[arg-type]
+    for ms in models:
+        health, style = _SHORT_HEALTH.get(ms.health, ("unknown", "dim"))
+        table.add_row(ms.model.name, Text(health, style=style),
+                      _pointer_cell(ms.production if ms.HasField("production") else None),
+                      _pointer_cell(ms.staging if ms.HasField("staging") else None),
+                      _pointer_cell(ms.latest if ms.HasField("latest") else None),
+                      human_time(ms.last_training_time, now), escape(running_jobs_text(ms.running_jobs)))
+    return table
 
 
 def model_status_table(ms: pb.ModelStatus, now: datetime | None = None) -> RenderableType:
@@ -259,13 +341,7 @@ def model_status_table(ms: pb.ModelStatus, now: datetime | None = None) -> Rende
             continue
         table.add_row(Text(label, style=_STAGE_STYLES.get(label, "")), version_label(mv.version),
                       *_metric_cells(mv, KEY_METRICS), human_time(mv.create_time, now))
-    if ms.running_jobs:
-        jobs = ", ".join(f"{j.job_id} ({job_state_name(j.state)}"
-                         + (f", epoch {j.epoch}/{j.total_epochs}" if j.total_epochs else "") + ")"
-                         for j in ms.running_jobs)
-        table.caption = f"running jobs: {jobs}"
-    else:
-        table.caption = "running jobs: none"
+    table.caption = f"running jobs: {running_jobs_text(ms.running_jobs)}"
     table.caption_justify = "left"
     return Group(Text(), title, table)
 
@@ -379,34 +455,55 @@ def version_view(mv: pb.ModelVersion, now: datetime | None = None) -> Renderable
     return Group(*parts)
 
 
+def baseline_for(metric: str) -> str:
+    """The persistence baseline matching a ranking metric: ``baseline_rmse_h6`` for ``rmse_h6``."""
+    return f"baseline_{metric}" if metric.startswith(("rmse", "mae")) else BASELINE_METRIC
+
+
 def compare_columns(metric: str, metric_names: Iterable[str]) -> list[str]:
-    """The metric columns of a comparison: the key ones, horizons and baseline when present."""
+    """The metric columns of a comparison: the ranking one first when it is not a key one, the key
+    ones, horizons, and the baseline of the ranking metric (else the overall one), each once."""
     present = set(metric_names)
     cols = [m for m in KEY_METRICS if m in present]
     if metric and metric not in cols and metric in present:
         cols.insert(0, metric)
-    cols += [m for m in HORIZON_METRICS if m in present]
-    if BASELINE_METRIC in present:
-        cols.append(BASELINE_METRIC)
+    cols += [m for m in HORIZON_METRICS if m in present and m not in cols]
+    baseline = baseline_for(metric) if baseline_for(metric) in present else BASELINE_METRIC
+    if baseline in present:
+        cols.append(baseline)
     return cols
 
 
-def compare_table(name: str, resp: pb.CompareModelVersionsResponse) -> RenderableType:
+def _column_title(col: str) -> str:
+    if col == BASELINE_METRIC:
+        return "baseline"
+    if col.startswith("baseline_"):
+        return "baseline " + col.removeprefix("baseline_").replace("rmse_h", "+").replace("mae_h", "mae +") \
+            + (" h" if col.removeprefix("baseline_").startswith(("rmse_h", "mae_h")) else "")
+    return col
+
+
+def compare_table(name: str, resp: pb.CompareModelVersionsResponse, width: int | None = None) -> RenderableType:
+    """The comparison; below 120 columns (``width``) only the ranking metric, rmse/mae/r2 and the baseline."""
     metric = resp.metric or "rmse"
     if not resp.versions:
         return Text(f"{name}: no versions to compare.")
     cols = compare_columns(metric, resp.metric_names)
+    if width is not None and width < 120:
+        cols = [c for c in cols if c in (metric, "rmse", "mae", "r2") or c.startswith("baseline")]
+    from rich import box
+
     table = Table(title=Text.assemble((name, "bold"), f" — ranked by {metric} ({metric_direction(resp.direction)})"),
-                  title_justify="left")
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
+                  collapse_padding=True)
     table.add_column("rank", justify="right")
     table.add_column("version", justify="right")
     table.add_column("stage")
     for col in cols:
-        table.add_column(("baseline" if col == BASELINE_METRIC else col) + (" *" if col == metric else ""),
-                         justify="right")
+        table.add_column(_column_title(col) + (" *" if col == metric else ""), justify="right", no_wrap=True)
     table.add_column("Δ best", justify="right")
     table.add_column("dataset")
-    table.add_column("")
+    table.add_column("best")
     for row in resp.versions:
         mv = row.version
         best = resp.best_version != 0 and mv.version == resp.best_version
@@ -477,6 +574,8 @@ class JobProgress:
     promotion: str = ""
     error: str = ""
     last_sequence: int = 0
+    stopped_early: bool = False
+    best_epoch: int = 0
 
     @property
     def done(self) -> bool:
@@ -519,8 +618,7 @@ def apply_event(jobs: dict[str, JobProgress], event: pb.RetrainEvent) -> JobProg
             job.metrics = dict(s.version.metrics)
         job.promotion = promotion_text(s.promotion)
         job.phase = f"succeeded → v{job.version}" if job.version else "succeeded"
-        if job.total:
-            job.epoch = max(job.epoch, job.total)
+        _note_early_stop(job)
         if not event.state:
             job.state = pb.JOB_STATE_SUCCEEDED
     elif kind == "ended":
@@ -554,9 +652,7 @@ def _apply_train_event(job: JobProgress, ev: Any) -> None:
         job.elapsed = e.elapsed_seconds
         job.phase = f"training {e.member}" if e.member else "training"
     elif kind == "evaluating":
-        job.phase = "evaluating"
-        if job.total:
-            job.epoch = job.total
+        job.phase = "evaluating"  # the bar keeps the epochs that ran: an early stop is not a completion
     elif kind == "registering":
         job.phase = "registering"
     elif kind == "finished":
@@ -565,6 +661,7 @@ def _apply_train_event(job: JobProgress, ev: Any) -> None:
         job.metrics = dict(f.metrics)
         job.elapsed = f.training_seconds or job.elapsed
         job.phase = f"registered v{f.version}"
+        _note_early_stop(job)
     elif kind == "failed":
         job.error = ev.failed.reason
         job.phase = "failed" + (f" ({ev.failed.code})" if ev.failed.code else "")
@@ -573,13 +670,44 @@ def _apply_train_event(job: JobProgress, ev: Any) -> None:
         job.phase = "cancelled"
 
 
+def _note_early_stop(job: JobProgress) -> None:
+    """From the run's convergence metrics: how many epochs ran and whether training stopped early."""
+    ran, best = job.metrics.get("epochs_run"), job.metrics.get("best_epoch")
+    if ran is not None and not math.isnan(ran):
+        job.epoch = int(ran)
+    if best is not None and not math.isnan(best):
+        job.best_epoch = int(best)
+    job.stopped_early = bool(job.metrics.get("early_stopped")) or (job.total > 0 and 0 < job.epoch < job.total
+                                                                   and ran is not None)
+    if job.stopped_early and job.total:
+        job.phase += f" · {job.epoch}/{job.total}, stopped early" + (
+            f", best epoch {job.best_epoch}" if job.best_epoch else "")
+
+
+def eta_seconds(job: JobProgress) -> float | None:
+    """The time left at the rate so far (epochs per elapsed second), once there is a rate."""
+    if job.done or not job.total or job.epoch <= 0 or not job.elapsed or job.epoch >= job.total:
+        return None
+    return (job.total - job.epoch) * job.elapsed / job.epoch
+
+
 def progress_fields(job: JobProgress) -> dict[str, Any]:
     """The text fields of a job's progress bar."""
+    eta = eta_seconds(job)
     return {
         "loss": f"loss {job.loss:.4f}" if job.loss is not None else "",
         "val": f"val rmse {job.validation_rmse:.2f}" if job.validation_rmse is not None else "",
-        "elapsed": f"{job.elapsed:.0f} s" if job.elapsed is not None else "",
+        "elapsed": (f"{job.elapsed:.0f} s" if job.elapsed is not None else "")
+        + (f", ETA {human_delta(eta)}" if eta is not None else ""),
     }
+
+
+def progress_line(job: JobProgress) -> str:
+    """One line of a job's progress, for logs and pipes."""
+    f = progress_fields(job)
+    steps = f"{job.epoch}/{job.total}" if job.total else ""
+    return "  ".join(p for p in (f"{job.job_id} {job.model_type}: {job.phase}", steps, f["loss"], f["val"],
+                                 f["elapsed"]) if p)
 
 
 def event_line(job: JobProgress, event: pb.RetrainEvent) -> str | None:
@@ -592,43 +720,78 @@ def event_line(job: JobProgress, event: pb.RetrainEvent) -> str | None:
 
 
 class RetrainView:
-    """One rich progress bar per job, fed with RetrainEvents."""
+    """One rich progress bar per job, fed with RetrainEvents.
 
-    def __init__(self, console: Console) -> None:
+    The bar and the numbers keep their room at any width: the description (model and phase)
+    takes what is left and ends with "…" when it does not fit. Off a terminal, state changes are
+    printed as lines, and every running job's progress at least every ``heartbeat_seconds``.
+    """
+
+    def __init__(self, console: Console, heartbeat_seconds: float = 10.0) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # retrain/watch only
+        from rich.table import Column
+
         self.console = console
         self.jobs: dict[str, JobProgress] = {}
+        width = console.width
+        bar = 12 if width < 100 else 24
+        numbers = 6 + 12 + 15 + 16  # M/N, loss, val rmse, "123 s, ETA 10 min"
+        description = max(14, min(60, width - bar - numbers - 6))
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[val]}"),
-            TextColumn("{task.fields[elapsed]}"), console=console, transient=False)
+            TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                 min_width=14, max_width=description)),
+            BarColumn(bar_width=bar), MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}", table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[val]}", table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[elapsed]}", table_column=Column(no_wrap=True)),
+            console=console, transient=False)
         self.tasks: dict[str, TaskID] = {}
+        self.heartbeat_seconds = heartbeat_seconds
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._last_line = time.monotonic()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
         if self._started:
             self.progress.stop()
 
     _started = False
 
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(min(1.0, self.heartbeat_seconds)):
+            with self._lock:
+                if time.monotonic() - self._last_line < self.heartbeat_seconds:
+                    continue
+                for job in self.jobs.values():
+                    if not job.done:
+                        self.console.print(escape(progress_line(job)), highlight=False)
+                self._last_line = time.monotonic()
+
     def update(self, event: pb.RetrainEvent) -> JobProgress:
-        if not self._started:
-            # Started on the first event, so that a stream failing at once leaves no empty display.
-            self.progress.start()
-            self._started = True
-        job = apply_event(self.jobs, event)
-        task = self.tasks.get(job.job_id)
-        if task is None:
-            task = self.tasks[job.job_id] = self.progress.add_task(job.description, total=job.total or None,
-                                                                   **progress_fields(job))
-        self.progress.update(task, description=job.description, total=job.total or None, completed=job.completed,
-                             **progress_fields(job))
-        line = event_line(job, event)
-        if line is not None and not self.console.is_terminal:
-            # On a terminal the bars say it all; in logs and pipes the bars only show at the end.
-            self.console.print(escape(line), highlight=False)
-        return job
+        with self._lock:
+            if not self._started:
+                # Started on the first event, so that a stream failing at once leaves no empty display.
+                self.progress.start()
+                self._started = True
+                if not self.console.is_terminal:
+                    threading.Thread(target=self._heartbeat, name="progress-heartbeat", daemon=True).start()
+            job = apply_event(self.jobs, event)
+            task = self.tasks.get(job.job_id)
+            if task is None:
+                task = self.tasks[job.job_id] = self.progress.add_task(job.description, total=job.total or None,
+                                                                       **progress_fields(job))
+            self.progress.update(task, description=job.description, total=job.total or None,
+                                 completed=job.completed, **progress_fields(job))
+            line = event_line(job, event)
+            if line is not None and not self.console.is_terminal:
+                # On a terminal the bars say it all; in logs and pipes the bars only show at the end.
+                self.console.print(escape(line), highlight=False)
+                self._last_line = time.monotonic()
+            return job
 
 
 def summary_table(jobs: Iterable[JobProgress]) -> Table:

@@ -20,6 +20,7 @@ from aqimodels.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from aqimodels.server import auth, deadlines
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
+from aqimodels.server.health_service import HealthServicer
 from aqimodels.server.interceptors import ServerInterceptor
 from aqimodels.server.metrics import Metrics, endpoint_host
 from aqimodels.server.mlflow_store import MlflowModelStore
@@ -147,17 +148,28 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         db.audit_record(actor=actor, role=role, action=rpc, model_name="", version=0, before={}, after={},
                         outcome="denied", request_id=current_request_id(), message=message)
 
+    def audit_rejection(caller: Any, rpc: str, message: str) -> None:
+        """A change refused at the edge (its bytes are not the request) is on the audit trail."""
+        if rpc not in auth.MUTATING_RPCS:
+            return
+        from aqimodels.server.interceptors import current_request_id
+
+        db.audit_record(actor=getattr(caller, "name", "anonymous"), role=getattr(caller, "role", ""), action=rpc,
+                        model_name="", version=0, before={}, after={}, outcome="rejected",
+                        request_id=current_request_id(), message=message)
+
     authenticate = auth.authenticator(config.tokens_file, audit_denial, "registry")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        interceptors=[ServerInterceptor(authenticate, metrics.observe_rpc if metrics is not None else None)],
+        interceptors=[ServerInterceptor(authenticate, metrics.observe_rpc if metrics is not None else None,
+                                        audit_rejection)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
     registry_pb2_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service, jobs, workers, monitor),
                                                           server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)

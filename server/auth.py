@@ -175,11 +175,19 @@ def bind(server: grpc.Server, address: str, creds: grpc.ServerCredentials | None
     return int(port)
 
 
-def authenticator(tokens_file: str, audit: AuditSink | None, component: str) -> Authenticator:
-    """The authenticator of a process: open (with one warning) without a token file."""
+def authenticator(tokens_file: str, audit: AuditSink | None, component: str,
+                  registry_token: str = "") -> Authenticator:
+    """The authenticator of a process: open (with one warning) without a token file.
+
+    ``registry_token``: the token of the registry that started this worker (an operator named
+    ``registry``), trusted beside the file's entries.
+    """
     if not tokens_file:
         log.warning("authentication_disabled", component=component,
                     hint="no AQIMODELS_TOKENS_FILE: every caller is anonymous with the admin role; "
                          "allowed on loopback only")
         return Authenticator(None, audit)
-    return Authenticator(TokenStore.load(tokens_file), audit)
+    store = TokenStore.load(tokens_file)
+    if registry_token:
+        store.entries.append(TokenEntry("registry", "operator", hashlib.sha256(registry_token.encode()).digest()))
+    return Authenticator(store, audit)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
-from aqimodels.client.errors import InvalidArgumentError
+from aqimodels.client.errors import InvalidArgumentError, bound, quote
 from aqimodels.server.dbtimeouts import DbTimeouts
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -62,6 +64,142 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {env.get(name)!r}")
+
+
+# Schemes MLflow's tracking store takes (a plain path is a file store).
+_TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
+# Schemes of MLflow artifact stores (a plain path is a local folder).
+_ARTIFACT_SCHEMES = ("file", "s3", "gs", "wasbs", "abfss", "hdfs", "viewfs", "ftp", "sftp", "http", "https",
+                     "mlflow-artifacts", "dbfs", "runs", "models", "oci")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
+_METRIC = re.compile(r"^[A-Za-z0-9_.\-/]{1,250}$")
+_DATASET_SCHEMES = ("synthetic", "beijing", "file")
+_SYNTHETIC_KEYS = ("stations", "days", "seed")
+
+
+def _shown(value: str) -> str:
+    return quote(value, 80)
+
+
+def _scheme(uri: str) -> str:
+    """The scheme of ``uri`` ("" for a plain path); ``postgresql+psycopg`` gives ``postgresql``."""
+    head, sep, _ = uri.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", head) or len(head) == 1:
+        return ""  # a plain path (or a Windows drive letter)
+    return head.lower().split("+", 1)[0]
+
+
+def check_tracking_uri(uri: str, name: str = "MLFLOW_TRACKING_URI") -> str:
+    scheme = _scheme(uri)
+    if scheme and scheme not in _TRACKING_SCHEMES:
+        raise ConfigError(f"{name}={_shown(uri)} has the unknown scheme {scheme!r}; use sqlite:///path.db, "
+                          "postgresql+psycopg://user@host/db, a file path or an http(s) tracking server")
+    if scheme in _TRACKING_SCHEMES[:4]:
+        check_database_url(uri, name)
+    return uri
+
+
+def check_database_url(url: str, name: str = "AQIMODELS_DATABASE_URL") -> str:
+    """A SQLAlchemy URL whose dialect and driver are installed."""
+    if not url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url).get_dialect()
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, a driver that fails to import
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{name}={_shown(url)} is not a usable database URL ({bound(first, 120)}); "
+                          "use sqlite:///path.db or postgresql+psycopg://user@host/db") from None
+    return url
+
+
+def check_host(host: str, name: str) -> str:
+    """An IP address or a host name."""
+    bare = host.removeprefix("[").removesuffix("]") if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+        return host
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(bare):
+        raise ConfigError(f"{name}={_shown(host)} is neither an IP address nor a host name")
+    return host
+
+
+def check_worker_target(target: str, name: str = "AQIMODELS_WORKERS") -> str:
+    """``local``, ``host:port``, ``[v6]:port`` or ``dns:///host:port``."""
+    if target == LOCAL_WORKER:
+        return target
+    rest = target.removeprefix("dns:///")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: {_shown(target)} is not a worker target; use host:port, dns:///name:port, "
+                          "local or none")
+    check_host(host, name)
+    return target
+
+
+def check_metric_name(metric: str, name: str) -> str:
+    if not _METRIC.match(metric):
+        raise ConfigError(f"{name}={_shown(metric)} is not a metric name (letters, digits, _ . - /), e.g. rmse")
+    return metric
+
+
+def check_dataset_spec(spec: str, name: str) -> str:
+    """The syntax of a dataset spec (the worker checks that its files exist)."""
+    if not spec:
+        return spec
+    scheme = _scheme(spec)
+    if scheme and scheme not in _DATASET_SCHEMES and not os.path.exists(spec):
+        raise ConfigError(f"{name}={_shown(spec)} has the unknown scheme {scheme!r}; use "
+                          "synthetic[:stations=6,days=90,seed=7], beijing:<folder>, file:<path> or a path")
+    if scheme == "synthetic":
+        for part in filter(None, (p.strip() for p in spec.partition(":")[2].split(","))):
+            key, eq, value = (x.strip() for x in part.partition("="))
+            if not eq or key not in _SYNTHETIC_KEYS or not re.fullmatch(r"-?[0-9]{1,10}", value):
+                raise ConfigError(f"{name}: {_shown(part)} is not a synthetic dataset parameter; use "
+                                  "stations=N, days=N and seed=N, e.g. synthetic:stations=6,days=90")
+    elif scheme in ("beijing", "file") and not spec.partition(":")[2].strip():
+        raise ConfigError(f"{name}={_shown(spec)} names no folder or file after {scheme}:")
+    return spec
+
+
+def check_artifact_location(location: str, name: str = "AQIMODELS_ARTIFACT_LOCATION") -> str:
+    """A known artifact-store scheme; a local folder must be writable (created when missing)."""
+    if not location:
+        return location
+    scheme = _scheme(location)
+    if scheme and scheme not in _ARTIFACT_SCHEMES:
+        raise ConfigError(f"{name}={_shown(location)} has the unknown scheme {scheme!r}; use a folder, "
+                          "file:///folder, s3://bucket/path, gs://..., or mlflow-artifacts:/...")
+    if scheme in ("", "file"):
+        problem = local_folder_problem(location)
+        if problem:
+            raise ConfigError(f"{name}={_shown(location)} {problem}")
+    return location
+
+
+def local_folder_problem(location: str) -> str:
+    """Why a local artifact folder (path or file: URI) cannot be written, or "" when it can."""
+    from urllib.parse import unquote, urlparse
+
+    path = unquote(urlparse(location).path) if location.startswith("file:") else location
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"is not writable: {exc.strerror or exc}"
+    return ""
+
+
+def _token(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if value and not re.fullmatch(r"[\x21-\x7e]{1,4096}", value):
+        raise ConfigError(f"{name} holds spaces, control or non-ASCII characters; a bearer token is printable ASCII")
+    return value
 
 
 def absolute_sqlite_uri(uri: str, base: Path | None = None) -> str:
@@ -169,14 +307,18 @@ class ServerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerConfig:
         """Reads the configuration; a bad value raises ConfigError naming the variable."""
-        tracking = absolute_sqlite_uri(env.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI)
+        tracking = check_tracking_uri(absolute_sqlite_uri(env.get("MLFLOW_TRACKING_URI", "").strip()
+                                                          or DEFAULT_TRACKING_URI))
         workers_raw = env.get("AQIMODELS_WORKERS")
         if workers_raw is None or workers_raw.strip() == "":
             workers: tuple[str, ...] = (LOCAL_WORKER,)
         elif workers_raw.strip().lower() == NO_WORKERS:
             workers = ()
         else:
-            workers = tuple(w.strip() for w in workers_raw.split(",") if w.strip())
+            workers = tuple(check_worker_target(w.strip()) for w in workers_raw.split(",") if w.strip())
+            if not workers:
+                raise ConfigError(f"AQIMODELS_WORKERS={_shown(workers_raw)} lists no worker target; use "
+                                  "host:port,..., dns:///name:port, local or none")
         level = env.get("AQIMODELS_LOG_LEVEL", "info").strip().lower()
         if level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"AQIMODELS_LOG_LEVEL must be debug, info, warning or error, got {level!r}")
@@ -185,12 +327,13 @@ class ServerConfig:
             raise ConfigError(f"AQIMODELS_LOG_FORMAT must be json or console, got {log_format!r}")
         return cls(
             tracking_uri=tracking,
-            database_url=absolute_sqlite_uri(env.get("AQIMODELS_DATABASE_URL", "").strip()),
-            host=env.get("AQIMODELS_HOST", "").strip() or "127.0.0.1",
+            database_url=check_database_url(absolute_sqlite_uri(env.get("AQIMODELS_DATABASE_URL", "").strip())),
+            host=check_host(env.get("AQIMODELS_HOST", "").strip() or "127.0.0.1", "AQIMODELS_HOST"),
             port=_int(env, "AQIMODELS_PORT", 50051, 0, 65535),
-            experiment_name=env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT,
+            experiment_name=experiment_from_env(env),
             auto_promotion=_bool(env, "MLFLOW_AUTO_PROMOTION", False),
-            promotion_metric=env.get("AQIMODELS_PROMOTION_METRIC", "").strip() or "rmse",
+            promotion_metric=check_metric_name(env.get("AQIMODELS_PROMOTION_METRIC", "").strip() or "rmse",
+                                               "AQIMODELS_PROMOTION_METRIC"),
             promotion_margin=_float(env, "AQIMODELS_PROMOTION_MARGIN", 0.0),
             workers=workers,
             max_workers=_int(env, "AQIMODELS_MAX_WORKERS", 64, 4, 10_000),
@@ -198,20 +341,19 @@ class ServerConfig:
             log_level=level,
             cache_ttl_seconds=_float(env, "AQIMODELS_CACHE_TTL_SECONDS", 2.0),
             shutdown_grace_seconds=_float(env, "AQIMODELS_SHUTDOWN_GRACE_SECONDS", 10.0),
-            artifact_location=env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip(),
+            artifact_location=check_artifact_location(env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip()),
             metrics_port=metrics_port_from_env(env, "AQIMODELS_METRICS_PORT", "AQIMODELS_PORT", 50051),
             job_lease_seconds=_lease_seconds(env),
             **security_from_env(env),
-            worker_token=env.get("AQIMODELS_WORKER_TOKEN", "").strip(),
-            worker_ca_cert=_file(env, "AQIMODELS_WORKER_CA_CERT"),
-            worker_client_cert=_file(env, "AQIMODELS_WORKER_CLIENT_CERT"),
-            worker_client_key=_file(env, "AQIMODELS_WORKER_CLIENT_KEY"),
+            worker_token=_token(env, "AQIMODELS_WORKER_TOKEN"),
+            **worker_tls_from_env(env),
             **monitoring_from_env(env),
             **resilience_from_env(env),
         ).checked()
 
     def checked(self) -> ServerConfig:
-        """Refuses a listening address off loopback without a token file."""
+        """Refuses an unparseable listening address, and one off loopback without a token file."""
+        check_host(self.host, "AQIMODELS_HOST")
         check_exposure(self.host, self.tokens_file, "AQIMODELS_HOST")
         return self
 
@@ -251,14 +393,67 @@ def metrics_port_from_env(env: Mapping[str, str], name: str, grpc_name: str, grp
 def _file(env: Mapping[str, str], name: str) -> str:
     path = env.get(name, "").strip()
     if path and not Path(path).is_file():
-        raise ConfigError(f"{name}={path} is not a readable file")
+        raise ConfigError(f"{name}={_shown(path)} is not a readable file")
     return path
+
+
+def _pem(env: Mapping[str, str], name: str, kind: str) -> str:
+    """A readable PEM file holding ``kind`` ("CERTIFICATE" or "PRIVATE KEY"); grpc itself only says
+    "Failed to bind" (server) or fails each call (channel) on anything else."""
+    path = _file(env, name)
+    if path:
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{name}={_shown(path)} cannot be read: {exc.strerror or exc}") from None
+        if not re.search(rb"-----BEGIN [A-Z ]*" + kind.encode() + rb"-----", text):
+            raise ConfigError(f"{name}={_shown(path)} is not a PEM {kind.lower()} (no '-----BEGIN ... {kind}-----')")
+    return path
+
+
+def _toml(env: Mapping[str, str], name: str) -> str:
+    """A readable TOML file (the entries are checked when the token store loads)."""
+    import tomllib
+
+    path = _file(env, name)
+    if path:
+        try:
+            tomllib.loads(Path(path).read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"{name}: token file {_shown(path)} is not valid TOML: "
+                              f"{bound(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 160)}") from None
+    return path
+
+
+def experiment_from_env(env: Mapping[str, str]) -> str:
+    name = env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT
+    if len(name) > 256 or re.search(r"[\x00-\x1f\x7f]", name):
+        raise ConfigError("MLFLOW_EXPERIMENT_NAME must be at most 256 printable characters")
+    return name
+
+
+class WorkerTls(TypedDict):
+    worker_ca_cert: str
+    worker_client_cert: str
+    worker_client_key: str
+
+
+def worker_tls_from_env(env: Mapping[str, str]) -> WorkerTls:
+    """How the registry reaches its workers over TLS: a CA bundle, and a client pair for mutual TLS."""
+    values = WorkerTls(worker_ca_cert=_pem(env, "AQIMODELS_WORKER_CA_CERT", "CERTIFICATE"),
+                       worker_client_cert=_pem(env, "AQIMODELS_WORKER_CLIENT_CERT", "CERTIFICATE"),
+                       worker_client_key=_pem(env, "AQIMODELS_WORKER_CLIENT_KEY", "PRIVATE KEY"))
+    if bool(values["worker_client_cert"]) != bool(values["worker_client_key"]):
+        raise ConfigError("AQIMODELS_WORKER_CLIENT_CERT and AQIMODELS_WORKER_CLIENT_KEY must be set together")
+    return values
 
 
 def security_from_env(env: Mapping[str, str]) -> dict[str, str]:
     """Token file and TLS files, shared by the registry and the worker."""
-    values = {"tokens_file": _file(env, "AQIMODELS_TOKENS_FILE"), "tls_cert": _file(env, "AQIMODELS_TLS_CERT"),
-              "tls_key": _file(env, "AQIMODELS_TLS_KEY"), "tls_client_ca": _file(env, "AQIMODELS_TLS_CLIENT_CA")}
+    values = {"tokens_file": _toml(env, "AQIMODELS_TOKENS_FILE"),
+              "tls_cert": _pem(env, "AQIMODELS_TLS_CERT", "CERTIFICATE"),
+              "tls_key": _pem(env, "AQIMODELS_TLS_KEY", "PRIVATE KEY"),
+              "tls_client_ca": _pem(env, "AQIMODELS_TLS_CLIENT_CA", "CERTIFICATE")}
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("AQIMODELS_TLS_CERT and AQIMODELS_TLS_KEY must be set together")
     if values["tls_client_ca"] and not values["tls_cert"]:
@@ -330,7 +525,8 @@ def monitoring_from_env(env: Mapping[str, str]) -> MonitoringSettings:
         retrain_on_degradation=_bool(env, "AQIMODELS_RETRAIN_ON_DEGRADATION", False),
         retrain_schedule=schedule,
         retrain_models=models,
-        retrain_dataset=env.get("AQIMODELS_RETRAIN_DATASET", "").strip(),
+        retrain_dataset=check_dataset_spec(env.get("AQIMODELS_RETRAIN_DATASET", "").strip(),
+                                           "AQIMODELS_RETRAIN_DATASET"),
         retention_keep_last=keep_last,
         retention_older_than_days=older_than,
     )

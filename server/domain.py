@@ -21,6 +21,26 @@ JOB_ID_TAG = "job_id"
 MODEL_TYPE_TAG = "model_type"
 
 
+def tag_time(ms: int) -> str:
+    """A time written in an MLflow tag: ISO-8601 UTC (``2026-12-01T20:35:00.123Z``), readable in MLflow's UI."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def tag_time_ms(raw: str) -> int | None:
+    """The epoch ms of a tag written by :func:`tag_time` (or, by older versions, as epoch ms)."""
+    from datetime import datetime
+
+    raw = raw.strip()
+    if raw.isdigit():
+        return int(raw)
+    try:
+        return int(datetime.fromisoformat(raw).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
 class Stage(enum.Enum):
     """User-visible lifecycle stage (proto enum numbers)."""
 

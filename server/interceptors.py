@@ -20,7 +20,7 @@ from urllib.parse import quote
 import grpc
 import structlog
 
-from aqimodels.client.errors import AqiModelsError, status_code_for
+from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, bound, status_code_for
 from aqimodels.server import deadlines
 
 log = structlog.get_logger(__name__)
@@ -31,6 +31,20 @@ _caller: contextvars.ContextVar[Any] = contextvars.ContextVar("aqimodels_caller"
 # (method full name, invocation metadata) -> caller identity; raises UnauthenticatedError etc.
 Authenticator = Callable[[str, dict[str, str]], Any]
 Observer = Callable[[str, str, float], None]  # (rpc, code name, seconds)
+# (caller, rpc, message): a request refused at the edge (bytes that are not its message, a string over its cap)
+Rejecter = Callable[[Any, str, str], None]
+
+# Every status message is bounded: a message quoting a huge input would pass gRPC's metadata limit
+# (RESOURCE_EXHAUSTED in Python, a hung call in grpc-js). Inputs are quoted with errors.quote.
+MAX_MESSAGE_CHARS = 1000
+# Caps on the request's string fields at the edge: names and identifiers 256 characters, free text
+# (reasons, dataset specs, descriptions, page tokens) 4096, anything else 1024.
+NAME_CHARS = 256
+TEXT_CHARS = 4096
+OTHER_CHARS = 1024
+_TEXT_FIELDS = frozenset({"reason", "spec", "description", "message", "page_token", "dataset", "model_uri",
+                          "source"})
+_OTHER_FIELDS = frozenset({"extra", "tags"})  # map values
 
 
 class Wire:
@@ -82,9 +96,11 @@ def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
 class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Wraps every unary and server-streaming handler."""
 
-    def __init__(self, authenticate: Authenticator | None = None, observe: Observer | None = None) -> None:
+    def __init__(self, authenticate: Authenticator | None = None, observe: Observer | None = None,
+                 reject: Rejecter | None = None) -> None:
         self._authenticate = authenticate
         self._observe = observe
+        self._reject = reject
         # grpc asks for the handler on every call: the wrapped one is built once per method.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
@@ -93,8 +109,6 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = handler_call_details.method
-        if method.startswith("/grpc."):  # health and reflection pass through untouched
-            return handler
         kept = self._wrapped.get(method)
         if kept is None or kept[0] is not handler:
             kept = (handler, self._wrap(handler, method))
@@ -102,18 +116,47 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return kept[1]
 
     def _wrap(self, handler: Any, method: str) -> Any:
+        """The handler with the request's bytes parsed inside it (grpc gets no deserializer).
+
+        grpc's own deserialisation runs before any interceptor code and answers a failure with
+        INTERNAL "Exception deserializing request!" and a traceback in the log. Parsed here, after
+        authentication, bytes that are not the request message answer INVALID_ARGUMENT.
+        """
         rpc = method.rsplit("/", 1)[-1]
+        if method.startswith("/grpc."):  # health and reflection: only the parse moves in, nothing else
+            return _parsing_only(handler, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, rpc),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, method, rpc, handler.request_deserializer),
+                request_deserializer=None,
                 response_serializer=_passing_wire(handler.response_serializer))
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, rpc),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, method, rpc, handler.request_deserializer),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer)
         return handler
+
+    def _parse(self, raw: Any, deserialize: Callable[[bytes], Any] | None, rpc: str) -> Any:
+        """The request message of ``raw`` bytes, its strings within their caps; else InvalidArgumentError."""
+        if deserialize is None or not isinstance(raw, bytes):
+            return raw
+        try:
+            request = deserialize(raw)
+        except Exception:  # noqa: BLE001 - DecodeError, or anything else a hostile body makes the parser raise
+            error = InvalidArgumentError(f"request is not a valid {_message_name(deserialize, rpc)}",
+                                         field="request")
+        else:
+            problem = check_string_caps(request)
+            if problem is None:
+                return request
+            error = InvalidArgumentError(problem[1], field=problem[0])
+        if self._reject is not None:
+            try:
+                self._reject(current_caller(), rpc, error.message)
+            except Exception:  # a failed audit write must not turn INVALID_ARGUMENT into INTERNAL
+                log.exception("rejection_not_audited", rpc=rpc)
+        raise error
 
     def _begin(self, context: grpc.ServicerContext, method: str, rpc: str) -> None:
         md = _metadata(context)
@@ -138,7 +181,7 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _fail(self, context: grpc.ServicerContext, exc: BaseException, rpc: str) -> grpc.StatusCode:
         code = status_code_for(exc)
         if isinstance(exc, AqiModelsError) and code != grpc.StatusCode.INTERNAL:
-            message = exc.message
+            message = bound(exc.message, MAX_MESSAGE_CHARS)
         else:
             log.exception("rpc_failed_unexpectedly", rpc=rpc)
             code = grpc.StatusCode.INTERNAL
@@ -148,17 +191,20 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _finish(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
         duration = time.perf_counter() - start
-        log.info("rpc_finished", code=code.name, duration_ms=round(duration * 1000, 2))
+        # A registry probes its workers every few seconds: a healthy probe is routine (debug), a
+        # failing one is news (info).
+        emit = log.debug if rpc in _PROBE_RPCS and code == grpc.StatusCode.OK else log.info
+        emit("rpc_finished", code=code.name, duration_ms=round(duration * 1000, 2))
         if self._observe is not None:
             self._observe(rpc, code.name, duration)
 
-    def _wrap_unary(self, fn: Any, method: str, rpc: str) -> Any:
+    def _wrap_unary(self, fn: Any, method: str, rpc: str, deserialize: Any = None) -> Any:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
                 self._begin(context, method, rpc)
-                return fn(request, context)
+                return fn(self._parse(request, deserialize, rpc), context)
             except Exception as exc:
                 code = status_code_for(exc) if isinstance(exc, AqiModelsError) else grpc.StatusCode.INTERNAL
                 if _aborted(context):
@@ -170,13 +216,13 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         return handler
 
-    def _wrap_stream(self, fn: Any, method: str, rpc: str) -> Any:
+    def _wrap_stream(self, fn: Any, method: str, rpc: str, deserialize: Any = None) -> Any:
         def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
                 self._begin(context, method, rpc)
-                yield from fn(request, context)
+                yield from fn(self._parse(request, deserialize, rpc), context)
             except GeneratorExit:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -200,3 +246,83 @@ def _aborted(context: grpc.ServicerContext) -> bool:
         return context.code() not in (None, grpc.StatusCode.OK)
     except Exception:
         return False
+
+
+_PROBE_RPCS = frozenset({"GetWorkerInfo", "Check"})
+
+
+def _message_name(deserialize: Callable[[bytes], Any], rpc: str) -> str:
+    cls = getattr(deserialize, "__self__", None)
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "name", "") or f"{rpc}Request")
+
+
+def check_string_caps(message: Any, prefix: str = "") -> tuple[str, str] | None:
+    """The first string field over its cap as (field path, message), or None; walks nested messages and maps."""
+    for field, value in message.ListFields():
+        path = prefix + field.name
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            for key in value:
+                if isinstance(key, str) and len(key) > NAME_CHARS:
+                    return path, f"{path} has a key longer than {NAME_CHARS} characters"
+                item = value[key]
+                if isinstance(item, str):
+                    limit = TEXT_CHARS if field.name in _OTHER_FIELDS | _TEXT_FIELDS else OTHER_CHARS
+                    if len(item) > limit:
+                        return f"{path}[{key[:40]}]", f"{path}[{key[:40]}] is longer than {limit} characters"
+                elif value_field.message_type is not None:
+                    found = check_string_caps(item, f"{path}[{str(key)[:40]}].")
+                    if found is not None:
+                        return found
+            continue
+        items = value if field.is_repeated else [value]
+        if field.type == field.TYPE_STRING:
+            limit = TEXT_CHARS if field.name in _TEXT_FIELDS else NAME_CHARS
+            for item in items:
+                if len(item) > limit:
+                    return path, f"{path} is longer than {limit} characters"
+        elif field.message_type is not None:
+            for item in items:
+                found = check_string_caps(item, path + ".")
+                if found is not None:
+                    return found
+    return None
+
+
+def _parsing_only(handler: Any, method: str) -> Any:
+    """A health or reflection handler whose request is parsed inside it: bad bytes answer INVALID_ARGUMENT."""
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return handler
+    name = _message_name(deserialize, method.rsplit("/", 1)[-1])
+
+    def parse(raw: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception:  # noqa: BLE001 - any parser failure is the caller's bytes
+            log.info("rpc_finished", rpc=method.rsplit("/", 1)[-1], code="INVALID_ARGUMENT",
+                     reason=f"request is not a valid {name}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {name}")
+
+    if handler.unary_unary:
+        fn = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(lambda raw, ctx: fn(parse(raw, ctx), ctx),
+                                                   request_deserializer=None,
+                                                   response_serializer=handler.response_serializer)
+    if handler.unary_stream:
+        fn_s = handler.unary_stream
+
+        if getattr(fn_s, "experimental_non_blocking", False):  # health's Watch answers through a callback
+            def stream(raw: Any, ctx: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
+                return fn_s(parse(raw, ctx), ctx, send_response_callback)
+
+            stream.experimental_non_blocking = True  # type: ignore[attr-defined]
+            stream.experimental_thread_pool = getattr(fn_s, "experimental_thread_pool", None)  # type: ignore[attr-defined]
+        else:
+            def stream(raw: Any, ctx: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
+                yield from fn_s(parse(raw, ctx), ctx)
+
+        return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=None,
+                                                    response_serializer=handler.response_serializer)
+    return handler  # reflection is a bidirectional stream: its messages are parsed by grpc per message

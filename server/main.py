@@ -37,7 +37,11 @@ def main(host: str | None = None, port: int | None = None) -> int:
     from aqimodels.server.app import serve
     from aqimodels.server.jobs import jobs_factory
 
-    return serve(config, jobs_factory=jobs_factory)
+    try:
+        return serve(config, jobs_factory=jobs_factory)
+    except ConfigError as exc:  # found while starting (e.g. a token file entry without a role)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from aqimodels.client.errors import AqiModelsError, FailedPreconditionError, Inv
 from aqimodels.server.automation import Clock, RetentionPolicy, RetrainScheduler, utc_now
 from aqimodels.server.config import MODEL_TYPE_NAMES, ServerConfig
 from aqimodels.server.db import Database, audit_table, metadata
-from aqimodels.server.domain import PRODUCTION_ALIAS, PROMOTED_TIME_TAG, Stage
+from aqimodels.server.domain import PRODUCTION_ALIAS, PROMOTED_TIME_TAG, Stage, tag_time_ms
 from aqimodels.server.service import (
     Caller,
     CleanupResult,
@@ -290,7 +290,8 @@ class Monitor:
         if production and not current:
             v = next((v for v in snap.versions if v.version == production), None)
             raw = v.tags.get(PROMOTED_TIME_TAG, "") if v else ""
-            current, start = production, int(raw) if raw.isdigit() else (v.create_time_ms if v else 0)
+            promoted = tag_time_ms(raw)
+            current, start = production, promoted if promoted is not None else (v.create_time_ms if v else 0)
         if current:
             periods.append(ProductionPeriod(current, start, 0))
         return periods
@@ -491,6 +492,11 @@ class Monitor:
 
     def cleanup(self, caller: Caller, name: str, keep_last: int, versions: list[int], dry_run: bool) -> CleanupResult:
         """CleanupModelVersions; with keep_last 0 and no versions, the configured retention policy."""
-        if keep_last == 0 and not versions and self.retention.configured:
+        if keep_last == 0 and not versions:
+            if not self.retention.configured:
+                raise InvalidArgumentError(
+                    "no retention policy is configured on this registry (AQIMODELS_RETENTION, e.g. "
+                    "keep_last=5,older_than_days=30); give keep_last or the versions to delete instead",
+                    field="keep_last")
             return self.retention.apply(caller, name, dry_run)
         return self.service.cleanup(caller, name, keep_last, versions, dry_run)

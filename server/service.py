@@ -54,6 +54,7 @@ from aqimodels.server.domain import (
     RegisteredModel,
     Stage,
     higher_is_better,
+    tag_time,
 )
 from aqimodels.server import promotion_policy
 from aqimodels.server.paging import MAX_PAGE_SIZE, SortedIndex, decode_token, encode_token, page_size, paginate
@@ -763,7 +764,7 @@ class RegistryService:
                 if change:  # another station set or target never replaces production silently
                     raise FailedPreconditionError(
                         promotion_policy.data_change_message(name, target, snap.version(current), change))
-            now = str(_now_ms())
+            now = tag_time(_now_ms())
             staging = snap.model.aliases.get(STAGING_ALIAS)
             archived: list[int] = []
             pre: list[Write] = []
@@ -837,7 +838,7 @@ class RegistryService:
                     f"the previous production version {previous} of {name!r} was deleted; "
                     "promote a version explicitly instead")
             back = snap.version(previous)
-            now = str(_now_ms())
+            now = tag_time(_now_ms())
             writes = [Write("alias", PRODUCTION_ALIAS, to=str(previous), was=str(current)),
                       _tag(back, ARCHIVED_TAG, None), _tag(back, PROMOTED_TIME_TAG, now)]
             if snap.model.aliases.get(STAGING_ALIAS) == previous:

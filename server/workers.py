@@ -11,6 +11,7 @@ with a free slot (registry-side count below the capacity they report) receive jo
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -75,8 +76,10 @@ class WorkerPool:
         self._tmp = tempfile.TemporaryDirectory(prefix="aqimodels-worker-")
         # The registry authenticates to its workers with its own token, over TLS when configured.
         self._creds = _worker_credentials(config)
-        self._token_md: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else ())
+        # A local worker it starts trusts this token too (AQIMODELS_REGISTRY_TOKEN, below): without a
+        # configured one, a fresh per-process token, so a token file shared with it locks nothing out.
+        self._local_token = config.worker_token or secrets.token_urlsafe(32)
+        self._token_md: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self._local_token}"),)
         for target in config.workers:
             if target.startswith("dns:///"):
                 continue  # expanded into one handle per address by refresh_dns()
@@ -154,7 +157,7 @@ class WorkerPool:
         port_file = Path(self._tmp.name) / f"worker-{index}.port"
         port_file.unlink(missing_ok=True)
         handle.message = "starting local worker"
-        handle.process = spawn_local_worker(self.config, port_file)
+        handle.process = spawn_local_worker(self.config, port_file, self._local_token)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not self._stop.is_set():
             if handle.process.poll() is not None:
@@ -304,10 +307,12 @@ RESTART_MAX_SECONDS = 30.0
 RESTART_RESET_SECONDS = 60.0  # a worker that ran this long starts the backoff again from the first step
 
 
-def spawn_local_worker(config: ServerConfig, port_file: Path) -> subprocess.Popen[bytes]:
+def spawn_local_worker(config: ServerConfig, port_file: Path, token: str) -> subprocess.Popen[bytes]:
     """Starts the local worker process on an ephemeral port, sharing the registry's MLflow store.
 
     The one place that builds its command and environment (the supervisor calls it at every start).
+    ``token`` is the per-process credential the worker trusts as this registry's (operator role),
+    so a token file shared with the registry never locks its own worker out.
     """
     env = dict(os.environ)
     env.update({"MLFLOW_TRACKING_URI": config.tracking_uri,
@@ -315,6 +320,7 @@ def spawn_local_worker(config: ServerConfig, port_file: Path) -> subprocess.Pope
                 "MLFLOW_DISABLE_TELEMETRY": env.get("MLFLOW_DISABLE_TELEMETRY", "true")})
     if config.artifact_location:
         env["AQIMODELS_ARTIFACT_LOCATION"] = config.artifact_location
+    env["AQIMODELS_REGISTRY_TOKEN"] = token
     cmd = [sys.executable, "-m", "aqimodels.training.main", "--host", "127.0.0.1", "--port", "0",
            "--port-file", str(port_file)]
     return subprocess.Popen(cmd, env=env)

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from aqimodels.client.errors import InvalidArgumentError
+from aqimodels.client.errors import InvalidArgumentError, quote
 from aqimodels.training.runtime import frame as _frame
 from aqimodels.training.runtime.frame import COLUMNS, POLLUTANTS, VALUE_COLUMNS, WEATHER, Grid  # noqa: F401 - public names
 
@@ -210,7 +210,7 @@ def _load(spec: str, start: object, end: object, target: str) -> AirQualityData:
     scheme, sep, _ = spec.partition(":")
     if sep and len(scheme) > 1 and not os.path.exists(spec):
         raise _invalid(
-            f"unknown dataset scheme {scheme!r} in {spec!r}; use 'synthetic[:stations=6,days=90,seed=7]', "
+            f"unknown dataset scheme {scheme!r} in {quote(spec)}; use 'synthetic[:stations=6,days=90,seed=7]', "
             "'beijing:<folder>', 'file:<path>' or a path to a CSV/Parquet file or folder"
         )
     return load_files(spec, start=start, end=end, target=target)
@@ -224,13 +224,13 @@ def _parse_synthetic(text: str) -> dict[str, int]:
         key = key.strip()
         if not eq or key not in params:
             raise _invalid(
-                f"cannot parse synthetic dataset parameter {part!r}; expected key=value with keys "
+                f"cannot parse synthetic dataset parameter {quote(part)}; expected key=value with keys "
                 f"{', '.join(params)} (e.g. 'synthetic:stations=6,days=90,seed=7')"
             )
         try:
             params[key] = int(value.strip())
         except ValueError:
-            raise _invalid(f"synthetic dataset parameter {key!r} must be an integer, got {value.strip()!r}") from None
+            raise _invalid(f"synthetic dataset parameter {key!r} must be an integer, got {quote(value.strip())}") from None
         lo, hi = limits[key]
         if not lo <= params[key] <= hi:
             raise _invalid(f"synthetic dataset parameter {key}={params[key]} is out of range {lo}..{hi}")
@@ -243,7 +243,7 @@ def _read_table(path: str) -> pd.DataFrame:
             return pd.read_parquet(path)
         return pd.read_csv(path, na_values=["NA"], keep_default_na=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is the caller's bad file
-        raise _invalid(f"cannot read dataset file {path}: {e}") from None
+        raise _invalid(f"cannot read dataset file {quote(path)}: {quote(str(e))}") from None
 
 
 def load_files(path: str, start: object = None, end: object = None, target: str = "pm25") -> AirQualityData:
@@ -252,13 +252,13 @@ def load_files(path: str, start: object = None, end: object = None, target: str 
     if not path:
         raise _invalid("dataset path is empty")
     if not os.path.exists(path):
-        raise _invalid(f"dataset path {path} does not exist")
+        raise _invalid(f"dataset path {quote(path)} does not exist")
     if os.path.isdir(path):
         files = sorted(
             f for pat in ("*.csv", "*.csv.gz", "*.parquet", "*.pq") for f in glob.glob(os.path.join(path, pat))
         )
         if not files:
-            raise _invalid(f"dataset folder {path} holds no *.csv, *.csv.gz or *.parquet files")
+            raise _invalid(f"dataset folder {quote(path)} holds no *.csv, *.csv.gz or *.parquet files")
     else:
         files = [path]
     df = pd.concat([_read_table(f) for f in files], ignore_index=True)
@@ -269,10 +269,10 @@ def load_beijing(folder: str, start: object = None, end: object = None, target: 
     """The UCI Beijing Multi-Site files in ``folder`` (see the module docstring)."""
     folder = os.path.expanduser(folder)
     if not os.path.isdir(folder):
-        raise _invalid(f"Beijing dataset folder {folder} does not exist")
+        raise _invalid(f"Beijing dataset folder {quote(folder)} does not exist")
     files = sorted(glob.glob(os.path.join(folder, "PRSA_Data_*.csv")) + glob.glob(os.path.join(folder, "PRSA_Data_*.csv.gz")))
     if not files:
-        raise _invalid(f"Beijing dataset folder {folder} holds no PRSA_Data_*.csv(.gz) files")
+        raise _invalid(f"Beijing dataset folder {quote(folder)} holds no PRSA_Data_*.csv(.gz) files")
     t0 = pd.Timestamp(start) if start is not None else None
     t1 = pd.Timestamp(end) if end is not None else None
     parts = []

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aqimodels.api.training.v1 import worker_pb2, worker_pb2_grpc
@@ -26,10 +26,15 @@ from aqimodels.server.config import (
     _float,
     _int,
     absolute_sqlite_uri,
+    check_artifact_location,
     check_exposure,
+    check_host,
+    check_tracking_uri,
+    experiment_from_env,
     metrics_port_from_env,
     security_from_env,
 )
+from aqimodels.server.health_service import HealthServicer
 from aqimodels.server.interceptors import ServerInterceptor
 from aqimodels.server.metrics import Metrics, endpoint_host
 from aqimodels.training.servicer import TrainingWorkerServicer, WorkerConfig
@@ -41,14 +46,16 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["TrainingWorker"].full_nam
 def config_from_env(env: Mapping[str, str] = os.environ) -> WorkerConfig:
     """The worker's configuration; a bad value raises ConfigError naming the variable."""
     config = WorkerConfig(
-        tracking_uri=absolute_sqlite_uri(env.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI),
-        experiment_name=env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or "aqi-predictor",
-        artifact_location=env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip() or None,
+        tracking_uri=check_tracking_uri(absolute_sqlite_uri(env.get("MLFLOW_TRACKING_URI", "").strip()
+                                                            or DEFAULT_TRACKING_URI)),
+        experiment_name=experiment_from_env(env),
+        artifact_location=check_artifact_location(env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip()) or None,
         capacity=_int(env, "AQIMODELS_WORKER_CAPACITY", 1, 1, 64),
-        host=env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1",
+        host=check_host(env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1", "AQIMODELS_WORKER_HOST"),
         port=_int(env, "AQIMODELS_WORKER_PORT", 50052, 0, 65535),
         metrics_port=metrics_port_from_env(env, "AQIMODELS_WORKER_METRICS_PORT", "AQIMODELS_WORKER_PORT", 50052),
         retain_seconds=_float(env, "AQIMODELS_WORKER_RETAIN_SECONDS", 1800.0, 1.0),
+        registry_token=env.get("AQIMODELS_REGISTRY_TOKEN", "").strip(),
         **security_from_env(env),
     )
     check_exposure(config.host, config.tokens_file, "AQIMODELS_WORKER_HOST")
@@ -63,12 +70,12 @@ def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.S
     """
     metrics = Metrics("worker") if config.metrics_port is not None else None
     servicer = TrainingWorkerServicer(config) if metrics is None else MeteredWorkerServicer(config, metrics)
-    authenticate = auth.authenticator(config.tokens_file, None, "worker")
+    authenticate = auth.authenticator(config.tokens_file, None, "worker", config.registry_token)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="worker-rpc"),
                          interceptors=[ServerInterceptor(authenticate, metrics.observe_rpc if metrics else None)],
                          options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_TrainingWorkerServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
@@ -105,17 +112,23 @@ def main(host: str | None = None, port: int | None = None, port_file: str | None
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    os.environ.pop("AQIMODELS_REGISTRY_TOKEN", None)  # read once; nothing this process starts inherits it
     if host:
         config = WorkerConfig(**{**config.__dict__, "host": host})
     if port is not None:
         config = WorkerConfig(**{**config.__dict__, "port": port})
     try:
+        check_host(config.host, "--host")
         check_exposure(config.host, config.tokens_file, "--host")
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(json=(os.environ.get("AQIMODELS_LOG_FORMAT", "") == "json") or not sys.stderr.isatty())
-    server, bound, servicer = create_worker(config)
+    try:
+        server, bound, servicer = create_worker(config)
+    except ConfigError as exc:  # found while starting (e.g. a token file entry without a role)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     if port_file:
         Path(port_file).write_text(str(bound))
     log.info("worker_started", address=f"{config.host}:{bound}", capacity=config.capacity,

@@ -67,6 +67,20 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def _check_artifact_root(client: MlflowClient, exp_id: str) -> None:
+    """Before any training: a local artifact folder that cannot be written would fail only at the end."""
+    from aqimodels.client.errors import FailedPreconditionError, quote
+    from aqimodels.server.config import local_folder_problem
+
+    location = client.get_experiment(exp_id).artifact_location or ""
+    if location and (location.startswith("file:") or "://" not in location):
+        problem = local_folder_problem(location)
+        if problem:
+            raise FailedPreconditionError(
+                f"the artifact location {quote(location)} of experiment {exp_id} {problem}; nothing could be "
+                "saved after training (fix the folder or set AQIMODELS_ARTIFACT_LOCATION for a new experiment)")
+
+
 def _experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -210,6 +224,7 @@ def run_training(
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     exp_id = _experiment(client, job.experiment_name, artifact_location or default_artifact_location(tracking_uri))
+    _check_artifact_root(client, exp_id)
     lineage = evaluation_context(job, data, fs, fingerprint)
     if job.model_type == "ensemble":
         lineage.update(ensemble_lineage(job))
@@ -295,7 +310,8 @@ def run_training(
         _check(stop)
 
         yield Registering(model_name=job.model_name)
-        version = _register(client, job, source, run_id, model_id, lineage)
+        version = _register(client, job, source, run_id, model_id, lineage,
+                            version_description(job, len(data.station_names), data.n_hours, metrics))
         status = "FINISHED"
         yield Finished(model_name=job.model_name, version=version, run_id=run_id,
                        model_uri=f"models:/{job.model_name}/{version}", metrics=metrics,
@@ -494,17 +510,39 @@ def _stamp_model_id(path: str, model_id: str, run_id: str) -> None:
     m.save(mlmodel)
 
 
+def model_description(model_type: str) -> str:
+    """The registered model's MLflow description (shown in MLflow's UI)."""
+    return (f"aqimodels {model_type} forecaster of PM2.5 and AQI for every station, 1 to 24 hours ahead. "
+            "Versions are trained by aqimodels retrain jobs; each version's description names its data and "
+            "test metrics. Stages: the 'production' and 'staging' aliases (aqimodels promote / rollback).")
+
+
+def version_description(job: TrainJob, stations: int, hours: int, metrics: dict[str, float]) -> str:
+    """A version's MLflow description: what it is, the data it saw, its headline test metrics."""
+    def m(key: str) -> str:
+        return f"{metrics[key]:.2f}" if key in metrics else "n/a"
+
+    ran = int(metrics.get("epochs_run", 0))
+    stopped = ", stopped early" if metrics.get("early_stopped") else ""
+    return (f"{job.model_type} trained by aqimodels job {job.job_id} on {job.dataset or 'synthetic'} "
+            f"({stations} stations, {hours} hours). Test rmse {m('rmse')} µg/m³ (persistence {m('baseline_rmse')}), "
+            f"mae {m('mae')}, rmse at +1/+6/+24 h {m('rmse_h1')}/{m('rmse_h6')}/{m('rmse_h24')}"
+            + (f"; {ran} epochs{stopped}" if ran else "") + ".")
+
+
 def _register(client: MlflowClient, job: TrainJob, source: str, run_id: str, model_id: str,
-              lineage: dict[str, str] | None = None) -> int:
+              lineage: dict[str, str] | None = None, description: str = "") -> int:
     name = job.model_name
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=model_description(job.model_type))
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+        if not (client.get_registered_model(name).description or ""):  # never overwrite one set by people
+            client.update_registered_model(name, description=model_description(job.model_type))
     mv = client.create_model_version(
         name, source=source, run_id=run_id, model_id=model_id,
-        tags={"job_id": job.job_id, "model_type": job.model_type, **(lineage or {})},
+        tags={"job_id": job.job_id, "model_type": job.model_type, **(lineage or {})}, description=description or None,
     )
     return int(mv.version)
 

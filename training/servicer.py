@@ -25,7 +25,7 @@ import structlog
 
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.api.training.v1 import worker_pb2_grpc
-from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, JobNotFoundError, ResourceExhaustedError
+from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, JobNotFoundError, ResourceExhaustedError, quote
 from aqimodels.training import core
 
 log = structlog.get_logger(__name__)
@@ -48,6 +48,7 @@ class WorkerConfig:
     tls_client_ca: str = ""
     metrics_port: int | None = None  # Prometheus endpoint: None = off, 0 = ephemeral (tests)
     retain_seconds: float = 1800.0  # how long an ended training's outcome stays attachable
+    registry_token: str = ""  # the token of the registry that started this worker (AQIMODELS_REGISTRY_TOKEN)
 
 
 def _ts(value: Any, field: str = "dataset.start_time") -> np.datetime64 | None:
@@ -337,7 +338,7 @@ class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
         need = min_hours(window)
         if data.n_hours < need:
             raise InvalidArgumentError(
-                f"dataset {request.dataset.spec or 'synthetic'!r} has {data.n_hours} hours; a {window}-hour window "
+                f"dataset {quote(request.dataset.spec or 'synthetic')} has {data.n_hours} hours; a {window}-hour window "
                 f"and the 24-hour horizon need at least {need}", field="dataset")
         build_features(data, window=window, stride=24, target=data.target)  # every check of training, at 1/24 of the memory
         times = data.times

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,20 @@ def rows(out: str) -> list[list[str]]:
             if line.lstrip().startswith("│")]
 
 
+def simple_rows(out: str) -> list[list[str]]:
+    """The cells of a borderless table (compare, compact status): the lines under its header rule."""
+    found: list[list[str]] = []
+    under = False
+    for line in out.splitlines():
+        if line.startswith("─"):
+            under = True
+        elif under and line.strip() and line.startswith((" ", "1", "2", "3", "4", "5", "6", "7", "8", "9", "—")):
+            found.append([c for c in re.split(r"\s{2,}", line.strip())])
+        else:
+            under = False
+    return found
+
+
 def metrics(rmse: float) -> dict[str, float]:
     m = realistic_metrics(0)
     m.update(rmse=rmse, mae=rmse * 0.7, rmse_h1=rmse * 0.5, rmse_h6=rmse * 0.9, rmse_h24=rmse * 1.3)
@@ -99,7 +114,11 @@ def test_empty_registry_says_so_and_what_to_run(sqlite_registry: Registry) -> No
 
 def test_status_shows_pointers_with_metrics_and_backend(lstm: Registry) -> None:
     lstm.client.promote(LSTM, 3, "staging")  # type: ignore[attr-defined]
-    out = ok(lstm, "status")
+    compact = ok(lstm, "status")
+    row = next(re.split(r"\s{2,}", line.strip()) for line in compact.splitlines() if line.startswith(LSTM))
+    assert row[1:6] == ["healthy", "v1 25.00", "v3 30.00", "v3 30.00", "just now"], row
+    assert lstm.tracking_uri in compact and "running jobs" not in compact
+    out = ok(lstm, "status", "--wide")
     assert LSTM in out and "healthy" in out and "3 versions" in out and "last trained just now" in out
     table = {r[0]: r for r in rows(out)}
     assert table["production"][1:3] == ["v1", "25.00"]
@@ -155,14 +174,14 @@ def test_show_prints_identity_sorted_metrics_and_tags(lstm: Registry) -> None:
 def test_compare_ranks_and_marks_the_best(lstm: Registry) -> None:
     out = ok(lstm, "compare", LSTM)
     assert "lower is better" in out
-    best = [r for r in rows(out) if r[-1] == "★ best"]
+    best = [r for r in simple_rows(out) if r[-1] == "★ best"]
     assert len(best) == 1 and best[0][:2] == ["1", "v2"]
     for col in ("rmse", "mae", "r2", "accuracy", "rmse_h1", "rmse_h6", "rmse_h24", "baseline"):
         assert col in out
-    assert [r[:2] for r in rows(out)] == [["1", "v2"], ["2", "v1"], ["3", "v3"]]
+    assert [r[:2] for r in simple_rows(out)] == [["1", "v2"], ["2", "v1"], ["3", "v3"]]
 
     out = ok(lstm, "compare", LSTM, "--versions", "1,3")
-    assert [(r[1], r[-1]) for r in rows(out)] == [("v1", "★ best"), ("v3", "")]
+    assert [(r[1], r[-1] == "★ best") for r in simple_rows(out)] == [("v1", True), ("v3", False)]
 
     data = json.loads(ok(lstm, "compare", LSTM, "--metric", "r2", "--json"))
     assert data["metric"] == "r2" and data["direction"] == "METRIC_DIRECTION_HIGHER_IS_BETTER"
@@ -301,6 +320,55 @@ def test_console_script_status_json_and_error_exit(lstm: Registry) -> None:
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("NOT_FOUND: ") and "aqi_predictor_nope" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("command", "blocked", "extra"), [("serve", "grpc_reflection", "server"),
+                                                         ("worker", "numpy", "training")])
+def test_serve_and_worker_in_a_client_only_install_give_the_hint(command: str, blocked: str, extra: str) -> None:
+    """A client-only install lacks the extras' modules (here: marked absent before the CLI starts)."""
+    code = (f"import sys; sys.modules[{blocked!r}] = None; sys.argv = ['aqimodels', {command!r}]; "
+            "from aqimodels.client.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", code], check=False, env=_subprocess_env("127.0.0.1:1"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"`aqimodels {command}` needs the {extra} extra: pip install 'aqimodels[{extra}]' (missing module {blocked})"]
+
+
+def test_ctrl_c_at_any_moment_of_the_start_exits_130_quietly() -> None:
+    """SIGINT while the CLI's modules load (the first half second) and while it waits on a silent
+    server: exit 130, no KeyboardInterrupt traceback."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+
+    def hold() -> None:  # accepts every connection and keeps it open, never speaking HTTP/2
+        while True:
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hold, daemon=True).start()
+    target = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        # (From 0.15 s: before then the interpreter itself may still be starting, ahead of any code of ours.)
+        for delay in (0.15, 0.3, 0.6, 1.2):
+            proc = subprocess.Popen([str(AQIMODELS), "--target", target, "--timeout", "30", "list"],
+                                    env=_subprocess_env(target), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, (delay, proc.returncode, err)
+            assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()
 
 
 # ---- retrain and jobs against a scripted job manager ----
@@ -486,3 +554,29 @@ def test_ctrl_c_while_following_detaches_and_tells_how_to_watch_again(
     assert proc.returncode == 130, (out, err)
     assert "Detached" in err and "aqimodels jobs watch job1-slow --after 3" in err
     assert scripted.disconnected.wait(10)
+
+
+def test_detaching_from_several_jobs_offers_one_command_for_all(
+        jobs_registry: tuple[Registry, ScriptedJobs]) -> None:
+    reg, scripted = jobs_registry
+    ok(reg, "retrain", "lstm", "xgboost", "--json")
+    for source in ("job1", "job2"):
+        slow = f"{source}-slow"
+        scripted.events[slow] = [e.__deepcopy__() for e in scripted.events[source]]
+        for e in scripted.events[slow]:
+            e.job_id = slow
+        scripted.jobs[slow] = scripted.jobs[source]
+    proc = subprocess.Popen([str(AQIMODELS), "jobs", "watch", "job1-slow", "job2-slow"],
+                            env=_subprocess_env(reg.target), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout is not None
+    seen = {proc.stdout.readline().split(" ", 1)[0] for _ in range(2)}  # both streams are live
+    assert seen <= {"job1-slow", "job2-slow"}
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines.count("Detached: the jobs go on on the server. Watch them all again with:") == 1, err
+    assert lines.count("  aqimodels jobs watch job1-slow job2-slow") == 1, err
+    assert len(lines) == 2, err

@@ -333,6 +333,19 @@ def test_an_unreachable_database_answers_unavailable_and_both_recover_without_a_
         status = codes.pop("GetStatus")
         assert status == "UNAVAILABLE" or not client.status().backend.healthy
         assert set(codes.values()) == {"UNAVAILABLE"}, codes
+        # The CLI tells a registry whose database is down from a registry that does not answer,
+        # and a status with the backend down exits non-zero (issue 13).
+        from aqimodels.client.cli import app as cli_app
+        from typer.testing import CliRunner
+
+        cli = CliRunner()
+        shown = cli.invoke(cli_app, ["--target", reg.target, "status"])
+        assert shown.exit_code == 1, shown.output
+        assert "UNHEALTHY" in shown.stdout or "answers, but its backend does not" in shown.stderr, shown.output
+        listed = cli.invoke(cli_app, ["--target", reg.target, "list"])
+        assert listed.exit_code == 1, listed.output  # (the in-process server's own MLflow log lines share stderr)
+        assert f"UNAVAILABLE: the registry at {reg.target} answers, but its backend does not" in listed.stderr
+        assert "make run" not in listed.stderr
 
         pg.start()
         back = time.monotonic()

@@ -51,3 +51,36 @@ def test_a_bad_environment_value_stops_serve_with_a_message(tmp_path: Path) -> N
                             env={**os.environ, "AQIMODELS_PORT": "not-a-port"})
     assert result.returncode != 0
     assert "AQIMODELS_PORT" in result.stderr
+
+
+def test_the_readme_token_example_leaves_the_local_worker_working(tmp_path: Path) -> None:
+    """`AQIMODELS_TOKENS_FILE=tokens.toml make run`: the local worker reads the same file and still
+    trusts its registry (a per-process token handed over at spawn), so a retrain trains."""
+    import grpc
+    from aqimodels.api.training.v1 import worker_pb2 as wpb
+    from aqimodels.api.training.v1 import worker_pb2_grpc
+    from aqimodels.client.errors import UnauthenticatedError
+    from aqimodels.client.tokens import new_token, toml_entry
+
+    token = new_token()
+    (tmp_path / "tokens.toml").write_text(toml_entry("ci-deployer", "admin", token))
+    proc, port = _serve(tmp_path, AQIMODELS_TOKENS_FILE="tokens.toml")
+    try:
+        with RegistryClient(f"127.0.0.1:{port}") as anonymous:
+            with pytest.raises(UnauthenticatedError):
+                anonymous.status()
+        with RegistryClient(f"127.0.0.1:{port}", token=token) as client:
+            deadline = time.monotonic() + 90
+            while not (client.status().workers and client.status().workers[0].healthy):
+                assert time.monotonic() < deadline, client.status().workers
+                time.sleep(0.5)
+            events = list(client.retrain(["xgboost"], dataset="synthetic:stations=2,days=12",
+                                         params=wpb.TrainParams(max_epochs=3)))
+            assert events[-1].WhichOneof("event") == "succeeded", events[-1]
+            with grpc.insecure_channel(client.status().workers[0].target) as channel:
+                with pytest.raises(grpc.RpcError) as refused:  # the worker still refuses anyone else
+                    worker_pb2_grpc.TrainingWorkerStub(channel).GetWorkerInfo(wpb.GetWorkerInfoRequest(), timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -69,9 +69,10 @@ def test_events_fold_into_progress_from_queued_to_succeeded() -> None:
             assert (job.run_id, job.total, job.completed) == ("run1", 10, 0)
         if e.sequence == 6:
             assert (job.epoch, job.total, job.loss, job.validation_rmse, job.elapsed) == (2, 10, 0.25, 24.5, 4.5)
-            assert render.progress_fields(job) == {"loss": "loss 0.2500", "val": "val rmse 24.50", "elapsed": "4 s"}
+            assert render.progress_fields(job) == {"loss": "loss 0.2500", "val": "val rmse 24.50",
+                                                   "elapsed": "4 s, ETA 18 s"}
         if e.sequence == 7:
-            assert job.phase == "evaluating" and job.completed == 10  # the bar fills when training stops early
+            assert job.phase == "evaluating" and job.completed == 2  # what ran, not the maximum
     job = jobs["job-lstm"]
     assert list(jobs) == ["job-lstm"]
     assert job.done and job.state == pb.JOB_STATE_SUCCEEDED
