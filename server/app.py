@@ -111,18 +111,22 @@ class RegistryServer:
 def _wait_for_databases(config: ServerConfig, store: MlflowModelStore, db: Database) -> None:
     """Start-up: MLflow's store (its migrations on a new database first), then our tables.
 
+    (A tracking server over REST that does not answer yet is not waited for: the registry
+    starts NOT_SERVING and turns SERVING when it answers, as before.)
+
     A database frozen or unreachable at start is tried again, every attempt bounded by the
     connect timeout, for ``db_start_timeout_seconds`` (a database that starts a little after
     the registry is met); after that the start fails with BackendUnavailableError, which
     ``aqimodels serve`` reports in one line and exits 1 on, for the orchestrator to restart it
     and show why. Never a silent hang, and never a registry that serves without its tables.
     """
+    sql_store = not config.tracking_uri.startswith(("http://", "https://"))  # REST: only our tables are needed
     end = time.monotonic() + config.db_start_timeout_seconds
     attempt = 0
     while True:
         attempt += 1
         health = store.ping()  # runs MLflow's migrations on a new database before our tables join it
-        problem = "" if health.healthy else health.message
+        problem = "" if health.healthy or not sql_store else health.message
         if not problem:
             try:
                 db.create_tables()
