@@ -176,7 +176,8 @@ class Database:
         except (OperationalError, InterfaceError) as exc:
             raise BackendUnavailableError(f"aqimodels database unavailable: {str(exc.orig)[:200]}") from exc
         except sa.exc.TimeoutError as exc:  # no pooled connection came free within the bound
-            raise BackendUnavailableError(f"aqimodels database unavailable: {str(exc).splitlines()[0][:200]}") from exc
+            raise BackendUnavailableError("aqimodels database unavailable: no pooled connection came free within "
+                                          f"the call's bound ({str(exc).splitlines()[0][:160]})") from exc
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[sa.Connection]:
