@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aqimodels.api.registry.v1 import registry_pb2, registry_pb2_grpc
+from aqimodels.client.errors import BackendUnavailableError
 from aqimodels.server import auth, deadlines
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
@@ -107,6 +108,41 @@ class RegistryServer:
             self.metrics.close()
 
 
+def _wait_for_databases(config: ServerConfig, store: MlflowModelStore, db: Database) -> None:
+    """Start-up: MLflow's store (its migrations on a new database first), then our tables.
+
+    (A tracking server over REST that does not answer yet is not waited for: the registry
+    starts NOT_SERVING and turns SERVING when it answers, as before.)
+
+    A database frozen or unreachable at start is tried again, every attempt bounded by the
+    connect timeout, for ``db_start_timeout_seconds`` (a database that starts a little after
+    the registry is met); after that the start fails with BackendUnavailableError, which
+    ``aqimodels serve`` reports in one line and exits 1 on, for the orchestrator to restart it
+    and show why. Never a silent hang, and never a registry that serves without its tables.
+    """
+    sql_store = not config.tracking_uri.startswith(("http://", "https://"))  # REST: only our tables are needed
+    end = time.monotonic() + config.db_start_timeout_seconds
+    attempt = 0
+    while True:
+        attempt += 1
+        health = store.ping()  # runs MLflow's migrations on a new database before our tables join it
+        problem = "" if health.healthy or not sql_store else health.message
+        if not problem:
+            try:
+                db.create_tables()
+                return
+            except BackendUnavailableError as exc:
+                problem = exc.message
+        left = end - time.monotonic()
+        if left <= 0:
+            raise BackendUnavailableError(
+                f"the database did not answer within {config.db_start_timeout_seconds:g} s of start "
+                f"({attempt} attempts): {problem.splitlines()[0] if problem else 'no answer'}")
+        log.warning("database_unavailable_at_start", attempt=attempt, retry_within_s=round(left, 1),
+                    error=(problem.splitlines()[0] if problem else "")[:300])
+        time.sleep(min(1.0, left))
+
+
 def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory: Any = None,
                   clock: Any = None) -> RegistryServer:
     """Builds and starts the registry without blocking; returns it with its bound port.
@@ -117,7 +153,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         jobs_factory: builds the job manager from (config, service, db); None disables retraining.
         clock: the time of the retrain schedule and the retention policy (tests inject one).
     """
-    db = Database(config.own_database_url, config.db_timeouts)
+    db = Database(config.own_database_url, config.db_timeouts, pool_size=config.db_pool_size)
     rest = config.tracking_uri.startswith(("http://", "https://"))
     store = MlflowModelStore(config.tracking_uri, timeouts=config.db_timeouts,
                              http_timeout_seconds=config.mlflow_http_timeout_seconds if rest else None,
@@ -125,8 +161,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     metrics = Metrics("registry") if config.metrics_port is not None else None
     if metrics is not None:
         store.observer = metrics.observe_mlflow
-    store.ping()  # runs MLflow's migrations on a new database before our tables join it
-    db.create_tables()
+    _wait_for_databases(config, store, db)
     holder: dict[str, Any] = {}
     service = RegistryService(store, db, cache_ttl_seconds=config.cache_ttl_seconds,
                               health_max_age_seconds=max(2.0, 2.5 * config.health_interval_seconds),

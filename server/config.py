@@ -275,6 +275,8 @@ class ServerConfig:
     db_connect_timeout_seconds: float = 5.0
     db_statement_timeout_seconds: float = 30.0
     db_lock_timeout_seconds: float = 10.0
+    db_start_timeout_seconds: float = 30.0  # start-up waits this long for its databases, then exits 1
+    db_pool_size: int = 10  # our PostgreSQL pool (plus twice as many overflow); MLflow's: MLFLOW_SQLALCHEMYSTORE_POOL_SIZE
     health_timeout_seconds: float = 0.0  # 0: half the health interval, at most 1 s
     mlflow_http_timeout_seconds: float = 10.0
     mlflow_http_max_retries: int = 2
@@ -536,6 +538,8 @@ class ResilienceSettings(TypedDict):
     db_connect_timeout_seconds: float
     db_statement_timeout_seconds: float
     db_lock_timeout_seconds: float
+    db_pool_size: int
+    db_start_timeout_seconds: float
     health_interval_seconds: float
     health_timeout_seconds: float
     mlflow_http_timeout_seconds: float
@@ -559,6 +563,8 @@ def resilience_from_env(env: Mapping[str, str]) -> ResilienceSettings:
         db_connect_timeout_seconds=positive("AQIMODELS_DB_CONNECT_TIMEOUT_SECONDS", 5.0),
         db_statement_timeout_seconds=positive("AQIMODELS_DB_STATEMENT_TIMEOUT_SECONDS", 30.0),
         db_lock_timeout_seconds=positive("AQIMODELS_DB_LOCK_TIMEOUT_SECONDS", 10.0),
+        db_pool_size=_int(env, "AQIMODELS_DB_POOL_SIZE", 10, 1, 1000),
+        db_start_timeout_seconds=positive("AQIMODELS_DB_START_TIMEOUT_SECONDS", 30.0),
         health_interval_seconds=positive("AQIMODELS_HEALTH_INTERVAL_SECONDS", 2.0),
         health_timeout_seconds=_float(env, "AQIMODELS_HEALTH_TIMEOUT_SECONDS", 0.0),
         mlflow_http_timeout_seconds=positive("AQIMODELS_MLFLOW_HTTP_TIMEOUT_SECONDS", 10.0),

@@ -138,7 +138,8 @@ def add_missing_columns(engine: sa.Engine, table: sa.Table) -> list[str]:
 class Database:
     """The engine over aqimodels' tables, with translation of connection failures."""
 
-    def __init__(self, url: str, timeouts: DbTimeouts | None = None) -> None:
+    def __init__(self, url: str, timeouts: DbTimeouts | None = None, pool_size: int = 10) -> None:
+        """``pool_size``: pooled connections to PostgreSQL (twice as many more as overflow)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.is_postgres = url.startswith("postgresql")
@@ -150,10 +151,9 @@ class Database:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
         else:
-            # pool_timeout: a request waits for a pooled connection no longer than for a statement
-            kwargs.update(pool_size=10, max_overflow=20, pool_recycle=300, pool_timeout=self.timeouts.statement)
+            kwargs.update(pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=300)
         self.engine = sa.create_engine(url, **kwargs)
-        bound_engine(self.engine, self.timeouts)  # connect, statement and lock (busy) timeouts
+        bound_engine(self.engine, self.timeouts)  # connect, statement, lock (busy) and pool-wait timeouts
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._created = False
@@ -175,6 +175,9 @@ class Database:
             yield
         except (OperationalError, InterfaceError) as exc:
             raise BackendUnavailableError(f"aqimodels database unavailable: {str(exc.orig)[:200]}") from exc
+        except sa.exc.TimeoutError as exc:  # no pooled connection came free within the bound
+            raise BackendUnavailableError("aqimodels database unavailable: no pooled connection came free within "
+                                          f"the call's bound ({str(exc).splitlines()[0][:160]})") from exc
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[sa.Connection]:

@@ -11,6 +11,11 @@ drops it too, ``client_connection_check_interval``), and the error is a connecti
 the callers turn into UNAVAILABLE. Closing, not cancelling: a cancel request needs the server
 to answer, and an open transaction whose COMMIT was not sent is rolled back by the server.
 SQLite: the busy timeout, shortened to the budget per checkout.
+
+The wait for a free pooled connection (SQLAlchemy's ``pool_timeout``, 30 s by default, and MLflow
+offers no setting for it) is the connect bound shortened to the call's budget too
+(:class:`BoundedQueuePool`): with more concurrent calls than connections on a frozen server, a
+call queued behind the blocked ones answers UNAVAILABLE within its own deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from aqimodels.server import deadlines
+from sqlalchemy.pool import QueuePool
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,44 @@ def _bounded_psycopg_connection(timeouts: DbTimeouts) -> type:
     return BoundedConnection
 
 
+class BoundedQueuePool(QueuePool):
+    """A QueuePool whose wait for a free connection ends at its timeout shortened to the call's budget.
+
+    QueuePool reads ``self._timeout`` at each wait; here it is a property over the current
+    (context-local, so per-thread) budget, so one pool serves calls with different deadlines.
+    """
+
+    _timeout_default: float = 30.0
+
+    @property
+    def _timeout(self) -> float:
+        bound = deadlines.wait_bound(self._timeout_default)
+        return self._timeout_default if bound is None else bound
+
+    @_timeout.setter
+    def _timeout(self, value: float) -> None:
+        self._timeout_default = value
+
+    @classmethod
+    def like(cls, pool: QueuePool, timeout: float) -> BoundedQueuePool:
+        """The same pool as ``pool`` (size, overflow, pre-ping, recycle, events) with this wait bound."""
+        return cls(pool._creator, pool_size=pool._pool.maxsize, max_overflow=pool._max_overflow,
+                   pre_ping=pool._pre_ping, use_lifo=pool._pool.use_lifo, timeout=timeout,
+                   recycle=pool._recycle, echo=pool.echo, logging_name=pool._orig_logging_name,
+                   reset_on_return=pool._reset_on_return, _dispatch=pool.dispatch,
+                   dialect=pool._dialect)
+
+    def recreate(self) -> BoundedQueuePool:  # engine.dispose(): keep the default, not a call's budget
+        return BoundedQueuePool.like(self, self._timeout_default)
+
+
 def bound_engine(engine: sa.Engine, timeouts: DbTimeouts) -> None:
-    """Installs connect, statement and lock timeouts on ``engine`` (new connections; pooled ones are dropped)."""
+    """Installs connect, statement, lock and pool-wait timeouts on ``engine`` (pooled connections are dropped)."""
     name = engine.dialect.name
+    if isinstance(engine.pool, QueuePool) and not isinstance(engine.pool, BoundedQueuePool):
+        old = engine.pool
+        engine.pool = BoundedQueuePool.like(old, timeouts.connect)  # waiting for a connection is connecting
+        old.dispose()
     if name == "postgresql" and engine.dialect.driver == "psycopg":
         cls = _bounded_psycopg_connection(timeouts)
 

@@ -7,6 +7,7 @@ import os
 import sys
 
 from aqimodels.client import logs
+from aqimodels.client.errors import BackendUnavailableError
 from aqimodels.server.config import ConfigError, ServerConfig
 
 
@@ -42,6 +43,9 @@ def main(host: str | None = None, port: int | None = None) -> int:
     except ConfigError as exc:  # found while starting (e.g. a token file entry without a role)
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except BackendUnavailableError as exc:  # a database frozen or unreachable at start, past its bound
+        print(f"registry not started: {exc.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

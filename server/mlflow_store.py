@@ -103,6 +103,33 @@ def _redact(uri: str) -> str:
     return uri
 
 
+def _bounded_engine_first(uri: str, timeouts: DbTimeouts, registry: bool) -> None:
+    """Gives MLflow's store for a database ``uri`` an engine bounded before its first connection.
+
+    MLflow builds the engine of a SQL store with a retry loop (mlflow.store.db.utils,
+    ``create_sqlalchemy_engine_with_retry``: 10 attempts, 102 s of back-off in all) around
+    connections that have no timeout: on a database frozen or unreachable at start-up the first
+    call, and so the registry's start, hung for ever. The engine is built here the way MLflow
+    builds it (its pool settings, MLFLOW_SQLALCHEMYSTORE_*), bounded (connect, statement, lock,
+    pool wait) and placed in the per-URI engine cache MLflow's stores read first, so the first
+    call fails within the connect bound (UNAVAILABLE) and a later one simply connects again.
+    """
+    if uri.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "mysql", "mssql"):
+        return  # SQLite, files and REST: no remote connection to bound at start
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+
+    if registry:
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as Store
+    else:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as Store  # type: ignore[assignment]
+    with Store._engine_map_lock:  # MLflow's own cache of one engine per URI
+        if uri not in Store._engine_map:
+            engine = create_sqlalchemy_engine(uri)  # type: ignore[no-untyped-call]  # connects to nothing yet
+            bound_engine(engine, timeouts)
+            engine._aqimodels_bound = True
+            Store._engine_map[uri] = engine
+
+
 class MlflowModelStore:
     """Registry operations over one MLflow tracking store and model registry."""
 
@@ -123,13 +150,35 @@ class MlflowModelStore:
         if http_max_retries is not None:
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(http_max_retries)
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+        if timeouts is not None:
+            for uri, registry in ((tracking_uri, False), (registry_uri or tracking_uri, True)):
+                _bounded_engine_first(uri, timeouts, registry)
+        self._registry_uri = registry_uri or tracking_uri
+        self._mlflow_client: MlflowClient | None = None
+        self._client_lock = threading.Lock()
+        try:  # MlflowClient opens its tracking store (a first connection) as it is made
+            self._mlflow_client = MlflowClient(tracking_uri=tracking_uri, registry_uri=self._registry_uri)
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise  # a bad URI is a configuration error, not an outage
+            # a database down or frozen now: the client is made by the first call that reaches it
+            # (UNAVAILABLE until then; the registry's start waits for it, server/app.py)
         # Metrics of finished runs never change: cache them by run id.
         self._run_metrics: dict[str, MetricValues] = {}
         self._metrics_lock = threading.Lock()
         self.call_count = 0
         # (operation, seconds) of every MLflow call, e.g. Metrics.observe_mlflow; set by create_server.
         self.observer: Callable[[str, float], None] | None = None
+
+    @property
+    def _client(self) -> MlflowClient:
+        client = self._mlflow_client
+        if client is None:
+            with self._client_lock:
+                if self._mlflow_client is None:
+                    self._mlflow_client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self._registry_uri)
+                client = self._mlflow_client
+        return client
 
     # ---- error translation ----
 

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -542,3 +543,107 @@ def test_a_tracking_server_that_accepts_but_never_answers_is_reported_unavailabl
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_more_calls_than_pooled_connections_on_a_frozen_postgres_each_answer_unavailable_within_its_deadline(
+        throwaway_postgres: ThrowawayPostgres, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait for a free pooled connection is bounded by each call's own deadline (ours and MLflow's pool).
+
+    Both pools are made small (ours 1 + 2 overflow, MLflow's 1 + 1) and 16 calls with deadlines of
+    2 and 4 s go at once: the calls that got a connection block on the frozen server, the others
+    queue for the pool. Before the bound, a queued call waited SQLAlchemy's 30 s pool timeout.
+    """
+    pg = throwaway_postgres
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "1")  # read when the store's engine is built
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "1")
+    reg = start_registry(pg.url, db_pool_size=1)
+    config = reg.server.config  # type: ignore[attr-defined]
+    client: RegistryClient = reg.client  # type: ignore[assignment]
+    deadlines_s = (2.0, 4.0)
+    callers = {d: RegistryClient(reg.target, timeout=d) for d in deadlines_s}
+    pids: list[int] = []
+    try:
+        name = "aqi_predictor_xgboost"
+        v1, _ = reg.seed(name, [realistic_metrics(i) for i in range(2)])
+        client.promote(name, v1, "production")
+        mlflow_pool = reg.store._client._tracking_client.store.engine.pool  # type: ignore[attr-defined]
+        own_pool = reg.server.service.db.engine.pool  # type: ignore[attr-defined]
+        assert (mlflow_pool.size(), own_pool.size()) == (1, 1)
+        pids = freeze(pg)
+        time.sleep(config.cache_ttl_seconds + 0.2)  # past the read model's bound: reads must ask the store
+        calls: list[tuple[str, float, Any]] = []
+        for i in range(16):
+            d = deadlines_s[i % 2]
+            c = callers[d]
+            kind = ("ListModelVersions", "GetModelVersion", "ListAuditEvents", "ListAuditEvents")[i % 4]
+            fn = {"ListModelVersions": lambda c=c: c.list_versions(name),
+                  "GetModelVersion": lambda c=c: c.get_version(name, v1),
+                  "ListAuditEvents": lambda c=c: c.audit_events()}[kind]
+            calls.append((kind, d, fn))
+        with ThreadPoolExecutor(len(calls)) as pool:
+            results = [(kind, d, *f.result()) for kind, d, f in
+                       [(kind, d, pool.submit(_timed_code, fn)) for kind, d, fn in calls]]
+        print("\nfrozen, 16 calls on pools of 3 (ours) and 2 (MLflow's): "
+              + ", ".join(f"{kind}@{d:g}s {code} {t:.2f} s" for kind, d, code, t in results))
+        assert [code for *_, code, _ in results] == ["UNAVAILABLE"] * len(results), results
+        late = [(kind, d, t) for kind, d, _, t in results if t >= d]
+        assert not late, late
+        thaw(pids)
+        pids = []
+        thawed = time.monotonic()
+        while _timed_code(lambda: callers[4.0].list_versions(name))[0] != "OK" \
+                or _timed_code(lambda: callers[4.0].audit_events())[0] != "OK":
+            assert time.monotonic() - thawed < 30, "the registry did not recover within 30 s"
+            time.sleep(0.05)
+    finally:
+        thaw(pids)
+        for c in callers.values():
+            c.close()
+        client.close()
+        reg.server.stop(1)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fault", ["frozen", "stopped"])
+def test_a_registry_started_on_a_frozen_or_stopped_postgres_exits_with_one_clear_line_within_its_start_bound(
+        throwaway_postgres: ThrowawayPostgres, fault: str) -> None:
+    """Start-up is bounded: MLflow's engine (and its own retry loop) never meets an unbounded connection.
+
+    Before, MLflow built its engine in a loop of 10 attempts (102 s of back-off) around connections
+    without a timeout: on a frozen database `aqimodels serve` hung (still there after 40 s).
+    """
+    pg = throwaway_postgres
+    env = {**os.environ, "MLFLOW_TRACKING_URI": pg.url, "AQIMODELS_WORKERS": "none", "AQIMODELS_PORT": "0",
+           "AQIMODELS_LOG_FORMAT": "json", "AQIMODELS_DB_CONNECT_TIMEOUT_SECONDS": "1",
+           "AQIMODELS_DB_START_TIMEOUT_SECONDS": "3"}
+    aqimodels = str(Path(sys.executable).with_name("aqimodels"))
+    pids: list[int] = []
+    if fault == "frozen":
+        pids = freeze(pg)
+    else:
+        pg.stop()
+    try:
+        started = time.monotonic()
+        proc = subprocess.run([aqimodels, "serve"], env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        took = time.monotonic() - started
+        last = proc.stderr.strip().splitlines()[-1]
+        attempts = proc.stderr.count('"database_unavailable_at_start"')
+        print(f"\nstarted on a {fault} database: exit {proc.returncode} after {took:.2f} s, {attempts} retries "
+              f"logged; {last}")
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert last.startswith("registry not started: the database did not answer within 3 s of start"), last
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert attempts >= 1
+        # the process's own start (imports) is outside the bound; 3 s of retries + one 1 s connect inside it
+        assert took < 60, took
+    finally:
+        thaw(pids)
+        if fault == "stopped":
+            pg.start()
+    proc2, port = serve_process({"MLFLOW_TRACKING_URI": pg.url, "AQIMODELS_WORKERS": "none"})  # thawed: it starts
+    try:
+        with RegistryClient(f"127.0.0.1:{port}", timeout=10) as client:
+            assert client.health() == "SERVING"
+    finally:
+        proc2.terminate()
+        proc2.wait(20)

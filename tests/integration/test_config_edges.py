@@ -86,6 +86,19 @@ def bad_values(junk: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
         "AQIMODELS_RETRAIN_DATASET": ("nonsense:::", ("serve",)),
         "AQIMODELS_RETENTION": ("keep_last=0", ("serve",)),
         "AQIMODELS_ARTIFACT_LOCATION": ("nonsense://y", ("serve", "worker")),
+        "AQIMODELS_JOB_LEASE_SECONDS": ("500", ("serve",)),
+        "AQIMODELS_WORKER_RETAIN_SECONDS": ("0.5", ("worker",)),
+        "AQIMODELS_SHUTDOWN_GRACE_SECONDS": ("soon", ("serve",)),
+        "AQIMODELS_DB_CONNECT_TIMEOUT_SECONDS": ("0", ("serve",)),
+        "AQIMODELS_DB_STATEMENT_TIMEOUT_SECONDS": ("-1", ("serve",)),
+        "AQIMODELS_DB_LOCK_TIMEOUT_SECONDS": ("soon", ("serve",)),
+        "AQIMODELS_DB_POOL_SIZE": ("0", ("serve",)),
+        "AQIMODELS_DB_START_TIMEOUT_SECONDS": ("-3", ("serve",)),
+        "AQIMODELS_HEALTH_INTERVAL_SECONDS": ("-1", ("serve",)),
+        "AQIMODELS_HEALTH_TIMEOUT_SECONDS": ("soon", ("serve",)),
+        "AQIMODELS_MLFLOW_HTTP_TIMEOUT_SECONDS": ("0", ("serve",)),
+        "AQIMODELS_MLFLOW_HTTP_MAX_RETRIES": ("99", ("serve",)),
+        "AQIMODELS_RECONCILE_AFTER_SECONDS": ("0", ("serve",)),
     }
 
 
