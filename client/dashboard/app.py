@@ -39,6 +39,7 @@ from aqimodels.client.errors import (
 from aqimodels.client.tokens import ROLES
 from google.protobuf.json_format import MessageToDict
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -245,9 +246,29 @@ class Dashboard:
     def page(self, request: Request, template: str, user: User | None, status_code: int = 200,
              **context: Any) -> HTMLResponse:
         flash = request.session.pop("flash", None) if "flash" in request.session else None
-        html = self.env.get_template(template).render(request=request, user=user, flash=flash, path=request.url.path,
-                                                     target=self.config.target, **context)
-        return HTMLResponse(html, status_code=status_code, headers={"cache-control": "no-store"})
+        tmpl = self.env.get_template(template)
+        return PageResponse(lambda: tmpl.render(request=request, user=user, flash=flash, path=request.url.path,
+                                                target=self.config.target, **context), status_code)
+
+
+class PageResponse(HTMLResponse):
+    """An HTML page rendered in a worker thread as it is sent, never on the event loop.
+
+    A model page at 1,000 versions (130 KB) renders for tens of ms; on the loop, every SSE stream
+    stood still meanwhile (50 clients on one job with a model page loaded every 0.2 s: p99 28-30 ms,
+    the direct watcher 17-22 ms). In a thread the loop gets the interpreter back at every switch
+    interval (5 ms) and the fan-out goes on.
+    """
+
+    def __init__(self, render: Callable[[], str], status_code: int = 200) -> None:
+        self._render = render
+        super().__init__(b"", status_code=status_code, headers={"cache-control": "no-store"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.body = (await run_in_threadpool(self._render)).encode(self.charset)
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.raw_headers.append((b"content-length", str(len(self.body)).encode("latin-1")))
+        await super().__call__(scope, receive, send)
 
 
 def _flash(request: Request, kind: str, text: str) -> None:

@@ -183,3 +183,39 @@ def test_the_dashboard_process_keeps_its_start_up_heap_out_of_the_collectors_wal
         assert set(env.list_templates()) <= {t.name for t in env.cache.values()}  # compiled before serving
     finally:
         gc.unfreeze()
+
+
+def test_a_page_renders_off_the_event_loop_and_is_sent_whole() -> None:
+    """A big page's render (tens of ms at 1,000 versions) must not hold up the loop's SSE fan-out."""
+    import threading
+
+    from aqimodels.client.dashboard.app import PageResponse
+
+    async def scenario() -> tuple[int | None, list[dict[str, object]]]:
+        rendered_in: list[int] = []
+
+        def render() -> str:
+            rendered_in.append(threading.get_ident())
+            return "<p>é</p>" * 1000
+
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        await PageResponse(render, 404)({"type": "http", "method": "GET"}, receive, send)  # type: ignore[arg-type]
+        return rendered_in[0], sent
+
+    loop_thread = threading.get_ident()
+    rendered_in, sent = asyncio.run(scenario())
+    assert rendered_in != loop_thread
+    start, body = sent[0], sent[1]
+    headers = dict(start["headers"])  # type: ignore[call-overload]
+    assert start["status"] == 404
+    assert body["body"] == ("<p>é</p>" * 1000).encode()
+    assert headers[b"content-length"] == str(len("<p>é</p>".encode()) * 1000).encode()
+    assert headers[b"cache-control"] == b"no-store"
+    assert [k for k, _ in start["headers"]].count(b"content-length") == 1  # type: ignore[attr-defined]
