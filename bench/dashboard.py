@@ -142,8 +142,20 @@ def idle_cpu_rate(pid: int, seconds: float = 3.0) -> float:
     return (sum(proc.cpu_times()[:2]) - cpu0) / (time.time() - t0)
 
 
+def _load_pages(url: str, stop: threading.Event, every: float, took: list[float]) -> None:
+    """A user browsing meanwhile: one model page (1,000 versions, 130 KB) every ``every`` seconds."""
+    import urllib.request
+
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=30) as r:
+            r.read()
+        took.append(time.perf_counter() - t0)
+        stop.wait(every)
+
+
 def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int, n: int,
-               interval_ms: float, idle_rate: float = 0.0) -> dict[str, Any]:
+               interval_ms: float, idle_rate: float = 0.0, page: str = "") -> dict[str, Any]:
     import psutil
     from aqimodels.client import RegistryClient
 
@@ -163,6 +175,11 @@ def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int,
     dcpu0 = sum(dash.cpu_times()[:2])
     direct = threading.Thread(target=_grpc_watch, args=(target, job_id, start, direct_lat, direct_at), daemon=True)
     direct.start()
+    stop = threading.Event()
+    page_ms: list[float] = []
+    pages = threading.Thread(target=_load_pages, args=(url + page, stop, 0.2, page_ms), daemon=True)
+    if page:
+        pages.start()
 
     async def all_clients() -> list[int]:
         return await asyncio.gather(*(_sse_client(host, int(port), f"/events/jobs/{job_id}", start, sse_pairs,
@@ -170,6 +187,7 @@ def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int,
 
     frames = asyncio.run(all_clients())
     direct.join(120)
+    stop.set()
     wall = time.time() - start
     cpu = sum(reg.cpu_times()[:2]) - cpu0
     dcpu = sum(dash.cpu_times()[:2]) - dcpu0
@@ -196,7 +214,8 @@ def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int,
             "hop_p50_ms": common.pct(hop, .5) * 1000, "hop_p99_ms": common.pct(hop, .99) * 1000,
             "fanout_spread_p50_ms": common.pct(spread, .5) * 1000,
             "fanout_spread_p99_ms": common.pct(spread, .99) * 1000,
-            "latency_samples": len(sse_lat), "connect_all_ms": (connected - start) * 1000,
+            "latency_samples": len(sse_lat), "page_loads": len(page_ms),
+            "page_load_p50_ms": common.pct(page_ms, .5) * 1000 if page_ms else None, "connect_all_ms": (connected - start) * 1000,
             "sse_p99_ms_including_connect": common.pct(all_lat, .99) * 1000}
 
 
@@ -225,10 +244,17 @@ def run(folder: Path, runs: int = 3, versions: int = 1000, loads: int = 15) -> d
         sse_fanout(url, target, reg.pid, dash.pid, 1, 30, 5)  # warm-up
         idle = idle_cpu_rate(reg.pid)
         out["registry_idle_cpu_percent"] = round(100 * idle, 2)
-        samples: dict[str, list[dict[str, Any]]] = {"1": [], "50": []}
+        samples: dict[str, list[dict[str, Any]]] = {"1": [], "50": [], "50, a model page loading every 0.2 s": []}
         for _ in range(runs):
             for count in (1, 50):
                 samples[str(count)].append(sse_fanout(url, target, reg.pid, dash.pid, count, 300, 10, idle))
+            # The fan-out while a user browses: a page render must not stop the streams.
+            browsing = sse_fanout(url, target, reg.pid, dash.pid, 50, 300, 10, idle, page="models/aqi_predictor_lstm")
+            samples["50, a model page loading every 0.2 s"].append(browsing)
+            print(f"  sse with a model page every 0.2 s ({browsing['page_loads']} loads, p50 "
+                  f"{browsing['page_load_p50_ms']:.0f} ms): p99 {browsing['sse_p99_ms']:.1f} ms (direct gRPC "
+                  f"{browsing['direct_p99_ms']:.1f} ms; first SSE client after direct p99 {browsing['hop_p99_ms']:.1f} ms)",
+                  flush=True)
             one, fifty = samples["1"][-1], samples["50"][-1]
             print(f"  sse: registry cpu above idle 1 client {one['registry_busy_cpu_seconds']:.3f} s, 50 clients "
                   f"{fifty['registry_busy_cpu_seconds']:.3f} s (walls {one['wall_seconds']:.1f}, "
