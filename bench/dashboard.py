@@ -85,10 +85,11 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 async def _sse_client(host: str, port: int, path: str, start: float, lat: list[tuple[float, float]],
-                      first: list[float]) -> int:
+                      first: list[float], arrivals: dict[int, list[float]]) -> int:
     """One browser-worth of EventSource: reads frames to the terminal one; returns how many it got.
 
-    ``lat`` gets (worker send time, latency) of every live epoch event, ``first`` the time of its first frame.
+    ``lat`` gets (worker send time, latency) of every live epoch event, ``first`` the time of its first
+    frame, ``arrivals`` each live epoch event's arrival times by sequence (one per client).
     """
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode())
@@ -109,6 +110,7 @@ async def _sse_client(host: str, port: int, path: str, start: float, lat: list[t
             sent = ev.get("worker_time_us")
             if ev.get("kind") == "epoch" and sent and sent / 1e6 > start:
                 lat.append((sent / 1e6, now - sent / 1e6))
+                arrivals.setdefault(ev["seq"], []).append(now)
             if ev.get("state") in TERMINAL:
                 break
     finally:
@@ -116,7 +118,7 @@ async def _sse_client(host: str, port: int, path: str, start: float, lat: list[t
     return frames
 
 
-def _grpc_watch(target: str, job_id: str, start: float, lat: list[float]) -> None:
+def _grpc_watch(target: str, job_id: str, start: float, lat: list[float], arrivals: dict[int, float]) -> None:
     from aqimodels.client import RegistryClient
 
     with RegistryClient(target, timeout=60) as c:
@@ -127,6 +129,7 @@ def _grpc_watch(target: str, job_id: str, start: float, lat: list[float]) -> Non
                 sent = p.time.seconds + p.time.nanos / 1e9
                 if sent > start:
                     lat.append(now - sent)
+                    arrivals[ev.sequence] = now
 
 
 def idle_cpu_rate(pid: int, seconds: float = 3.0) -> float:
@@ -139,8 +142,20 @@ def idle_cpu_rate(pid: int, seconds: float = 3.0) -> float:
     return (sum(proc.cpu_times()[:2]) - cpu0) / (time.time() - t0)
 
 
+def _load_pages(url: str, stop: threading.Event, every: float, took: list[float]) -> None:
+    """A user browsing meanwhile: one model page (1,000 versions, 130 KB) every ``every`` seconds."""
+    import urllib.request
+
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=30) as r:
+            r.read()
+        took.append(time.perf_counter() - t0)
+        stop.wait(every)
+
+
 def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int, n: int,
-               interval_ms: float, idle_rate: float = 0.0) -> dict[str, Any]:
+               interval_ms: float, idle_rate: float = 0.0, page: str = "") -> dict[str, Any]:
     import psutil
     from aqimodels.client import RegistryClient
 
@@ -153,18 +168,26 @@ def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int,
     sse_pairs: list[tuple[float, float]] = []
     first: list[float] = []
     direct_lat: list[float] = []
+    sse_at: dict[int, list[float]] = {}
+    direct_at: dict[int, float] = {}
     start = time.time()
     cpu0 = sum(reg.cpu_times()[:2])
     dcpu0 = sum(dash.cpu_times()[:2])
-    direct = threading.Thread(target=_grpc_watch, args=(target, job_id, start, direct_lat), daemon=True)
+    direct = threading.Thread(target=_grpc_watch, args=(target, job_id, start, direct_lat, direct_at), daemon=True)
     direct.start()
+    stop = threading.Event()
+    page_ms: list[float] = []
+    pages = threading.Thread(target=_load_pages, args=(url + page, stop, 0.2, page_ms), daemon=True)
+    if page:
+        pages.start()
 
     async def all_clients() -> list[int]:
         return await asyncio.gather(*(_sse_client(host, int(port), f"/events/jobs/{job_id}", start, sse_pairs,
-                                                  first) for _ in range(clients)))
+                                                  first, sse_at) for _ in range(clients)))
 
     frames = asyncio.run(all_clients())
     direct.join(120)
+    stop.set()
     wall = time.time() - start
     cpu = sum(reg.cpu_times()[:2]) - cpu0
     dcpu = sum(dash.cpu_times()[:2]) - dcpu0
@@ -174,6 +197,12 @@ def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int,
     connected = max(first)
     sse_lat = [d for sent, d in sse_pairs if sent > connected]
     all_lat = [d for _, d in sse_pairs]
+    # Per event once all were connected: the first client's arrival after the direct watcher's (the hop
+    # through the dashboard) and the last client's after the first (the fan-out, plus this one process
+    # reading 50 sockets in turn: an upper bound of the dashboard's share).
+    steady = [(seq, ts) for seq, ts in sse_at.items() if len(ts) == clients and seq in direct_at and min(ts) > connected]
+    hop = [min(ts) - direct_at[seq] for seq, ts in steady]
+    spread = [max(ts) - min(ts) for _, ts in steady]
     busy = max(cpu - idle_rate * wall, 1e-6)  # what the job's events cost, the idle background taken out
     return {"clients": clients, "events_delivered": delivered, "wall_seconds": wall,
             "registry_cpu_seconds": cpu, "registry_busy_cpu_seconds": busy,
@@ -182,7 +211,11 @@ def sse_fanout(url: str, target: str, reg_pid: int, dash_pid: int, clients: int,
             "sse_p50_ms": common.pct(sse_lat, .5) * 1000, "sse_p99_ms": common.pct(sse_lat, .99) * 1000,
             "direct_p50_ms": common.pct(direct_lat, .5) * 1000, "direct_p99_ms": common.pct(direct_lat, .99) * 1000,
             "added_p99_ms": (common.pct(sse_lat, .99) - common.pct(direct_lat, .99)) * 1000,
-            "latency_samples": len(sse_lat), "connect_all_ms": (connected - start) * 1000,
+            "hop_p50_ms": common.pct(hop, .5) * 1000, "hop_p99_ms": common.pct(hop, .99) * 1000,
+            "fanout_spread_p50_ms": common.pct(spread, .5) * 1000,
+            "fanout_spread_p99_ms": common.pct(spread, .99) * 1000,
+            "latency_samples": len(sse_lat), "page_loads": len(page_ms),
+            "page_load_p50_ms": common.pct(page_ms, .5) * 1000 if page_ms else None, "connect_all_ms": (connected - start) * 1000,
             "sse_p99_ms_including_connect": common.pct(all_lat, .99) * 1000}
 
 
@@ -211,22 +244,32 @@ def run(folder: Path, runs: int = 3, versions: int = 1000, loads: int = 15) -> d
         sse_fanout(url, target, reg.pid, dash.pid, 1, 30, 5)  # warm-up
         idle = idle_cpu_rate(reg.pid)
         out["registry_idle_cpu_percent"] = round(100 * idle, 2)
-        samples: dict[str, list[dict[str, Any]]] = {"1": [], "50": []}
+        samples: dict[str, list[dict[str, Any]]] = {"1": [], "50": [], "50, a model page loading every 0.2 s": []}
         for _ in range(runs):
             for count in (1, 50):
                 samples[str(count)].append(sse_fanout(url, target, reg.pid, dash.pid, count, 300, 10, idle))
+            # The fan-out while a user browses: a page render must not stop the streams.
+            browsing = sse_fanout(url, target, reg.pid, dash.pid, 50, 300, 10, idle, page="models/aqi_predictor_lstm")
+            samples["50, a model page loading every 0.2 s"].append(browsing)
+            print(f"  sse with a model page every 0.2 s ({browsing['page_loads']} loads, p50 "
+                  f"{browsing['page_load_p50_ms']:.0f} ms): p99 {browsing['sse_p99_ms']:.1f} ms (direct gRPC "
+                  f"{browsing['direct_p99_ms']:.1f} ms; first SSE client after direct p99 {browsing['hop_p99_ms']:.1f} ms)",
+                  flush=True)
             one, fifty = samples["1"][-1], samples["50"][-1]
             print(f"  sse: registry cpu above idle 1 client {one['registry_busy_cpu_seconds']:.3f} s, 50 clients "
                   f"{fifty['registry_busy_cpu_seconds']:.3f} s (walls {one['wall_seconds']:.1f}, "
                   f"{fifty['wall_seconds']:.1f} s); p99 worker->client {fifty['sse_p99_ms']:.1f} ms "
-                  f"(direct gRPC {fifty['direct_p99_ms']:.1f} ms; with the connections "
+                  f"(direct gRPC {fifty['direct_p99_ms']:.1f} ms; first SSE client after direct p50/p99 "
+                  f"{fifty['hop_p50_ms']:.1f}/{fifty['hop_p99_ms']:.1f} ms, last after first "
+                  f"{fifty['fanout_spread_p50_ms']:.1f}/{fifty['fanout_spread_p99_ms']:.1f} ms; with the connections "
                   f"{fifty['sse_p99_ms_including_connect']:.1f} ms); dashboard cpu per delivered event "
                   f"{fifty['dashboard_cpu_us_per_delivered_event']:.1f} us", flush=True)
         keys = (("registry_cpu_seconds", "s"), ("registry_busy_cpu_seconds", "s"),
                 ("registry_cpu_us_per_delivered_event", "us"), ("wall_seconds", "s"),
                 ("dashboard_cpu_us_per_delivered_event", "us"), ("events_delivered", "events"),
                 ("sse_p50_ms", "ms"), ("sse_p99_ms", "ms"), ("direct_p99_ms", "ms"), ("added_p99_ms", "ms"),
-                ("connect_all_ms", "ms"), ("sse_p99_ms_including_connect", "ms"))
+                ("hop_p50_ms", "ms"), ("hop_p99_ms", "ms"), ("fanout_spread_p50_ms", "ms"),
+                ("fanout_spread_p99_ms", "ms"), ("direct_p50_ms", "ms"), ("connect_all_ms", "ms"), ("sse_p99_ms_including_connect", "ms"))
         out["sse"] = {c: {k: common.figure([s[k] for s in v], u, 3) for k, u in keys} for c, v in samples.items()}
         pairs = list(zip(samples["1"], samples["50"], strict=True))
         out["sse_registry_cpu_50_over_1"] = common.figure(

@@ -453,7 +453,15 @@ def write_markdown(path: Path) -> str:
                       f"(with idle: {_fig(dashboard.get('sse_registry_cpu_50_over_1_with_idle'))}; idle "
                       f"{dashboard.get('registry_idle_cpu_percent')}% CPU); per delivered event: "
                       f"{_fig(dashboard.get('sse_registry_cpu_per_event_50_over_1'))}",
-                  f"- load average at the start of the section: {get(dashboard, 'machine', 'load_average')}", ""]
+                  f"- load average at the start of the section: {get(dashboard, 'machine', 'load_average')}"]
+        fifty = dashboard.get("sse", {}).get("50", {})
+        if "hop_p99_ms" in fifty:
+            lines.append(f"- where the 50 clients' latency goes, per event in the same runs: the first SSE client "
+                         f"after the direct watcher p50 {_fig(fifty['hop_p50_ms'])}, p99 {_fig(fifty['hop_p99_ms'])}; "
+                         f"the last client after the first (the fan-out, and the benchmark's one process reading "
+                         f"50 sockets in turn) p50 {_fig(fifty['fanout_spread_p50_ms'])}, p99 "
+                         f"{_fig(fifty['fanout_spread_p99_ms'])}; direct watcher p50 {_fig(fifty['direct_p50_ms'])}")
+        lines += [""]
     lines += physical_sanity_section()
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():

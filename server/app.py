@@ -227,9 +227,9 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
 
 def _model_health(service: RegistryService) -> list[tuple[str, str, int]]:
     """(model, health, production version) of every model, from the read model (no MLflow call)."""
-    views, _ = service.status()
+    page, _ = service.status()  # every model: size 0 is one page of all
     out = []
-    for v in views:
+    for v in page.items:
         production = v.snapshot.alias("production")
         health = "degraded" if v.degraded else "healthy" if production is not None else "no_production"
         out.append((v.snapshot.model.name, health, production.version if production is not None else 0))

@@ -14,11 +14,11 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import grpc
@@ -56,6 +56,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "aqimodels_dashboard"
@@ -245,9 +246,45 @@ class Dashboard:
     def page(self, request: Request, template: str, user: User | None, status_code: int = 200,
              **context: Any) -> HTMLResponse:
         flash = request.session.pop("flash", None) if "flash" in request.session else None
-        html = self.env.get_template(template).render(request=request, user=user, flash=flash, path=request.url.path,
-                                                     target=self.config.target, **context)
-        return HTMLResponse(html, status_code=status_code, headers={"cache-control": "no-store"})
+        tmpl = self.env.get_template(template)
+        return PageResponse(lambda: tmpl.generate(request=request, user=user, flash=flash, path=request.url.path,
+                                                  target=self.config.target, **context), status_code)
+
+
+SLICE_SECONDS = 0.002  # the longest stretch a page's work holds the event loop (and every SSE stream)
+
+
+async def sliced(items: Iterable[T]) -> AsyncIterator[T]:
+    """``items``, letting the event loop run about every :data:`SLICE_SECONDS` of the caller's work."""
+    until = time.perf_counter() + SLICE_SECONDS
+    for item in items:
+        yield item
+        if time.perf_counter() > until:
+            await asyncio.sleep(0)
+            until = time.perf_counter() + SLICE_SECONDS
+
+
+class PageResponse(HTMLResponse):
+    """An HTML page rendered as it is sent, on the event loop in slices of at most about 2 ms.
+
+    A model page at 1,000 versions (130 KB) renders for tens of ms; in one piece on the loop every
+    SSE stream stood still meanwhile (50 clients on one job with a model page loaded every 0.2 s:
+    the first SSE client after a direct gRPC watcher p99 20-21 ms). A worker thread is no cure: the
+    render holds the interpreter lock and takes it back at every socket write of the fan-out, each
+    write then waiting up to the 5 ms switch interval (p99 20-47 ms in the benchmark). So the
+    template's output is generated piece by piece and the loop runs between slices.
+    """
+
+    def __init__(self, generate: Callable[[], Iterator[str]], status_code: int = 200) -> None:
+        self._generate = generate
+        super().__init__(b"", status_code=status_code, headers={"cache-control": "no-store"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parts = [piece async for piece in sliced(self._generate())]  # the SSE fan-out runs between slices
+        self.body = "".join(parts).encode(self.charset)
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.raw_headers.append((b"content-length", str(len(self.body)).encode("latin-1")))
+        await super().__call__(scope, receive, send)
 
 
 def _flash(request: Request, kind: str, text: str) -> None:
@@ -359,14 +396,18 @@ def create_app(config: DashboardConfig) -> Starlette:
         status, versions, history = results[0], results[1], results[2]
         comparison = results[3] if len(results) > 3 else None
         ms = next((m for m in status.models if m.model.name == name), None)
-        chart = {"metric": history.metric or metric,
-                 "points": [{"version": p.version, "time": ts_ms(p.create_time),
-                             "value": num(p.metrics[history.metric or metric])
-                             if (history.metric or metric) in p.metrics else None,
-                             "stage": stage_name(p.stage)} for p in history.points],
+        chosen = history.metric or metric
+        points: list[dict[str, Any]] = []
+        names: set[str] = set()
+        async for p in sliced(history.points):  # 1,000 versions: ~5 ms of protobuf maps, not in one piece
+            names.update(p.metrics)
+            points.append({"version": p.version, "time": ts_ms(p.create_time),
+                           "value": num(p.metrics[chosen]) if chosen in p.metrics else None,
+                           "stage": stage_name(p.stage)})
+        chart = {"metric": chosen, "points": points,
                  "periods": [{"version": p.version, "start": ts_ms(p.start_time), "end": ts_ms(p.end_time)}
                              for p in history.production_periods]}
-        metric_names = sorted({k for p in history.points for k in p.metrics}) or ["rmse"]
+        metric_names = sorted(names) or ["rmse"]
         base = {"page_size": page_size, "stage": stage, "order_by": order_by, "metric": metric}
         current_token = str(q.get("page_token", "") or "")
         next_link = ("?" + urlencode({**base, "page_token": versions.next_page_token,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import threading
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 import uvicorn
@@ -15,6 +17,7 @@ from aqimodels.client.dashboard.app import create_app
 from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError, is_loopback
 from aqimodels.client.dashboard.registry import AsyncRegistry
 from aqimodels.client.errors import AqiModelsError, UnauthenticatedError
+from starlette.applications import Starlette
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +79,22 @@ def _uvicorn(config: DashboardConfig, **extra: object) -> uvicorn.Server:
                                          timeout_graceful_shutdown=3, **ssl, **extra))  # type: ignore[arg-type]
 
 
+def settle_heap(server: uvicorn.Server) -> None:
+    """Compiles every template, then freezes what the process holds out of the cyclic collector's sight.
+
+    Everything imported and built at start lives as long as the process; left in the collector's view,
+    every full collection walks it (about 50,000 objects: a 26-85 ms pause of the event loop, measured
+    with 50 SSE clients on one job, stalling every live stream at once). Reference counting still frees
+    them; only cycles among them would never be collected, and start-up objects form none that die.
+    """
+    app = cast(Starlette, server.config.app)
+    env = app.state.dashboard.env
+    for name in env.list_templates():
+        env.get_template(name)
+    gc.collect()
+    gc.freeze()
+
+
 def run(config: DashboardConfig) -> int:
     """Serves until SIGINT/SIGTERM; returns the exit code."""
     fmt = os.environ.get("AQIMODELS_LOG_FORMAT", "").strip().lower()
@@ -83,6 +102,7 @@ def run(config: DashboardConfig) -> int:
     asyncio.run(check_registry_exposure(config))
     sock = bind(config)
     server = _uvicorn(config)
+    settle_heap(server)
     log.info("dashboard_started", url=url_of(config, sock), target=config.target, tls=config.tls)
     server.run(sockets=[sock])
     log.info("dashboard_stopped")
