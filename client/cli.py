@@ -60,7 +60,7 @@ def _install_plain_coercion() -> None:
     building the adapters was ~250 ms of every CLI start, more than all the rest of it (bench/
     cli_start.py); importing pydantic alone is ~65 ms. The CLI's parameters are plain str/int/float/
     bool (or None) or lists of str (repeated options, variadic arguments): those are coerced
-    here with pydantic's wording; anything else (lists, choices, files) keeps typer's own path.
+    here with pydantic's wording; anything else (other lists, choices, files) keeps typer's own path.
     Written by hand because typer offers no switch for it; typer is pinned exactly."""
     from typer import _coercion, core
     from typer._click.exceptions import BadParameter
@@ -990,10 +990,11 @@ def main() -> None:
 
     if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # commands handle KeyboardInterrupt
-    args = hoist_global_options(sys.argv[1:])
-    rest = hoist_rest(args)
+    rest: list[str] = []
     code: int | str | None = 0
     try:
+        args = hoist_global_options(sys.argv[1:])
+        rest = hoist_rest(args)
         _only_the_invoked_command(args)
         app(args=args, prog_name="aqimodels", standalone_mode=True)
     except KeyboardInterrupt:
