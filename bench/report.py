@@ -385,7 +385,11 @@ def write_markdown(path: Path) -> str:
                   "a process that only imports grpc and the generated registry module, in interleaved pairs.", "",
                   f"- `aqimodels status`: {_fig(cli.get('status_seconds'))}",
                   f"- import floor: {_fig(cli.get('import_floor_seconds'))}",
-                  f"- ratio status / floor: {_fig(cli.get('ratio_status_over_import_floor'))}", ""]
+                  f"- ratio status / floor: {_fig(cli.get('ratio_status_over_import_floor'))}", "",
+                  "Beyond the floor, a piped `status` loads typer (about 20 ms) and the CLI's own modules;",
+                  "not rich (its output off a terminal is render.plain_status) nor pydantic (the CLI's options",
+                  "are coerced without it), and it ends with os._exit once its output is flushed (grpc's",
+                  "teardown after a call was 20-40 ms). The bytecode is written first (`make bytecode`).", ""]
     lines += ["## 4. Training (from bench/results/training_*.json, `python -m bench.training`)", ""]
     for label, t in (("synthetic", synth), ("beijing", beijing)):
         if t is None:

@@ -7,13 +7,17 @@ import threading as _threading
 
 
 def _quiet_ctrl_c(_signum: int, _frame: object) -> None:
-    raise SystemExit(130)
+    # Ends the process here, not by raising: a handler's exception can land in a callback of the
+    # import machinery (a module lock's weakref callback), where Python prints it as "Exception
+    # ignored" and goes on loading, and the Ctrl-C is lost. Nothing has been done yet to clean up.
+    _os._exit(130)
 
 
 # Run as the `aqimodels` console script, this is the first of our code to execute, before the
 # CLI's modules load (a few hundred ms): Ctrl-C meanwhile exits 130 quietly instead of printing a
 # KeyboardInterrupt traceback. cli.main() puts Python's own handler back. Imported as a library,
-# nothing changes.
+# nothing changes. (Before this line runs, the interpreter's own start and site, Ctrl-C is
+# Python's: out of our reach.)
 if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "aqimodels"
         and _threading.current_thread() is _threading.main_thread()
         and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):

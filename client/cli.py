@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import grpc
 import typer
@@ -36,25 +36,31 @@ from aqimodels.client.client import (
     stage_value,
 )
 from aqimodels.client.errors import AqiModelsError, InvalidArgumentError
-from rich.console import Console, RenderableType
-from rich.markup import escape
+from aqimodels.client.render import escape
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
 
 
 def _plain_kind(annotation: Any) -> type | None:
-    """str, int, float or bool, also ``X | None``; None for anything else."""
+    """str, int, float or bool, also ``X | None``; ``list`` for ``list[str]`` (``| None``); None for
+    anything else."""
     import types
 
     if isinstance(annotation, types.UnionType):
         args = [a for a in annotation.__args__ if a is not type(None)]
         annotation = args[0] if len(args) == 1 else None
+    if isinstance(annotation, types.GenericAlias) and annotation.__origin__ is list and annotation.__args__ == (str,):
+        return list
     return annotation if annotation in (str, int, float, bool) else None
 
 
 def _install_plain_coercion() -> None:
     """typer 0.29 coerces every parameter through a pydantic TypeAdapter. Importing pydantic and
     building the adapters was ~250 ms of every CLI start, more than all the rest of it (bench/
-    cli_start.py). The CLI's parameters are plain str/int/float/bool (or None): those are coerced
-    here with pydantic's wording; anything else (lists, choices, files) keeps typer's own path.
+    cli_start.py); importing pydantic alone is ~65 ms. The CLI's parameters are plain str/int/float/
+    bool (or None) or lists of str (repeated options, variadic arguments): those are coerced
+    here with pydantic's wording; anything else (other lists, choices, files) keeps typer's own path.
     Written by hand because typer offers no switch for it; typer is pinned exactly."""
     from typer import _coercion, core
     from typer._click.exceptions import BadParameter
@@ -70,6 +76,8 @@ def _install_plain_coercion() -> None:
 
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
             out: Any
+            if self.kind is list:  # list[str]: a repeated option or a variadic argument (a tuple of str)
+                return [str(item) for item in value]
             if self.kind in (str, bool) or (isinstance(value, self.kind) and not isinstance(value, bool)):
                 out = value if self.kind is not str else str(value)
             else:
@@ -171,13 +179,29 @@ PIPE_WIDTH = 4096
 
 def _console() -> Console:
     # Built per command so that it writes to the sys.stdout of the moment (tests swap it).
+    from rich.console import Console
+
     if not sys.stdout.isatty():
         return Console(highlight=False, width=PIPE_WIDTH)
     return Console(highlight=False)
 
 
+def _plain_output() -> bool:
+    """Output to a pipe or a file that rich would not colour either (FORCE_COLOR / TTY_COMPATIBLE=1
+    make it): there the commands that can print plain text do so without loading rich."""
+    import os
+
+    return (not sys.stdout.isatty() and not os.environ.get("FORCE_COLOR")
+            and os.environ.get("TTY_COMPATIBLE", "") != "1")
+
+
 def _print(renderable: RenderableType) -> None:
     _console().print(renderable)
+
+
+def _print_plain(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _print_json(data: Any) -> None:
@@ -382,6 +406,8 @@ def status(
         resp = client.status(names=model or (), name_prefix=prefix)
     if as_json:
         _print_json(resp)
+    elif not wide and _plain_output():
+        _print_plain(render.plain_status(resp))
     else:
         _print(render.status_view(resp, wide=wide))
     if not resp.backend.healthy:
@@ -645,8 +671,9 @@ def alerts(
 
 # ---- retrain and jobs ----
 
-def _follow(ctx: typer.Context, events: Iterator[pb.RetrainEvent], as_json: bool) -> None:
-    """Shows events (bars or JSON lines) until the stream ends; Ctrl-C detaches."""
+def _follow(ctx: typer.Context, events: Iterator[pb.RetrainEvent], as_json: bool, order: Sequence[str] = ()) -> None:
+    """Shows events (bars or JSON lines) until the stream ends; Ctrl-C detaches (the jobs named in
+    ``order`` are offered in that order, not in the order their streams happened to answer)."""
     jobs: dict[str, render.JobProgress] = {}
     console = _console()
     try:
@@ -664,7 +691,8 @@ def _follow(ctx: typer.Context, events: Iterator[pb.RetrainEvent], as_json: bool
         close = getattr(events, "close", None)
         if close is not None:
             close()
-        running = [job for job in jobs.values() if not job.done]
+        running = sorted((job for job in jobs.values() if not job.done),
+                         key=lambda job: order.index(job.job_id) if job.job_id in order else len(order))
         if len(running) == 1:
             _err("\nDetached: the job goes on on the server. Watch it again with:\n"
                  f"  aqimodels jobs watch {running[0].job_id} --after {running[0].last_sequence}")
@@ -824,7 +852,8 @@ def jobs_watch(
         if after:
             raise InvalidArgumentError("--after takes one job; several are replayed from their start",
                                        field="after_sequence")
-        _follow(ctx, _Merged([client.watch_job(job_id) for job_id in dict.fromkeys(job_ids)]), as_json)
+        unique = list(dict.fromkeys(job_ids))
+        _follow(ctx, _Merged([client.watch_job(job_id) for job_id in unique]), as_json, order=unique)
 
 
 @jobs_app.command("show")
@@ -930,19 +959,52 @@ def hoist_rest(args: list[str]) -> list[str]:
     return args[i:]
 
 
+# The processes end the ordinary way. Every other command, once its output is flushed, ends at
+# once (os._exit): after a gRPC call the interpreter's teardown (grpc's core shutdown and its
+# threads) is 20-40 ms of a one-call command (bench/cli_start.py), and nothing is left to clean up.
+_ORDINARY_EXIT = frozenset({"serve", "worker", "dashboard"})
+
+
+def _exit_now(code: int | str | None) -> NoReturn:
+    """Flushes stdout and stderr and ends the process with ``code`` as SystemExit would."""
+    import os
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        sys.stderr.write(f"{code}\n")
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more can be said
+            pass
+    os._exit(status)
+
+
 def main() -> None:
     """The ``aqimodels`` console script; Ctrl-C anywhere exits 130 without a traceback."""
     import signal
 
     if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # commands handle KeyboardInterrupt
+    rest: list[str] = []
+    code: int | str | None = 0
     try:
         args = hoist_global_options(sys.argv[1:])
+        rest = hoist_rest(args)
         _only_the_invoked_command(args)
         app(args=args, prog_name="aqimodels", standalone_mode=True)
     except KeyboardInterrupt:
         sys.stderr.write("\n")
-        raise SystemExit(130) from None
+        code = 130
+    except SystemExit as exc:
+        code = exc.code
+    if rest and rest[0] in _ORDINARY_EXIT:
+        raise SystemExit(code)
+    _exit_now(code)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ from aqimodels.client.client import model_type_name, stage_name
 from aqimodels.client.errors import InvalidArgumentError
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from rich.console import Console, Group, RenderableType
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
+# rich loads inside the functions that build renderables (~30 ms): `status` off a terminal
+# (plain_status) and every --json answer print without it.
 if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
     from rich.progress import TaskID
+    from rich.table import Table
+    from rich.text import Text
 
 # The metrics a person looks at first, in table order; horizons and the baseline follow when present.
 KEY_METRICS: tuple[str, ...] = ("rmse", "mae", "r2", "accuracy")
@@ -67,6 +68,13 @@ _MEASURE_WORDS = ("rmse", "mae", "mse", "r2", "accuracy", "skill", "loss", "late
 
 
 # ---- plain values ----
+
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped (rich.markup loads on first use)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
 
 def job_state_value(state: str | None) -> int:
     """The proto enum number of a job state given by name ("running"); 0 for none."""
@@ -166,11 +174,15 @@ def metric_direction(direction: int) -> str:
 
 
 def stage_text(stage: int) -> Text:
+    from rich.text import Text
+
     name = stage_name(stage)
     return Text(name, style=_STAGE_STYLES.get(name, ""))
 
 
 def state_text(state: int) -> Text:
+    from rich.text import Text
+
     name = job_state_name(state)
     return Text(name, style=_STATE_STYLES.get(name, ""))
 
@@ -246,6 +258,8 @@ def _json_default(value: Any) -> Any:
 
 def render_text(renderable: RenderableType, width: int = 160) -> str:
     """A renderable as plain text (for tests and logs)."""
+    from rich.console import Console
+
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False,
                       legacy_windows=False)
     console.print(renderable)
@@ -259,18 +273,24 @@ def _metric_cells(mv: pb.ModelVersion | None, names: Iterable[str]) -> list[str]
     return [fmt_metric(n, mv.metrics[n]) if mv is not None and n in mv.metrics else _MISSING for n in names]
 
 
+_NO_MODELS = "No models registered yet."
+_NO_MODELS_NEXT = "Train them with `aqimodels retrain` (or `make demo`)."
+_NO_MODELS_READ = "No models could be read: the MLflow backend is unhealthy (see below)."
+
+
 def status_view(status: pb.GetStatusResponse, now: datetime | None = None, *, wide: bool = False) -> RenderableType:
     """The whole ``aqimodels status`` screen: one line per model (``wide``: one table per model),
     the backend line, the workers."""
+    from rich.console import Group
+    from rich.text import Text
+
     parts: list[RenderableType] = []
     backend = status.backend
     if not status.models:
         if backend.healthy or not backend.tracking_uri:
-            parts.append(Text.from_markup(
-                "[bold]No models registered yet.[/] Train them with `aqimodels retrain` (or `make demo`)."))
+            parts.append(Text.assemble((_NO_MODELS, "bold"), f" {_NO_MODELS_NEXT}"))
         else:
-            parts.append(Text("No models could be read: the MLflow backend is unhealthy (see below).",
-                              style="bold red"))
+            parts.append(Text(_NO_MODELS_READ, style="bold red"))
     if wide:
         for ms in status.models:
             parts.append(model_status_table(ms, now))
@@ -295,28 +315,81 @@ def running_jobs_text(jobs: Sequence[pb.RetrainJob]) -> str:
                      for j in jobs) or "none"
 
 
+_STATUS_TITLE = "Models: version and rmse of each pointer (status --wide: all metrics)"
+_STATUS_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("model", "left"), ("health", "left"), ("production", "right"), ("staging", "right"), ("latest", "right"),
+    ("trained", "left"), ("jobs", "left"))
+
+
+def _status_rows(models: Sequence[pb.ModelStatus], now: datetime | None) -> list[tuple[list[str], str]]:
+    """The compact status rows: the cells of each model (as _STATUS_COLUMNS) and its health's style."""
+    out = []
+    for ms in models:
+        health, style = _SHORT_HEALTH.get(ms.health, ("unknown", "dim"))
+        out.append(([ms.model.name, health, _pointer_cell(ms.production if ms.HasField("production") else None),
+                     _pointer_cell(ms.staging if ms.HasField("staging") else None),
+                     _pointer_cell(ms.latest if ms.HasField("latest") else None),
+                     human_time(ms.last_training_time, now), running_jobs_text(ms.running_jobs)], style))
+    return out
+
+
 def models_status_table(models: Sequence[pb.ModelStatus], now: datetime | None = None) -> RenderableType:
     """``aqimodels status``: one row per model (production, staging and latest with their rmse)."""
     from rich import box
+    from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="Models: version and rmse of each pointer (status --wide: all metrics)",
-                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
-                  collapse_padding=True)
-    table.add_column("model", no_wrap=True)
-    for col, justify in (("health", "left"), ("production", "right"), ("staging", "right"), ("latest", "right"),
-                         ("trained", "left"), ("jobs", "left")):
+    table = Table(title=_STATUS_TITLE, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+    for col, justify in _STATUS_COLUMNS:
         table.add_column(col, justify=justify, no_wrap=col != "jobs")  # type: ignore[arg-type]
-    for ms in models:
-        health, style = _SHORT_HEALTH.get(ms.health, ("unknown", "dim"))
-        table.add_row(ms.model.name, Text(health, style=style),
-                      _pointer_cell(ms.production if ms.HasField("production") else None),
-                      _pointer_cell(ms.staging if ms.HasField("staging") else None),
-                      _pointer_cell(ms.latest if ms.HasField("latest") else None),
-                      human_time(ms.last_training_time, now), escape(running_jobs_text(ms.running_jobs)))
+    for cells, style in _status_rows(models, now):
+        table.add_row(escape(cells[0]), Text(cells[1], style=style), *cells[2:6], escape(cells[6]))
     return table
 
 
+def plain_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> str:
+    """A borderless table as plain text, laid out as rich's SIMPLE_HEAD one (title, header, a rule,
+    rows; two spaces between columns), never cut: for pipes and files, where rich is not needed."""
+    widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, (name, _) in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if justify == "right" else c.ljust(w)
+                         for c, w, (_, justify) in zip(cells, widths, columns, strict=True)).rstrip()
+
+    total = sum(widths) + 2 * (len(widths) - 1)
+    return "\n".join([title, line([name for name, _ in columns]), "─" * total, *(line(r) for r in rows)])
+
+
+def plain_status(status: pb.GetStatusResponse, now: datetime | None = None) -> str:
+    """The compact ``aqimodels status`` screen as plain text: the lines status_view prints off a
+    terminal (the workers table borderless), without loading rich (~30 ms of a piped status)."""
+    parts: list[str] = []
+    backend = status.backend
+    if not status.models:
+        if backend.healthy or not backend.tracking_uri:
+            parts.append(f"{_NO_MODELS} {_NO_MODELS_NEXT}")
+        else:
+            parts.append(_NO_MODELS_READ)
+    else:
+        parts.append(plain_table(_STATUS_TITLE, _STATUS_COLUMNS, [cells for cells, _ in _status_rows(status.models, now)]))
+    parts.append(_backend_text(backend))
+    workers = status.workers
+    if not workers:
+        parts.append(_NO_WORKERS)
+    else:
+        columns, rows = _workers_rows(workers)
+        parts.append(plain_table("Training workers", columns, rows))
+    if status.server_version:
+        parts.append(f"server {status.server_version}")
+    return "\n".join(parts) + "\n"
+
+
 def model_status_table(ms: pb.ModelStatus, now: datetime | None = None) -> RenderableType:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     model = ms.model
     health, style = _HEALTH.get(ms.health, ("unknown", "dim"))
     title = Text.assemble(
@@ -346,7 +419,15 @@ def model_status_table(ms: pb.ModelStatus, now: datetime | None = None) -> Rende
     return Group(Text(), title, table)
 
 
+def _backend_text(backend: pb.BackendStatus) -> str:
+    if backend.healthy:
+        return f"MLflow backend: healthy  {backend.tracking_uri}  ({backend.latency_ms:.0f} ms)"
+    return f"MLflow backend: UNHEALTHY  {backend.tracking_uri}  {backend.message}".rstrip()
+
+
 def backend_line(backend: pb.BackendStatus) -> Text:
+    from rich.text import Text
+
     if backend.healthy:
         return Text.assemble(("MLflow backend: ", "bold"), ("healthy", "green"),
                              f"  {backend.tracking_uri}  ({backend.latency_ms:.0f} ms)")
@@ -354,30 +435,42 @@ def backend_line(backend: pb.BackendStatus) -> Text:
                          f"  {backend.tracking_uri}  {backend.message}".rstrip())
 
 
-def workers_view(workers: Sequence[pb.WorkerStatus]) -> RenderableType:
-    if not workers:
-        return Text("Training workers: none configured (retrain needs one: `aqimodels worker`).", style="yellow")
-    table = Table(title="Training workers", title_justify="left")
-    table.add_column("worker")
-    table.add_column("health")
-    table.add_column("running", justify="right")
+_NO_WORKERS = "Training workers: none configured (retrain needs one: `aqimodels worker`)."
+
+
+def _workers_rows(workers: Sequence[pb.WorkerStatus]) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    """The workers table's columns (name, justify) and cells; a restarts column when any restarted."""
     restarted = any(w.restarts for w in workers)
-    if restarted:
-        table.add_column("restarts", justify="right")
-    table.add_column("message")
-    for w in workers:
-        cells = [w.target, Text("healthy", "green") if w.healthy else Text("unhealthy", "bold red"),
-                 f"{w.running}/{w.capacity}"]
-        if restarted:
-            cells.append(str(w.restarts))
-        table.add_row(*cells, escape(w.message))
+    columns = [("worker", "left"), ("health", "left"), ("running", "right")]
+    columns += [("restarts", "right")] if restarted else []
+    columns += [("message", "left")]
+    rows = [[w.target, "healthy" if w.healthy else "unhealthy", f"{w.running}/{w.capacity}",
+             *([str(w.restarts)] if restarted else []), w.message] for w in workers]
+    return columns, rows
+
+
+def workers_view(workers: Sequence[pb.WorkerStatus]) -> RenderableType:
+    from rich.table import Table
+    from rich.text import Text
+
+    if not workers:
+        return Text(_NO_WORKERS, style="yellow")
+    table = Table(title="Training workers", title_justify="left")
+    columns, rows = _workers_rows(workers)
+    for name, justify in columns:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for cells in rows:
+        health = Text(cells[1], style="green" if cells[1] == "healthy" else "bold red")
+        table.add_row(cells[0], health, *cells[2:-1], escape(cells[-1]))
     return table
 
 
 def models_table(models: Sequence[pb.RegisteredModel], now: datetime | None = None) -> RenderableType:
+    from rich.table import Table
+    from rich.text import Text
+
     if not models:
-        return Text.from_markup("[bold]No models registered yet.[/] Train them with `aqimodels retrain` "
-                                "(or `make demo`).")
+        return Text.assemble((_NO_MODELS, "bold"), f" {_NO_MODELS_NEXT}")
     table = Table(title="Registered models", title_justify="left")
     for col, justify in (("model", "left"), ("versions", "right"), ("latest", "right"),
                          ("production", "right"), ("staging", "right"), ("updated", "left")):
@@ -391,6 +484,9 @@ def models_table(models: Sequence[pb.RegisteredModel], now: datetime | None = No
 
 def versions_table(versions: Sequence[pb.ModelVersion], title: str = "",
                    now: datetime | None = None) -> RenderableType:
+    from rich.table import Table
+    from rich.text import Text
+
     if not versions:
         return Text(f"No versions{' of ' + title if title else ''} match.")
     with_model = len({v.name for v in versions}) > 1
@@ -414,6 +510,10 @@ def versions_table(versions: Sequence[pb.ModelVersion], title: str = "",
 
 def version_view(mv: pb.ModelVersion, now: datetime | None = None) -> RenderableType:
     """One version in full: identity, times, every metric sorted, tags."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     info = Table.grid(padding=(0, 2))
     info.add_column(style="bold")
     info.add_column()
@@ -485,14 +585,16 @@ def _column_title(col: str) -> str:
 
 def compare_table(name: str, resp: pb.CompareModelVersionsResponse, width: int | None = None) -> RenderableType:
     """The comparison; below 120 columns (``width``) only the ranking metric, rmse/mae/r2 and the baseline."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     metric = resp.metric or "rmse"
     if not resp.versions:
         return Text(f"{name}: no versions to compare.")
     cols = compare_columns(metric, resp.metric_names)
     if width is not None and width < 120:
         cols = [c for c in cols if c in (metric, "rmse", "mae", "r2") or c.startswith("baseline")]
-    from rich import box
-
     table = Table(title=Text.assemble((name, "bold"), f" — ranked by {metric} ({metric_direction(resp.direction)})"),
                   title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
                   collapse_padding=True)
@@ -524,6 +626,9 @@ def compare_table(name: str, resp: pb.CompareModelVersionsResponse, width: int |
 
 
 def audit_table(events: Sequence[pb.AuditEvent], now: datetime | None = None) -> RenderableType:
+    from rich.table import Table
+    from rich.text import Text
+
     if not events:
         return Text("No audit events match.")
     table = Table(title="Audit log (newest first)", title_justify="left")
@@ -537,6 +642,9 @@ def audit_table(events: Sequence[pb.AuditEvent], now: datetime | None = None) ->
 
 
 def jobs_table(jobs: Sequence[pb.RetrainJob], now: datetime | None = None) -> RenderableType:
+    from rich.table import Table
+    from rich.text import Text
+
     if not jobs:
         return Text("No retrain jobs match.")
     table = Table(title="Retrain jobs (newest first)", title_justify="left")
@@ -795,6 +903,8 @@ class RetrainView:
 
 
 def summary_table(jobs: Iterable[JobProgress]) -> Table:
+    from rich.table import Table
+
     table = Table(title="Retrain summary", title_justify="left")
     for col in ("job", "model", "state", "new version", "test rmse", "promotion"):
         table.add_column(col)
@@ -836,6 +946,10 @@ def production_spans(resp: pb.GetModelHistoryResponse) -> dict[int, list[tuple[d
 
 def history_view(name: str, resp: pb.GetModelHistoryResponse, now: datetime | None = None) -> RenderableType:
     """The history table (one row per version, production periods marked) and a sparkline of the metric."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     metric = resp.metric or "rmse"
     if not resp.points:
         return Text(f"{name}: no versions yet.")

@@ -32,6 +32,7 @@ README_TARGET = "127.0.0.1:50051"
 
 SKIPPED = {
     r"\baqimodels serve\b": "starts a server",
+    r"\baqimodels (--target \S+ )?dashboard\b": "starts a server (the dashboard)",
     r"\baqimodels retrain\s*(#|$)": "trains all four models (minutes); make demo runs it",
     r"--target registry:": "aims at the deployment's host name",
     r"\baqimodels\b.*\bdashboard\b": "starts the dashboard's web server (tests/integration/test_dashboard.py)",

@@ -159,3 +159,38 @@ def test_status_is_compact_by_default(width: int | None) -> None:
         assert any(name in line for line in lines), text  # full names, never cut
     wide = render.render_text(render.status_view(status_response(), wide=True), width=width or 4096)
     assert len(wide.splitlines()) > 30 and "accuracy" in wide
+
+
+def _with_jobs_and_workers(resp: pb.GetStatusResponse) -> pb.GetStatusResponse:
+    resp.models[0].running_jobs.append(pb.RetrainJob(job_id="job-0a1b2c3d4e5f", state=R, epoch=3, total_epochs=30))
+    resp.models[1].ClearField("production")
+    resp.models[1].health = pb.MODEL_HEALTH_NO_PRODUCTION
+    resp.server_version = "0.1.0"
+    return resp
+
+
+@pytest.mark.parametrize("case", ["models", "empty", "backend down"])
+def test_piped_status_prints_the_same_lines_without_rich(case: str) -> None:
+    """Off a terminal `status` prints render.plain_status (no rich loaded): line for line what rich
+    prints there, full names, nothing cut."""
+    resp = _with_jobs_and_workers(status_response()) if case == "models" else pb.GetStatusResponse(
+        backend=pb.BackendStatus(healthy=case == "empty", tracking_uri="postgresql://db/x", message="refused"))
+    rich_lines = [line.rstrip() for line in render.render_text(render.status_view(resp), width=4096).splitlines()]
+    assert render.plain_status(resp).splitlines() == rich_lines
+    if case == "models":
+        row = {line.split()[0]: line for line in rich_lines if line.startswith("aqi_predictor_")}
+        assert row["aqi_predictor_ensemble"].endswith("job-0a1b2c3d4e5f (running, epoch 3/30)")
+        assert "no prod" in row["aqi_predictor_gnn"]
+
+
+def test_piped_status_lists_the_workers_in_plain_columns() -> None:
+    resp = status_response()
+    resp.workers.extend([pb.WorkerStatus(target="10.0.0.7:50052", healthy=True, running=1, capacity=2),
+                         pb.WorkerStatus(target="10.0.0.8:50052", healthy=False, capacity=1, restarts=2,
+                                         message="UNAVAILABLE: connection refused")])
+    lines = render.plain_status(resp).splitlines()
+    head = lines.index("Training workers")
+    assert re.split(r"\s{2,}", lines[head + 1]) == ["worker", "health", "running", "restarts", "message"]
+    assert re.split(r"\s{2,}", lines[head + 3]) == ["10.0.0.7:50052", "healthy", "1/2", "0"]
+    assert re.split(r"\s{2,}", lines[head + 4]) == ["10.0.0.8:50052", "unhealthy", "0/1", "2",
+                                                    "UNAVAILABLE: connection refused"]
