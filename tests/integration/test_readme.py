@@ -35,7 +35,6 @@ SKIPPED = {
     r"\baqimodels (--target \S+ )?dashboard\b": "starts a server (the dashboard)",
     r"\baqimodels retrain\s*(#|$)": "trains all four models (minutes); make demo runs it",
     r"--target registry:": "aims at the deployment's host name",
-    r"\baqimodels\b.*\bdashboard\b": "starts the dashboard's web server (tests/integration/test_dashboard.py)",
 }
 # Python blocks that another test runs as written, with what they need (the Beijing data, a model
 # trained on it, an environment without aqimodels): tests/integration/test_portable_models.py.
