@@ -19,12 +19,15 @@ temporary folder. Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -33,6 +36,36 @@ from bench import common  # noqa: E402
 
 SECTIONS = ("rpc", "streams", "process", "cli", "scale", "durability", "training", "resilience", "dashboard", "report")
 BEIJING = common.BEIJING
+
+
+# Sections that build their data under a temporary folder and write one result file:
+# name -> (heading, result file, run(folder, args)). Run in this order, then training and report.
+_TIMED: dict[str, tuple[str, str, Callable[[Path, argparse.Namespace], dict[str, Any]]]] = {
+    "rpc": ("1. registry RPCs", "rpc", lambda d, a: _module("rpc").run(
+        d, tuple(int(x) for x in a.sizes.split(",")), a.runs, a.seconds, with_rest=not a.no_rest)),
+    "streams": ("2. streams", "streams", lambda d, a: _module("streams").run(d, a.runs)),
+    "process": ("3. process costs", "process", lambda d, a: _module("process").run(d, a.runs)),
+    "cli": ("3b. CLI start-up", "cli_start", lambda d, a: _module("cli_start").run(d, max(a.runs, 7))),
+    "scale": ("5. scale", "scale", lambda d, a: _module("scale").run(d, a.runs, a.seconds,
+                                                                      with_rest=not a.no_rest)),
+    "resilience": ("6. failure-safe changes and bounded waits", "resilience",
+                   lambda d, a: _module("resilience").run(d, a.runs)),
+    "durability": ("7. durable jobs", "durability",
+                   lambda d, a: _module("durability").run(d, a.runs, a.lease_seconds)),
+    "dashboard": ("8. dashboard", "dashboard", lambda d, a: _module("dashboard").run(d, a.runs)),
+}
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"bench.{name}")  # each section's imports only when it runs
+
+
+def _run_timed(name: str, tmp: Path, args: argparse.Namespace) -> None:
+    heading, result, run = _TIMED[name]
+    print(f"== {heading}", flush=True)
+    t0 = time.perf_counter()
+    res = run(tmp / name, args)
+    print(f"   wrote {common.write_result(result, {**res, 'section_seconds': time.perf_counter() - t0})}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,56 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="aqimodels-bench-"))
     try:
-        if "rpc" in wanted:
-            from bench import rpc
-
-            print("== 1. registry RPCs", flush=True)
-            t0 = time.perf_counter()
-            res = rpc.run(tmp / "rpc", tuple(int(x) for x in args.sizes.split(",")), args.runs, args.seconds,
-                          with_rest=not args.no_rest)
-            print(f"   wrote {common.write_result('rpc', {**res, 'section_seconds': time.perf_counter() - t0})}")
-        if "streams" in wanted:
-            from bench import streams
-
-            print("== 2. streams", flush=True)
-            t0 = time.perf_counter()
-            res = streams.run(tmp / "streams", args.runs)
-            print(f"   wrote {common.write_result('streams', {**res, 'section_seconds': time.perf_counter() - t0})}")
-        if "process" in wanted:
-            from bench import process
-
-            print("== 3. process costs", flush=True)
-            t0 = time.perf_counter()
-            res = process.run(tmp / "process", args.runs)
-            print(f"   wrote {common.write_result('process', {**res, 'section_seconds': time.perf_counter() - t0})}")
-        if "scale" in wanted:
-            from bench import scale
-
-            print("== 5. scale", flush=True)
-            t0 = time.perf_counter()
-            res = scale.run(tmp / "scale", args.runs, args.seconds, with_rest=not args.no_rest)
-            print(f"   wrote {common.write_result('scale', {**res, 'section_seconds': time.perf_counter() - t0})}")
-        if "durability" in wanted:
-            from bench import durability
-
-            print("== 6. durable jobs", flush=True)
-            t0 = time.perf_counter()
-            res = durability.run(tmp / "durability", args.runs, args.lease_seconds)
-            print(f"   wrote {common.write_result('durability', {**res, 'section_seconds': time.perf_counter() - t0})}")
-        if "dashboard" in wanted:
-            from bench import dashboard
-
-            print("== 8. dashboard", flush=True)
-            t0 = time.perf_counter()
-            res = dashboard.run(tmp / "dashboard", args.runs)
-            print(f"   wrote {common.write_result('dashboard', {**res, 'section_seconds': time.perf_counter() - t0})}")
-        if "cli" in wanted:
-            from bench import cli_start
-
-            print("== 3b. CLI start-up", flush=True)
-            t0 = time.perf_counter()
-            res = cli_start.run(tmp / "cli", max(args.runs, 7))
-            print(f"   wrote {common.write_result('cli_start', {**res, 'section_seconds': time.perf_counter() - t0})}")
+        for name in _TIMED:
+            if name in wanted:
+                _run_timed(name, tmp, args)
         if "training" in wanted:
             from bench import report, training
 
@@ -117,13 +103,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"   Beijing data not found at {BEIJING}: skipped", flush=True)
             summary = {label: report.training_summary(label) for label in ("synthetic", "beijing")}
             print(f"   wrote {common.write_result('training', summary)}")
-        if "resilience" in wanted:
-            from bench import resilience
-
-            print("== 5. failure-safe changes and bounded waits", flush=True)
-            t0 = time.perf_counter()
-            res = resilience.run(tmp / "resilience", args.runs)
-            print(f"   wrote {common.write_result('resilience', {**res, 'section_seconds': time.perf_counter() - t0})}")
         if "report" in wanted:
             from bench import report
 
