@@ -4,12 +4,16 @@ Trains xgboost, lstm, gnn, then the ensemble of those three, each in its own pro
 peak memory is the training's own), on a fresh SQLite MLflow store, exactly as a worker does
 (``run_training``: load, features, train, evaluate, log, register). Writes
 ``bench/results/training_<label>.json`` with wall time, peak memory and test rmse at +1/+6/+24 h
-next to the persistence baseline computed on the same test rows.
+next to the persistence baseline computed on the same test rows. ``--target-transform log1p``
+trains every model in log space (``TrainConfig.extra["target_transform"]``; the ensemble then
+combines those members); the JSON records it.
 
 Usage::
 
     python -m bench.training --data synthetic --label synthetic
     python -m bench.training --data beijing:../shared/data/beijing-multisite --label beijing
+    python -m bench.training --data beijing:../shared/data/beijing-multisite --label beijing_log1p \
+        --target-transform log1p
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TYPES = ("xgboost", "lstm", "gnn")
 
 
-def _train(model_type: str, spec: str, uri: str, members: list[dict[str, Any]], out: Any) -> None:
+def _train(model_type: str, spec: str, uri: str, members: list[dict[str, Any]], out: Any,
+           transform: str = "") -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from aqimodels.training.core import EnsembleMemberRef, Finished, TrainJob
+    from aqimodels.training.core import EnsembleMemberRef, Finished, TrainConfig, TrainJob
     from aqimodels.training.runner import run_training
 
-    job = TrainJob(job_id=f"bench-{model_type}", model_type=model_type, dataset=spec,
+    config = TrainConfig(extra={"target_transform": transform} if transform else {})
+    job = TrainJob(job_id=f"bench-{model_type}", model_type=model_type, dataset=spec, config=config,
                    ensemble_members=tuple(EnsembleMemberRef(**m) for m in members))
     start = time.perf_counter()
     epochs = 0
@@ -53,7 +59,7 @@ def _train(model_type: str, spec: str, uri: str, members: list[dict[str, Any]], 
              "metrics": finished.metrics})
 
 
-def run(spec: str, label: str) -> dict[str, Any]:
+def run(spec: str, label: str, transform: str = "") -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="aqimodels-bench-") as tmp:
@@ -61,7 +67,7 @@ def run(spec: str, label: str) -> dict[str, Any]:
         members: list[dict[str, Any]] = []
         for model_type in (*TYPES, "ensemble"):
             q = ctx.Queue()
-            proc = ctx.Process(target=_train, args=(model_type, spec, uri, members if model_type == "ensemble" else [], q))
+            proc = ctx.Process(target=_train, args=(model_type, spec, uri, members if model_type == "ensemble" else [], q, transform))
             proc.start()
             while True:
                 try:
@@ -80,7 +86,7 @@ def run(spec: str, label: str) -> dict[str, Any]:
                   + "  ".join(f"+{h}h rmse {m.get(f'rmse_h{h}', float('nan')):6.2f} "
                               f"(persistence {m.get(f'baseline_rmse_h{h}', float('nan')):6.2f})" for h in (1, 6, 24)),
                   flush=True)
-    report = {"name": f"training_{label}", "dataset": spec, "machine": {
+    report = {"name": f"training_{label}", "dataset": spec, "target_transform": transform or "none", "machine": {
         "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": results,
         "total_wall_seconds": sum(r["wall_seconds"] for r in results)}
@@ -93,8 +99,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="synthetic")
     parser.add_argument("--label", default="synthetic")
+    parser.add_argument("--target-transform", default="", choices=("", "none", "log1p"),
+                        help="train every model in this space (default: the trainers' default, none)")
     args = parser.parse_args()
-    report = run(args.data, args.label)
+    report = run(args.data, args.label, args.target_transform)
     print(f"total {report['total_wall_seconds']:.0f} s -> bench/results/training_{args.label}.json")
 
 

@@ -124,7 +124,8 @@ def save_pyfunc(model: AqiForecastModel | EnsembleForecastModel, path: str, exam
                 signature=signature(model.target), input_example=example,
                 pip_requirements=pip_requirements(model.model_type),
                 metadata={"model_type": model.model_type, "window": model.window, "stations": model.stations,
-                          "target": model.target, "format": runtime.FORMAT,
+                          "target": model.target, "target_transform": model.target_transform,
+                          "format": runtime.FORMAT,
                           "required_inputs": model.required_inputs(),
                           **{k: str(v) for k, v in model.metadata.items()}},
             )

@@ -119,6 +119,7 @@ def _prepare(job: TrainJob) -> tuple[AirQualityData, FeatureSet, FeaturePipeline
     elif window < 1 or window > 24 * 30:
         raise InvalidArgumentError(f"window_hours must be 1..720, got {window}", field="window_hours")
     target = _target(job)
+    target_transform(job)
     data = load_dataset(job.dataset, start=job.start_time, end=job.end_time, target=target)
     if job.model_type == "ensemble":
         return data, None, None, members  # type: ignore[return-value]  # features after loading members
@@ -135,6 +136,17 @@ def _target(job: TrainJob) -> str:
             f"target {job.target!r} is not a pollutant with AQI breakpoints; use one of {', '.join(AQI_POLLUTANTS)}",
             field="target")
     return target
+
+
+def target_transform(job: TrainJob) -> str:
+    """The job's ``extra["target_transform"]`` (``none`` when absent; see
+    ``aqimodels.training.runtime.target_space``), refused INVALID_ARGUMENT when unknown."""
+    from aqimodels.training.runtime.target_space import check_transform
+
+    try:
+        return str(check_transform(job.config.extra.get("target_transform", "")))
+    except ValueError as e:
+        raise InvalidArgumentError(str(e), field="config") from None
 
 
 def _stride(job: TrainJob) -> int:
@@ -175,7 +187,7 @@ def _ensemble_features(job: TrainJob, data: AirQualityData, tracking_uri: str) -
 
     members, names = [], []
     fingerprint, target = data.fingerprint(), _target(job)
-    other_data = []
+    other_data, other_space = [], []
     for ref in job.ensemble_members:
         m = _load_member(ref.model_uri, tracking_uri)
         if not isinstance(m, AqiForecastModel):
@@ -183,6 +195,9 @@ def _ensemble_features(job: TrainJob, data: AirQualityData, tracking_uri: str) -
         trained_on = str(m.metadata.get("data_fingerprint", ""))
         if (trained_on and trained_on != fingerprint) or m.target != target:
             other_data.append(f"{ref.model_name} v{ref.version} (target {m.target}, data {trained_on[:12] or '?'})")
+        wanted = job.config.extra.get("target_transform", "")
+        if wanted and m.target_transform != target_transform(job):
+            other_space.append(f"{ref.model_name} v{ref.version} ({m.target_transform})")
         members.append(m)
         name = ref.model_type
         names.append(name if name not in names else f"{name}_v{ref.version}")
@@ -191,6 +206,12 @@ def _ensemble_features(job: TrainJob, data: AirQualityData, tracking_uri: str) -
             f"ensemble member(s) {', '.join(other_data)} were trained and evaluated on other data than this "
             f"ensemble's ({job.dataset or 'synthetic'}, target {target}, data {fingerprint[:12]}); "
             "retrain them on this dataset in the same request, or choose members trained on it", field="model_types")
+    if other_space:
+        raise InvalidArgumentError(
+            f"ensemble member(s) {', '.join(other_space)} were not trained with target_transform "
+            f"{target_transform(job)}, which this ensemble asks for (an ensemble combines its members' forecasts and "
+            "transforms nothing itself); retrain them with it in the same request, or leave target_transform out",
+            field="config")
     window = max(m.window for m in members)
     fs, pipe = build_features(data, window=window, horizon=HORIZON_HOURS, stride=_stride(job), target=target)
     return fs, pipe, members, names
@@ -280,6 +301,7 @@ def run_training(
                 client, run_id, job, data, fs, members, member_names, stop)
             model.metadata.update({"data_fingerprint": fingerprint, **lineage})
             test_raw = None
+        params["target_transform"] = model.target_transform
         training_seconds = time.monotonic() - t_train
         _check(stop)
 

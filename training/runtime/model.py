@@ -150,6 +150,11 @@ class AqiForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     def target(self) -> str:
         return self.pipeline.target_name
 
+    @property
+    def target_transform(self) -> str:
+        """The space it was trained in (:mod:`.target_space`): ``none`` or ``log1p``."""
+        return str(getattr(self.forecaster, "transform", "none"))
+
     def required_inputs(self) -> list[str]:
         return self.pipeline.required_inputs()
 
@@ -194,6 +199,14 @@ class EnsembleForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     @property
     def target(self) -> str:
         return self.members[0].target
+
+    @property
+    def target_transform(self) -> str:
+        """The members' common training space, or each member's (``xgboost:log1p,lstm:none``)."""
+        spaces = [m.target_transform for m in self.members]
+        if len(set(spaces)) == 1:
+            return spaces[0]
+        return ",".join(f"{n}:{t}" for n, t in zip(self.names, spaces))
 
     def required_inputs(self) -> list[str]:
         out: list[str] = []

@@ -1,9 +1,10 @@
 """The PyTorch networks and forecaster at inference (LSTM; the GNN in ``gnn_net``).
 
 Both networks map scaled windows ``[B, window, S, F]`` to the scaled target ``[B, S, H]``
-(``(y - target_mean) / target_std``). :class:`TorchForecaster` turns that into µg/m³, bounded
-below by 0 (a concentration cannot be negative; the bound can only lower each cell's error,
-since every observed target is >= 0). Training is in ``aqimodels.training.trainers``.
+(``(y - target_mean) / target_std``), or with ``target_transform="log1p"`` the scaled log change
+from the origin hour (:mod:`.target_space`). :class:`TorchForecaster` turns that into µg/m³,
+bounded below by 0 (a concentration cannot be negative; the bound can only lower each cell's
+error, since every observed target is >= 0). Training is in ``aqimodels.training.trainers``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .target_space import DEFAULT_TARGET_TRANSFORM, from_log_change, origin_values
 
 MAX_THREADS = 2
 """The worker machines have 2 cores; torch never gets more threads than this."""
@@ -71,17 +74,18 @@ class ForecastHead(nn.Module):
         self._n_features = n_features
         self.linear = nn.Linear(hidden_size + n_features, horizon)
 
-    def start_at_persistence(self, target_index: int) -> None:
+    def start_at_persistence(self, target_index: int, change: bool = False) -> None:
         """Initialises the head to forecast "the target stays as it is now" at every horizon.
 
         Inputs and targets share the target's scaler, so persistence is weight 1 on the last
         input's target and 0 elsewhere; training then learns corrections instead of rediscovering
         the level (measured: without this the LSTM's +1 h rmse was more than twice persistence's).
+        A head that predicts the change from the origin (``change``) starts near 0 instead.
         """
         hidden = self.linear.in_features - self._n_features
         with torch.no_grad():
             self.linear.weight.mul_(0.1)
-            self.linear.weight[:, hidden + target_index] = 1.0
+            self.linear.weight[:, hidden + target_index] = 0.0 if change else 1.0
             self.linear.bias.zero_()
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -155,12 +159,28 @@ class TorchForecaster:
     """
 
     def __init__(self, module: nn.Module, target_mean: float, target_std: float, batch_size: int = 512,
-                 num_threads: int = DEFAULT_THREADS) -> None:
+                 num_threads: int = DEFAULT_THREADS, target_transform: str = DEFAULT_TARGET_TRANSFORM,
+                 target_index: int = 0, log_scale: float = 1.0, target: str = "pm25") -> None:
         self.module = module.cpu().eval()
         self.target_mean = float(target_mean)
         self.target_std = float(target_std)
         self.batch_size = int(batch_size)
         self.num_threads = int(num_threads)
+        self.target_transform = target_transform
+        self.target_index = int(target_index)
+        self.log_scale = float(log_scale)
+        self.target = target
+
+    @property
+    def transform(self) -> str:  # networks pickled before the option have no attribute
+        return str(self.__dict__.get("target_transform", DEFAULT_TARGET_TRANSFORM))
+
+    def to_target(self, scaled: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """µg/m³ (before the lower bound) from the network's output ``scaled`` for windows ``x``."""
+        if self.transform == "log1p":
+            origin = origin_values(x, self.target_index, self.target_mean, self.target_std)
+            return from_log_change(scaled, origin, self.log_scale, self.target)
+        return (scaled * self.target_std + self.target_mean).astype(np.float32)
 
     def predict_unbounded(self, x: np.ndarray) -> np.ndarray:
         """The network's forecast before the lower bound (for measuring what the bound changes)."""
@@ -169,7 +189,7 @@ class TorchForecaster:
             raise ValueError(f"expected x of shape [N, window, S, F], got {x.shape}")
         with torch_threads(self.num_threads):
             scaled = predict_scaled(self.module, x, self.batch_size)
-        return (scaled * self.target_std + self.target_mean).astype(np.float32)
+        return self.to_target(scaled, x)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Forecast from scaled windows ``x`` ``[N, window, S, F]`` to µg/m³ ``[N, S, H]``, >= 0."""
@@ -183,7 +203,10 @@ class TorchForecaster:
         with open(os.path.join(folder, "forecaster.json"), "w") as f:
             json.dump({"kind": "torch", "net": _net_kind(self.module), "init_args": args,
                        "target_mean": self.target_mean, "target_std": self.target_std,
-                       "batch_size": self.batch_size, "num_threads": self.num_threads}, f)
+                       "batch_size": self.batch_size, "num_threads": self.num_threads,
+                       "target_transform": self.transform, "target_index": int(self.__dict__.get("target_index", 0)),
+                       "log_scale": float(self.__dict__.get("log_scale", 1.0)),
+                       "target": str(self.__dict__.get("target", "pm25"))}, f)
 
     @classmethod
     def load(cls, folder: str, header: dict[str, Any]) -> TorchForecaster:
@@ -198,4 +221,5 @@ class TorchForecaster:
             module = LSTMNet(**args)
         module.load_state_dict(state)
         return cls(module, header["target_mean"], header["target_std"], header.get("batch_size", 512),
-                   header.get("num_threads", DEFAULT_THREADS))
+                   header.get("num_threads", DEFAULT_THREADS), header.get("target_transform", DEFAULT_TARGET_TRANSFORM),
+                   header.get("target_index", 0), header.get("log_scale", 1.0), header.get("target", "pm25"))

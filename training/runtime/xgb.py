@@ -5,7 +5,8 @@ lags (+0, 1, 2, 3, 5, 11, 23 h back), rolling means (3, 6, 12, window h) and sta
 (6 h, window), the 3 h change, every feature at the origin hour, 6 h means of wind and rain, the
 neighbours' mean target (now, 3 h ago, 6 h mean), every station's target now and 3 h ago, the
 number of missing target hours in the window, and the station index. The booster predicts the
-change from the origin's value, scaled by the target's standard deviation. (Training is in
+change from the origin's value, scaled by the target's standard deviation, or with
+``target_transform="log1p"`` the log change (:mod:`.target_space`). (Training is in
 ``aqimodels.training.trainers.xgboost``.)
 """
 
@@ -16,6 +17,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from .target_space import DEFAULT_TARGET_TRANSFORM, from_log_change
 
 PM_LAGS = (0, 1, 2, 3, 5, 11, 23)
 ROLL_MEANS = (3, 6, 12)
@@ -79,7 +82,8 @@ class XGBoostForecaster:
     """A fitted booster plus the transform from windows to tabular rows; forecasts are >= 0."""
 
     def __init__(self, booster: Any, feature_names: list[str], target_mean: float, target_std: float,
-                 horizon: int, best_iteration: int, target: str = "pm25") -> None:
+                 horizon: int, best_iteration: int, target: str = "pm25",
+                 target_transform: str = DEFAULT_TARGET_TRANSFORM, log_scale: float = 1.0) -> None:
         self.booster = booster
         self.feature_names = list(feature_names)
         self.target_mean = float(target_mean)
@@ -87,6 +91,12 @@ class XGBoostForecaster:
         self.horizon = int(horizon)
         self.best_iteration = int(best_iteration)
         self.target = target
+        self.target_transform = target_transform
+        self.log_scale = float(log_scale)
+
+    @property
+    def transform(self) -> str:  # boosters pickled before the option have no attribute
+        return str(self.__dict__.get("target_transform", DEFAULT_TARGET_TRANSFORM))
 
     def predict_unbounded(self, x: np.ndarray) -> np.ndarray:
         """The booster's forecast before the lower bound (for measuring what the bound changes)."""
@@ -97,6 +107,10 @@ class XGBoostForecaster:
                                          getattr(self, "target", "pm25"))
         delta = self.booster.inplace_predict(tab, iteration_range=(0, self.best_iteration + 1))
         delta = np.asarray(delta, dtype=np.float32).reshape(N * S, self.horizon)
+        if self.transform == "log1p":
+            origin = np.maximum(origin.astype(np.float64), 0.0)
+            return from_log_change(delta, origin, self.log_scale, getattr(self, "target", "pm25")).reshape(
+                N, S, self.horizon)
         return (origin[:, None] + delta * self.target_std).reshape(N, S, self.horizon)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -109,7 +123,8 @@ class XGBoostForecaster:
         with open(os.path.join(folder, "forecaster.json"), "w") as f:
             json.dump({"kind": "xgboost", "feature_names": self.feature_names, "target_mean": self.target_mean,
                        "target_std": self.target_std, "horizon": self.horizon,
-                       "best_iteration": self.best_iteration, "target": getattr(self, "target", "pm25")}, f)
+                       "best_iteration": self.best_iteration, "target": getattr(self, "target", "pm25"),
+                       "target_transform": self.transform, "log_scale": float(self.__dict__.get("log_scale", 1.0))}, f)
 
     @classmethod
     def load(cls, folder: str, header: dict[str, Any]) -> XGBoostForecaster:
@@ -118,4 +133,5 @@ class XGBoostForecaster:
         booster = xgb.Booster()
         booster.load_model(os.path.join(folder, "booster.ubj"))
         return cls(booster, header["feature_names"], header["target_mean"], header["target_std"],
-                   header["horizon"], header["best_iteration"], header.get("target", "pm25"))
+                   header["horizon"], header["best_iteration"], header.get("target", "pm25"),
+                   header.get("target_transform", DEFAULT_TARGET_TRANSFORM), header.get("log_scale", 1.0))

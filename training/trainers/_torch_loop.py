@@ -15,6 +15,9 @@ stop checks, the convergence summary and the picklable :class:`TorchForecaster`.
   synthetic data (about 1,500 origins) is never subsampled.
 * ``max_val_samples``: evaluate early stopping on at most this many validation windows,
   evenly spaced in time and fixed for the whole run (default 2048, ``0`` = all).
+* ``target_transform``: ``none`` (default: the network predicts the standardised target) or
+  ``log1p`` (it predicts the log change from the origin hour; see
+  :mod:`aqimodels.training.runtime.target_space`).
 * ``grad_clip`` (default 1.0, total L2 norm), ``weight_decay`` (default 0),
   ``dropout`` (default 0.1), ``station_embedding_dim`` (default 4),
   ``num_threads`` (default 1, never above 2), ``stop_check_every`` (batches, default 8).
@@ -47,6 +50,13 @@ from aqimodels.training.runtime.nets import (  # noqa: F401 - old pickles name t
     torch_threads,
 )
 from aqimodels.training.runtime.nets import predict_scaled as _predict_scaled
+from aqimodels.training.runtime.target_space import (
+    DEFAULT_TARGET_TRANSFORM,
+    check_transform,
+    fit_log_scale,
+    log_change,
+    origin_values,
+)
 from torch import nn
 
 # ---- settings ----
@@ -79,6 +89,7 @@ class LoopSettings:
     max_val_samples: int = 2048
     num_threads: int = DEFAULT_THREADS
     stop_check_every: int = 8
+    target_transform: str = DEFAULT_TARGET_TRANSFORM
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> LoopSettings:
@@ -98,6 +109,7 @@ class LoopSettings:
             max_val_samples=extra_int(config, "max_val_samples", d.max_val_samples),
             num_threads=min(MAX_THREADS, extra_int(config, "num_threads", d.num_threads)),
             stop_check_every=extra_int(config, "stop_check_every", d.stop_check_every),
+            target_transform=check_transform(config.extra.get("target_transform", "")),
         )
         if settings.max_epochs < 1 or settings.batch_size < 1 or settings.learning_rate <= 0:
             raise ValueError(f"invalid training settings: {settings}")
@@ -178,12 +190,25 @@ def _train(
     if not math.isfinite(std) or std <= 0:
         raise ValueError(f"target_std must be positive, got {std}")
 
+    log = settings.target_transform == "log1p"
+    if log and features.target not in features.feature_names:
+        raise ValueError(f"target_transform log1p needs the target {features.target} among the inputs")
     head = getattr(module, "head", None)
     if isinstance(head, ForecastHead) and features.target in features.feature_names:
-        head.start_at_persistence(features.target_index)
+        head.start_at_persistence(features.target_index, change=log)
 
     train_x = features.train.x
-    train_y = torch.as_tensor((np.asarray(features.train.y, dtype=np.float32) - mean) / std)
+    index = features.target_index if features.target in features.feature_names else 0
+    if log:
+        origin = origin_values(train_x, index, mean, std)
+        log_scale = fit_log_scale(features.train.y, origin)
+        train_y = torch.as_tensor((log_change(features.train.y, origin) / log_scale).astype(np.float32))
+    else:
+        log_scale = 1.0
+        train_y = torch.as_tensor((np.asarray(features.train.y, dtype=np.float32) - mean) / std)
+    forecaster = TorchForecaster(module, mean, std, num_threads=settings.num_threads,
+                                 target_transform=settings.target_transform, target_index=index,
+                                 log_scale=log_scale, target=features.target)
     train_mask = ~torch.isnan(train_y)
     train_y = torch.nan_to_num(train_y)
     n_train = train_x.shape[0]
@@ -231,7 +256,7 @@ def _train(
         epochs_run = epoch
 
         if has_val:
-            pred = np.clip(_predict_scaled(module, val_x, 512) * std + mean, 0.0, None)  # as forecast: >= 0
+            pred = np.clip(forecaster.to_target(_predict_scaled(module, val_x, 512), val_x), 0.0, None)  # as forecast
             val_rmse = masked_rmse(pred, val_y)
             score = (val_rmse / std) ** 2
         else:
@@ -260,4 +285,4 @@ def _train(
         "early_stopped": 1 if early_stopped else 0,
         "best_validation_rmse": float(math.sqrt(best_score) * std) if has_val else math.nan,
     }
-    return LoopResult(TorchForecaster(module, mean, std, num_threads=settings.num_threads), convergence)
+    return LoopResult(forecaster, convergence)

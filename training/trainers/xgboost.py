@@ -9,7 +9,9 @@ every station's PM2.5 now and 3 h ago (so trees can learn upwind transport), the
 missing PM2.5 hours in the window, and the station index.
 
 Targets: the 24 horizons at once (``multi_strategy="one_output_per_tree"``) as the change from
-the origin's PM2.5, scaled by the PM2.5 standard deviation. The objective is a masked squared
+the origin's PM2.5, scaled by the PM2.5 standard deviation; with ``extra["target_transform"] =
+"log1p"`` as the log change ``log1p(y) - log1p(origin)`` scaled by its training standard
+deviation (:mod:`aqimodels.training.runtime.target_space`). The objective is a masked squared
 error: unobserved targets get zero gradient and hessian, so they do not count. Early stopping
 on the validation RMSE (µg/m³, a custom metric over observed targets only).
 
@@ -29,6 +31,12 @@ import numpy as np
 import xgboost as xgb
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.core import EpochFinished, FeatureSet, TrainConfig, TrainingCancelled
+from aqimodels.training.runtime.target_space import (
+    check_transform,
+    fit_log_scale,
+    from_log_change,
+    log_change,
+)
 from aqimodels.training.runtime.xgb import (  # noqa: F401 - XGBoostForecaster: old pickles name it here
     PM_LAGS,
     ROLL_MEANS,
@@ -74,6 +82,13 @@ def _float(extra: dict[str, str], key: str, default: float) -> float:
         raise InvalidArgumentError(f"xgboost parameter {key} must be a number, got {extra[key]!r}", field="config") from None
 
 
+def _transform(extra: dict[str, str]) -> str:
+    try:
+        return str(check_transform(extra.get("target_transform", "")))
+    except ValueError as e:
+        raise InvalidArgumentError(str(e), field="config") from None
+
+
 class XGBoostTrainer:
     """The Trainer protocol (core.py) for gradient-boosted trees."""
 
@@ -97,6 +112,7 @@ class XGBoostTrainer:
             "reg_lambda": _float(e, "reg_lambda", DEFAULTS["reg_lambda"]),
             "max_bin": int(_float(e, "max_bin", DEFAULTS["max_bin"])),
             "seed": int(config.seed),
+            "target_transform": _transform(e),
         }
 
     def fit(self, features: FeatureSet, config: TrainConfig, stop: threading.Event) -> Iterator[EpochFinished]:
@@ -106,19 +122,28 @@ class XGBoostTrainer:
         std, mean, H = fs.target_std, fs.target_mean, fs.horizon
 
         target = fs.target
+        log = p["target_transform"] == "log1p"
+        log_scale = 1.0
+        if log:
+            _, train_origin, _ = derive_features(fs.train.x, fs.feature_names, mean, std, target)
+            log_scale = fit_log_scale(np.asarray(fs.train.y).reshape(-1, H), np.maximum(train_origin, 0.0))
 
-        def matrix(split: Any) -> tuple[xgb.DMatrix, np.ndarray, np.ndarray]:
+        def matrix(split: Any) -> tuple[xgb.DMatrix, np.ndarray, tuple[np.ndarray, np.ndarray]]:
             tab, origin, names = derive_features(split.x, fs.feature_names, mean, std, target)
             y = np.asarray(split.y, dtype=np.float64).reshape(-1, H)
             mask = np.isfinite(y)
-            label = np.where(mask, (y - origin[:, None]) / std, 0.0).astype(np.float32)
+            origin = np.maximum(origin.astype(np.float64), 0.0) if log else origin
+            change = log_change(y, origin) / log_scale if log else (y - origin[:, None]) / std
+            label = np.where(mask, change, 0.0).astype(np.float32)
             keep = mask.any(axis=1)  # rows with no observed target carry nothing
             dm = xgb.DMatrix(tab[keep], label=label[keep], feature_names=names, nthread=-1)
-            return dm, mask[keep].astype(np.float32), label[keep]
+            observed = (origin[keep], np.where(mask, y, 0.0)[keep]) if log else (origin[:0], y[:0])
+            return dm, mask[keep].astype(np.float32), observed
 
-        dtrain, mtrain, _ = matrix(fs.train)
-        dval, mval, _ = matrix(fs.val)
+        dtrain, mtrain, ttrain = matrix(fs.train)
+        dval, mval, tval = matrix(fs.val)
         masks = {id(dtrain): mtrain, id(dval): mval}
+        truth = {id(dtrain): ttrain, id(dval): tval}  # origin and target in µg/m³ (log1p only)
 
         def objective(predt: np.ndarray, dm: xgb.DMatrix) -> tuple[np.ndarray, np.ndarray]:
             m = masks[id(dm)]
@@ -128,6 +153,10 @@ class XGBoostTrainer:
 
         def metric(predt: np.ndarray, dm: xgb.DMatrix) -> tuple[str, float]:
             m = masks[id(dm)]
+            if log:  # judged in µg/m³ like every model, whatever space it is trained in
+                origin, y = truth[id(dm)]
+                err = (from_log_change(predt.reshape(m.shape), origin, log_scale, target) - y) * m
+                return METRIC, float(np.sqrt((err**2).sum() / max(m.sum(), 1.0)))
             label = dm.get_label().reshape(m.shape)
             err = (predt.reshape(m.shape) - label) * m
             return METRIC, float(np.sqrt((err**2).sum() / max(m.sum(), 1.0)) * std)
@@ -184,7 +213,8 @@ class XGBoostTrainer:
             best = int(booster.best_iteration)
         except AttributeError:
             best = rounds - 1
-        self.forecaster = XGBoostForecaster(booster, fs.feature_names, mean, std, H, best, target)
+        self.forecaster = XGBoostForecaster(booster, fs.feature_names, mean, std, H, best, target,
+                                            p["target_transform"], log_scale)
         self.convergence = {
             "epochs_run": float(rounds), "best_epoch": float(best + 1),
             "final_loss": float(last.loss) if last else float("nan"),
