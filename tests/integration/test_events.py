@@ -37,12 +37,12 @@ T = pb.RegistryEventType
 
 
 def _stop(reg: Registry) -> None:
-    reg.client.close()  # type: ignore[attr-defined]
-    reg.server.stop(1)  # type: ignore[attr-defined]
+    reg.client.close()
+    reg.server.stop(1)
 
 
 def _stored(reg: Registry, after: int = 0, **filters: object) -> list[pb.RegistryEvent]:
-    return list(reg.client.watch_events(after, follow=False, **filters))  # type: ignore[attr-defined]
+    return list(reg.client.watch_events(after, follow=False, **filters))
 
 
 def _wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -106,21 +106,21 @@ def with_worker(tmp_path_factory: pytest.TempPathFactory, _sqlite_template: Path
 def test_changes_give_their_typed_events_in_order(with_worker: Registry) -> None:
     reg, c = with_worker, with_worker.client
     reg.seed(M, [{**realistic_metrics(i), "rmse": 10.0 + i} for i in range(4)])
-    start = c.promote(M, 1, "staging")  # type: ignore[attr-defined]
-    c.promote(M, 1, "production")  # type: ignore[attr-defined]
-    c.promote(M, 2, "staging")  # type: ignore[attr-defined]
-    second = c.promote(M, 2, "production")  # type: ignore[attr-defined]
-    rollback = c.rollback(M, reason="v2 misbehaves")  # type: ignore[attr-defined]
+    start = c.promote(M, 1, "staging")
+    c.promote(M, 1, "production")
+    c.promote(M, 2, "staging")
+    second = c.promote(M, 2, "production")
+    rollback = c.rollback(M, reason="v2 misbehaves")
     # refused, dry-run and nothing-to-do records are no events
     with pytest.raises(FailedPreconditionError):
-        c.promote(M, 1, "production")  # type: ignore[attr-defined]
-    c.cleanup(M, versions=[3, 4], dry_run=True)  # type: ignore[attr-defined]
-    cleanup = c.cleanup(M, versions=[3, 4])  # type: ignore[attr-defined]
+        c.promote(M, 1, "production")
+    c.cleanup(M, versions=[3, 4], dry_run=True)
+    cleanup = c.cleanup(M, versions=[3, 4])
     assert list(cleanup.deleted_versions) == [3, 4]
-    retrain = list(c.retrain(["xgboost"], dataset=SMALL, params=wpb.TrainParams(max_epochs=3)))  # type: ignore[attr-defined]
+    retrain = list(c.retrain(["xgboost"], dataset=SMALL, params=wpb.TrainParams(max_epochs=3)))
     job = retrain[-1].succeeded.version
     # the model in production turns DEGRADED: live rmse 20 over 200 samples is 2x its test rmse 10
-    assert c.report_performance(M, 1, rmse=20.0, mae=14.0, sample_count=200).health == pb.MODEL_HEALTH_DEGRADED  # type: ignore[attr-defined]
+    assert c.report_performance(M, 1, rmse=20.0, mae=14.0, sample_count=200).health == pb.MODEL_HEALTH_DEGRADED
 
     events = [e for e in _stored(reg) if e.model_name in (M, XGB)]
     assert [e.sequence for e in _stored(reg)] == list(range(1, len(_stored(reg)) + 1))  # gap-free from 1
@@ -146,7 +146,7 @@ def test_changes_give_their_typed_events_in_order(with_worker: Registry) -> None
     assert health.health == pb.MODEL_HEALTH_DEGRADED and health.details["previous_health"] == "healthy"
     assert all(e.actor and e.HasField("time") for e in events)
     # every event points at an ok audit record of its change
-    audit = {a.id: a for a in c.iter_audit_events()}  # type: ignore[attr-defined]
+    audit = {a.id: a for a in c.iter_audit_events()}
     assert all(audit[e.audit_event_id].outcome == "ok" for e in events)
 
     # filters by model and type, and the CLI over the same stream
@@ -169,10 +169,10 @@ def test_events_are_appended_with_their_audit_record_and_only_then(sqlite_regist
     """The Python API the webhooks read: the JSON body, waiting, and an unknown filter refused."""
     reg = sqlite_registry
     reg.seed(M, [realistic_metrics(i) for i in range(2)])
-    log = EventLog(reg.server.service.db)  # type: ignore[attr-defined]
+    log = EventLog(reg.server.service.db)
     top = log.latest_sequence()
     assert not log.wait_after(top, 0.05)
-    threading.Timer(0.2, lambda: reg.client.promote(M, 2, "production")).start()  # type: ignore[attr-defined]
+    threading.Timer(0.2, lambda: reg.client.promote(M, 2, "production")).start()
     assert log.wait_after(top, 10.0)
     (event,) = log.read_after(top)
     body = event.to_json()
@@ -182,9 +182,9 @@ def test_events_are_appended_with_their_audit_record_and_only_then(sqlite_regist
     assert body["time"].endswith("Z") and datetime.fromisoformat(body["time"]).timestamp() * 1000 == pytest.approx(
         body["time_ms"], abs=1)
     with pytest.raises(InvalidArgumentError, match="after_sequence must not be negative"):
-        list(reg.client.watch_events(-1, follow=False))  # type: ignore[attr-defined]
+        list(reg.client.watch_events(-1, follow=False))
     with pytest.raises(InvalidArgumentError, match="types: 99 is not a registry event type"):
-        list(reg.client.watch_events(0, types=[99], follow=False))  # type: ignore[attr-defined]
+        list(reg.client.watch_events(0, types=[99], follow=False))
 
 
 def test_a_watcher_that_resumes_after_a_disconnect_misses_and_repeats_nothing(store_uri: str) -> None:
@@ -196,7 +196,7 @@ def test_a_watcher_that_resumes_after_a_disconnect_misses_and_repeats_nothing(st
         def churn() -> None:  # changes all along: replay -> live switches happen while events commit
             v = 1
             while not stop.is_set():
-                reg.client.promote(M, v % 12 + 1, "production")  # type: ignore[attr-defined]
+                reg.client.promote(M, v % 12 + 1, "production")
                 v += 1
 
         threading.Thread(target=churn, daemon=True).start()
@@ -225,7 +225,7 @@ def test_a_second_replica_on_postgres_streams_the_same_events(postgres_url: str)
         on_b = Watcher(b.target, model_names=[M])
         on_a = Watcher(a.target, model_names=[M])
         for v in range(1, 7):
-            a.client.promote(M, v, "production")  # type: ignore[attr-defined]
+            a.client.promote(M, v, "production")
         started = time.perf_counter()
         from_b = on_b.wait_for(6)
         took = time.perf_counter() - started
@@ -247,7 +247,7 @@ def test_changes_on_two_replicas_at_once_number_their_events_without_a_gap(postg
         models = [f"{M}_{i}" for i in range(6)]
         for name in models:
             a.seed(name, [realistic_metrics(i) for i in range(5)])
-        b.server.service.invalidate()  # type: ignore[attr-defined]
+        b.server.service.invalidate()
         barrier = threading.Barrier(len(models))
 
         def promote_all(i: int) -> int:
@@ -286,16 +286,18 @@ def test_the_version_that_held_a_stage_at_a_time(sqlite_registry: Registry) -> N
     reg.seed(M, [realistic_metrics(i) for i in range(3)])
     before = int(time.time() * 1000) - 5
     time.sleep(0.05)
-    c.promote(M, 1, "production")  # type: ignore[attr-defined]
-    c.promote(M, 3, "staging")  # type: ignore[attr-defined]
+    c.promote(M, 1, "production")
+    c.promote(M, 3, "staging")
     time.sleep(0.05)
-    c.promote(M, 2, "production")  # type: ignore[attr-defined]
+    c.promote(M, 2, "production")
     time.sleep(0.05)
-    c.rollback(M)  # type: ignore[attr-defined]
+    c.rollback(M)
     # the history's times are those of the changes' audit records (each event names its record)
-    audit = {a.id: a.time.ToMilliseconds() for a in c.iter_audit_events(model_name=M)}  # type: ignore[attr-defined]
+    audit = {a.id: a.time.ToMilliseconds() for a in c.iter_audit_events(model_name=M)}
     t1, _, t2, t3 = (audit[e.audit_event_id] for e in _stored(reg, model_names=[M]))
-    at = lambda ms, stage="production": c.version_at(M, stage, datetime.fromtimestamp(ms / 1000, tz=UTC))  # type: ignore[attr-defined]  # noqa: E731
+
+    def at(ms: int, stage: str = "production") -> pb.GetModelVersionResponse:
+        return c.version_at(M, stage, datetime.fromtimestamp(ms / 1000, tz=UTC))  # type: ignore[no-any-return]
 
     first = at(t1 + 10)
     assert first.version.version == 1
@@ -309,17 +311,17 @@ def test_the_version_that_held_a_stage_at_a_time(sqlite_registry: Registry) -> N
         at(before)
 
     with pytest.raises(InvalidArgumentError, match="either version or stage and at"):
-        c.version_at(M, "production", datetime.now(UTC), version=2)  # type: ignore[attr-defined]
+        c.version_at(M, "production", datetime.now(UTC), version=2)
     with pytest.raises(InvalidArgumentError, match="at is required with stage"):
-        c.version_at(M, "production", None)  # type: ignore[attr-defined]
+        c.version_at(M, "production", None)
     with pytest.raises(InvalidArgumentError, match="stage is required with at"):
-        c.version_at(M, "", datetime.now(UTC))  # type: ignore[attr-defined]
+        c.version_at(M, "", datetime.now(UTC))
     with pytest.raises(InvalidArgumentError, match="stage must be production or staging"):
-        c.version_at(M, "archived", datetime.now(UTC))  # type: ignore[attr-defined]
+        c.version_at(M, "archived", datetime.now(UTC))
     with pytest.raises(InvalidArgumentError, match="at is in the future"):
-        c.version_at(M, "production", datetime.now(UTC) + timedelta(days=1))  # type: ignore[attr-defined]
+        c.version_at(M, "production", datetime.now(UTC) + timedelta(days=1))
     with pytest.raises(NotFoundError):
-        c.version_at("no_such_model", "production", datetime.now(UTC))  # type: ignore[attr-defined]
+        c.version_at("no_such_model", "production", datetime.now(UTC))
 
     runner = CliRunner(env={"COLUMNS": "220", "AQIMODELS_TARGET": None, "AQIMODELS_TOKEN": None})
     out = runner.invoke(app, ["--target", reg.target, "show", M, "--stage", "production", "--at", _iso(t2 + 10)])
