@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +31,8 @@ from aqimodels.client.errors import FailedPreconditionError, InvalidArgumentErro
 from aqimodels.server.events import EventLog, events_table
 from aqimodels.server.jobs import jobs_factory
 from conftest import Registry, realistic_metrics, start_registry
+from test_readme import README_TARGET
+from test_readme import blocks as readme_blocks
 from test_retrain import SMALL, start_worker, stop_worker, wait_for_worker
 from typer.testing import CliRunner
 
@@ -163,6 +168,34 @@ def test_changes_give_their_typed_events_in_order(with_worker: Registry) -> None
     assert "STAGE_CHANGED" not in plain.stdout
     bad = runner.invoke(app, ["--target", reg.target, "events", "--type", "nonsense"])
     assert bad.exit_code == 1 and "unknown event type 'nonsense'" in bad.stderr
+
+
+def test_the_readme_service_reloads_when_production_changes(with_worker: Registry, tmp_path: Path) -> None:
+    """The README's reloading service, run as written (on the xgboost model, which has real artifacts)."""
+    reg, c = with_worker, with_worker.client
+    body = next(b for b in readme_blocks("python") if "# runs until stopped" in b)
+    while len(versions := [v.version for v in c.iter_versions(XGB) if v.model_uri]) < 2:
+        list(c.retrain(["xgboost"], dataset=SMALL, params=wpb.TrainParams(max_epochs=3)))
+    c.promote(XGB, versions[0], "production")
+    code = body.replace(README_TARGET, reg.target).replace('"aqi_predictor_lstm"', f'"{XGB}"')
+    env = {**os.environ, "MLFLOW_TRACKING_URI": reg.tracking_uri}
+    out = tmp_path / "service.out"
+    with open(out, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=sink,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        flip = 1
+        while "reloaded" not in out.read_text():  # a change made before it follows is loaded, not reloaded
+            assert proc.poll() is None, out.read_text()[-3000:]
+            assert time.monotonic() < deadline, out.read_text()[-3000:]
+            c.promote(XGB, versions[flip % 2], "production")
+            flip += 1
+            time.sleep(2.0)
+        assert f"reloaded {XGB} v" in out.read_text()
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_events_are_appended_with_their_audit_record_and_only_then(sqlite_registry: Registry) -> None:
