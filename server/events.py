@@ -380,7 +380,6 @@ class EventLog:
 
     def start(self) -> None:
         """Starts the thread that wakes waiters for events committed elsewhere."""
-        self.db.event_committed(self.latest_sequence())
         self._thread = threading.Thread(target=self._run, name="event-follower", daemon=True)
         self._thread.start()
 
@@ -390,15 +389,18 @@ class EventLog:
             self.db.events_signal.notify_all()
         if self._thread is not None:
             self._thread.join(5)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                self._listener.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.db.event_committed(self.latest_sequence())  # also what a missed NOTIFY announced
                 if self.db.is_postgres:
                     self._listen()
                 else:
                     self._stop.wait(self.poll_seconds)
-                self.db.event_committed(self.latest_sequence())
             except Exception as exc:  # noqa: BLE001 - the database is down: the next pass retries
                 log.debug("event_follow_failed", error=str(exc)[:200])
                 self._stop.wait(self.poll_seconds)
@@ -426,6 +428,7 @@ class EventLog:
 _STAGES = {"none": pb.STAGE_NONE, "staging": pb.STAGE_STAGING, "production": pb.STAGE_PRODUCTION,
            "archived": pb.STAGE_ARCHIVED}
 _HEALTH = {"healthy": pb.MODEL_HEALTH_HEALTHY, "degraded": pb.MODEL_HEALTH_DEGRADED}
+_JOB_STATES = frozenset(pb.JobState.keys())
 
 
 def types_from_proto(values: Iterable[int]) -> list[EventType]:
@@ -449,7 +452,7 @@ def to_proto(e: Event) -> pb.RegistryEvent:
         to_stage=_STAGES.get(str(d.get("to_stage", "")), pb.STAGE_UNSPECIFIED),
         replaced_versions=[int(v) for v in d.get("replaced_versions", [])],
         archived_versions=[int(v) for v in d.get("archived_versions", [])], job_id=str(d.get("job_id", "")),
-        job_state=pb.JobState.Value(d["job_state"]) if d.get("job_state") in pb.JobState.keys()
+        job_state=pb.JobState.Value(d["job_state"]) if d.get("job_state") in _JOB_STATES
         else pb.JOB_STATE_UNSPECIFIED,
         health=_HEALTH.get(str(d.get("health", "")), pb.MODEL_HEALTH_UNSPECIFIED), alert_id=str(d.get("alert_id", "")),
         promotion_request_id=str(d.get("promotion_request_id", "")))

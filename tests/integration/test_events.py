@@ -366,3 +366,36 @@ def test_the_version_that_held_a_stage_at_a_time(sqlite_registry: Registry) -> N
     assert data["version"]["version"] == "1" and data["held_until"].startswith(_iso(t2)[:19])
     bad = runner.invoke(app, ["--target", reg.target, "show", M, "--stage", "production", "--at", "yesterday"])
     assert bad.exit_code == 1 and "at 'yesterday' is not an ISO-8601 time" in bad.stderr
+
+
+def test_approval_records_and_recovered_changes_map_to_events(tmp_path: Path) -> None:
+    """The audit shapes other parts write (approvals) and recovery's outcomes, through the one table."""
+    from aqimodels.server.db import Database
+
+    db = Database(f"sqlite:///{tmp_path}/events.db")
+    db.create_tables()
+    log = EventLog(db)
+    request = {"id": "req1", "state": "PENDING", "stage": "production", "version": 7,
+               "expected_current_version": 6, "requested_by": "alice", "reason": "better rmse"}
+    for action in ("RequestPromotion", "ApprovePromotion", "RejectPromotion", "ExpirePromotion"):
+        db.audit_record(actor="bob", role="admin", action=action, model_name=M, version=7, before={},
+                        after={"promotion_request": request}, outcome="ok", request_id="r")
+    db.audit_record(actor="bob", role="admin", action="ApprovePromotion", model_name=M, version=7, before={},
+                    after={}, outcome="denied", request_id="r")  # a refusal is no event
+    plan = {"version": 7, "commit": 0, "result": {"archived": [6], "previous": 6},
+            "writes": [{"op": "alias", "key": "production", "version": 0, "to": "7", "was": "6"}]}
+    for recovery in ("rolled_forward", "undone"):
+        audit_id = db.audit_begin(actor="bob", role="admin", action="PromoteModelVersion", model_name=M, version=7,
+                                  before={"production": 6, "staging": 7}, request_id="r", after={"plan": plan})
+        db.audit_finish(audit_id, outcome="recovered", after={"production": 7, "recovery": {"action": recovery}})
+    events = log.read_after(0)
+    assert [e.type.value for e in events] == ["PROMOTION_REQUESTED", "PROMOTION_APPROVED", "PROMOTION_REJECTED",
+                                              "PROMOTION_EXPIRED", "STAGE_CHANGED"]
+    assert events[0].details == {"promotion_request_id": "req1", "request_state": "PENDING", "stage": "production",
+                                 "expected_current_version": 6, "requested_by": "alice", "reason": "better rmse"}
+    assert events[0].version == 7 and events[0].actor == "bob"
+    assert events[-1].details == {"from_stage": "staging", "to_stage": "production", "replaced_versions": [6],
+                                  "archived_versions": [6]}
+    assert [e.sequence for e in events] == [1, 2, 3, 4, 5] and log.latest_sequence() == 5
+    assert [e.sequence for e in log.read_after(2, limit=2)] == [3, 4]
+    db.engine.dispose()
