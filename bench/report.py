@@ -490,7 +490,8 @@ def events_section(ev: dict[str, Any] | None) -> list[str]:
             "", f"- PromoteModelVersion with both watchers: p50 {get(ev, 'promote_ms', 'p50')} ms, "
                 f"p99 {get(ev, 'promote_ms', 'p99')} ms",
             f"- replay of {replay.get('events'):,} stored events by `watch_events(0, follow=False)`: "
-            f"{_fig(get(replay, 'events_per_second'))} events/s", ""]
+            f"{_fig(get(replay, 'events_per_second'))}",
+            f"- load average at the start of the section: {get(ev, 'machine', 'load_average')}", ""]
 
 
 def scale_section(scale: dict[str, Any]) -> list[str]:
