@@ -393,6 +393,11 @@ class EventLog:
             with contextlib.suppress(Exception):
                 self._listener.close()
 
+    @property
+    def listening(self) -> bool:
+        """True while a PostgreSQL LISTEN wakes the waiters at once (else they see others' events by polling)."""
+        return self._listener is not None
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
