@@ -21,6 +21,7 @@ from aqimodels.client.errors import BackendUnavailableError
 from aqimodels.server import auth, deadlines
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
+from aqimodels.server.events import EventLog
 from aqimodels.server.health_service import HealthServicer
 from aqimodels.server.interceptors import ServerInterceptor
 from aqimodels.server.metrics import Metrics, endpoint_host
@@ -47,6 +48,7 @@ class RegistryServer:
     jobs: Any = None
     workers: Any = None
     monitor: Any = None
+    events: EventLog | None = None
     metrics: Metrics | None = None  # metrics.port: the bound Prometheus port
     _stop_probe: threading.Event = field(default_factory=threading.Event)
     _probe: threading.Thread | None = None
@@ -98,6 +100,8 @@ class RegistryServer:
         self.set_serving(False)
         if self.monitor is not None:
             self.monitor.stop()
+        if self.events is not None:
+            self.events.stop()
         if self.jobs is not None:
             self.jobs.shutdown()
         self.server.stop(grace).wait()
@@ -175,6 +179,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
             jobs.add_event_hook(metrics.on_retrain_event)
         holder["jobs"] = jobs
     monitor = Monitor(config, service, db, jobs, clock=clock)
+    events = EventLog(db, poll_seconds=min(0.5, config.monitor_poll_seconds))
     if metrics is not None:
         metrics.watch_models(lambda: _model_health(service), monitor.alert_counts)
     def audit_denial(actor: str, role: str, rpc: str, message: str) -> None:
@@ -202,7 +207,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
-    registry_pb2_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service, jobs, workers, monitor),
+    registry_pb2_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service, jobs, workers, monitor,
+                                                                                events),
                                                           server)
     health_servicer = HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -213,7 +219,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if metrics is not None and config.metrics_port is not None:
         metrics.serve(config.metrics_port, endpoint_host(config.host))
     server.start()
-    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, metrics)
+    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, events, metrics)
     service.on_warm_change(rs.on_warm_change)
     rs.set_serving(service.backend_health().healthy)
     rs.start_probe()
@@ -222,6 +228,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if jobs is not None:
         jobs.start()
     monitor.start()
+    events.start()
     return rs
 
 
