@@ -90,6 +90,13 @@ job_events_table = sa.Table(
 )
 
 
+class EventSignal(threading.Condition):
+    """Wakes the followers of the event log (server/events.py): ``latest`` is the newest sequence
+    known committed."""
+
+    latest = 0
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -157,10 +164,22 @@ class Database:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._created = False
+        self.events_signal = EventSignal()
+
+    def event_committed(self, sequence: int) -> None:
+        """Tells the followers of the event log that ``sequence`` (and every one below) is committed."""
+        if sequence > self.events_signal.latest:
+            with self.events_signal:
+                if sequence > self.events_signal.latest:
+                    self.events_signal.latest = sequence
+                    self.events_signal.notify_all()
 
     def create_tables(self) -> None:
+        from aqimodels.server import events  # its tables are defined on this module's metadata
+
         with self.guard():
             metadata.create_all(self.engine, checkfirst=True)
+            events.create_counter(self.engine)
             try:  # tables made before the index existed; a replica starting at the same time may win
                 pending_index.create(self.engine, checkfirst=True)
             except (ProgrammingError, IntegrityError):
@@ -292,7 +311,15 @@ class Database:
         if version is not None:
             values["version"] = version
         with self.begin() as conn:
+            row = conn.execute(sa.select(audit_table).where(audit_table.c.id == audit_id)).mappings().first()
             conn.execute(audit_table.update().where(audit_table.c.id == audit_id).values(**values))
+            last = 0 if row is None else self._append_events(
+                conn, audit_id=audit_id, action=row["action"], outcome=outcome, model_name=row["model_name"],
+                version=row["version"] if version is None else version, actor=row["actor"],
+                request_id=row["request_id"], before=json.loads(row["before"]),
+                after=after if after is not None else json.loads(row["after"]), intent=json.loads(row["after"]),
+                message=row["message"] if message is None else message)
+        self.event_committed(last)
 
     def audit_record(self, *, actor: str, role: str, action: str, model_name: str, version: int,
                      before: dict[str, Any], after: dict[str, Any], outcome: str, request_id: str,
@@ -305,7 +332,17 @@ class Database:
                 model_name=model_name, version=version, before=json.dumps(before, sort_keys=True),
                 after=json.dumps(after, sort_keys=True), outcome=outcome, request_id=request_id,
                 message=message))
+            last = self._append_events(conn, audit_id=audit_id, action=action, outcome=outcome,
+                                       model_name=model_name, version=version, actor=actor, request_id=request_id,
+                                       before=before, after=after, intent={}, message=message)
+        self.event_committed(last)
         return audit_id
+
+    def _append_events(self, conn: sa.Connection, **record: Any) -> int:
+        """Appends the events of a completed audit record in its transaction (server/events.py)."""
+        from aqimodels.server import events  # it builds on this module's tables
+
+        return events.append(conn, events.AuditFacts(**record))
 
     def audit_page(self, *, limit: int, before_seq: int | None, model_name: str = "", actor: str = "",
                    start_ms: int | None = None, end_ms: int | None = None) -> list[AuditRecord]:

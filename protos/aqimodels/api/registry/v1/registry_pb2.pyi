@@ -150,6 +150,69 @@ JOB_STATE_INTERRUPTED: JobState.ValueType  # 6
 """The registry stopped while the job ran; its outcome is unknown."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _RegistryEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RegistryEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RegistryEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REGISTRY_EVENT_TYPE_UNSPECIFIED: _RegistryEventType.ValueType  # 0
+    """Not set: in filters, any type."""
+    REGISTRY_EVENT_TYPE_VERSION_REGISTERED: _RegistryEventType.ValueType  # 1
+    """A retrain registered a new version."""
+    REGISTRY_EVENT_TYPE_STAGE_CHANGED: _RegistryEventType.ValueType  # 2
+    """A version moved to staging, production or archived (from_stage -> to_stage)."""
+    REGISTRY_EVENT_TYPE_VERSION_DELETED: _RegistryEventType.ValueType  # 3
+    """A version was deleted (one event per version)."""
+    REGISTRY_EVENT_TYPE_ROLLBACK: _RegistryEventType.ValueType  # 4
+    """Production was rolled back to the previous production version."""
+    REGISTRY_EVENT_TYPE_RETRAIN_JOB_ENDED: _RegistryEventType.ValueType  # 5
+    """A retrain job ended (succeeded, failed or cancelled)."""
+    REGISTRY_EVENT_TYPE_MODEL_HEALTH_CHANGED: _RegistryEventType.ValueType  # 6
+    """The model's health changed (healthy <-> degraded)."""
+    REGISTRY_EVENT_TYPE_ALERT_RAISED: _RegistryEventType.ValueType  # 7
+    """A degradation alert was raised."""
+    REGISTRY_EVENT_TYPE_PROMOTION_REQUESTED: _RegistryEventType.ValueType  # 8
+    """A promotion to production waits for a second admin's approval."""
+    REGISTRY_EVENT_TYPE_PROMOTION_APPROVED: _RegistryEventType.ValueType  # 9
+    """A promotion request was approved."""
+    REGISTRY_EVENT_TYPE_PROMOTION_REJECTED: _RegistryEventType.ValueType  # 10
+    """A promotion request was rejected."""
+    REGISTRY_EVENT_TYPE_PROMOTION_EXPIRED: _RegistryEventType.ValueType  # 11
+    """A promotion request expired."""
+
+class RegistryEventType(_RegistryEventType, metaclass=_RegistryEventTypeEnumTypeWrapper):
+    """---- registry events ----
+
+    The type of a registry event.
+    """
+
+REGISTRY_EVENT_TYPE_UNSPECIFIED: RegistryEventType.ValueType  # 0
+"""Not set: in filters, any type."""
+REGISTRY_EVENT_TYPE_VERSION_REGISTERED: RegistryEventType.ValueType  # 1
+"""A retrain registered a new version."""
+REGISTRY_EVENT_TYPE_STAGE_CHANGED: RegistryEventType.ValueType  # 2
+"""A version moved to staging, production or archived (from_stage -> to_stage)."""
+REGISTRY_EVENT_TYPE_VERSION_DELETED: RegistryEventType.ValueType  # 3
+"""A version was deleted (one event per version)."""
+REGISTRY_EVENT_TYPE_ROLLBACK: RegistryEventType.ValueType  # 4
+"""Production was rolled back to the previous production version."""
+REGISTRY_EVENT_TYPE_RETRAIN_JOB_ENDED: RegistryEventType.ValueType  # 5
+"""A retrain job ended (succeeded, failed or cancelled)."""
+REGISTRY_EVENT_TYPE_MODEL_HEALTH_CHANGED: RegistryEventType.ValueType  # 6
+"""The model's health changed (healthy <-> degraded)."""
+REGISTRY_EVENT_TYPE_ALERT_RAISED: RegistryEventType.ValueType  # 7
+"""A degradation alert was raised."""
+REGISTRY_EVENT_TYPE_PROMOTION_REQUESTED: RegistryEventType.ValueType  # 8
+"""A promotion to production waits for a second admin's approval."""
+REGISTRY_EVENT_TYPE_PROMOTION_APPROVED: RegistryEventType.ValueType  # 9
+"""A promotion request was approved."""
+REGISTRY_EVENT_TYPE_PROMOTION_REJECTED: RegistryEventType.ValueType  # 10
+"""A promotion request was rejected."""
+REGISTRY_EVENT_TYPE_PROMOTION_EXPIRED: RegistryEventType.ValueType  # 11
+"""A promotion request expired."""
+Global___RegistryEventType: _TypeAlias = RegistryEventType  # noqa: Y015
+
 @_typing.final
 class ModelVersion(_message.Message):
     """A version of a registered model."""
@@ -769,19 +832,29 @@ class GetModelVersionRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registered model name."""
     version: _builtins.int
-    """Version number."""
+    """Version number (0 with `stage` and `at`: the version that held the stage then)."""
+    stage: Global___Stage.ValueType
+    """Point in time: the stage (staging or production) held at `at`."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """Point in time: the moment asked about."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.int = ...,
+        stage: Global___Stage.ValueType = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "name", b"name", "stage", b"stage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -794,18 +867,30 @@ class GetModelVersionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
+    HELD_FROM_FIELD_NUMBER: _builtins.int
+    HELD_UNTIL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def version(self) -> Global___ModelVersion:
         """The version."""
+
+    @_builtins.property
+    def held_from(self) -> _timestamp_pb2.Timestamp:
+        """Point in time: since when the version held the stage."""
+
+    @_builtins.property
+    def held_until(self) -> _timestamp_pb2.Timestamp:
+        """Point in time: until when it held it (unset: it still does)."""
 
     def __init__(
         self,
         *,
         version: Global___ModelVersion | None = ...,
+        held_from: _timestamp_pb2.Timestamp | None = ...,
+        held_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["held_from", b"held_from", "held_until", b"held_until", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_from", b"held_from", "held_until", b"held_until", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2262,3 +2347,135 @@ class WatchAlertsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchAlertsRequest: _TypeAlias = WatchAlertsRequest  # noqa: Y015
+
+@_typing.final
+class RegistryEvent(_message.Message):
+    """One registry event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    AUDIT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    FROM_STAGE_FIELD_NUMBER: _builtins.int
+    TO_STAGE_FIELD_NUMBER: _builtins.int
+    REPLACED_VERSIONS_FIELD_NUMBER: _builtins.int
+    ARCHIVED_VERSIONS_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    JOB_STATE_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    PROMOTION_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Global sequence: gap-free, in commit order, the same on every replica."""
+    type: Global___RegistryEventType.ValueType
+    """What happened."""
+    model_name: _builtins.str
+    """The model."""
+    version: _builtins.int
+    """The version concerned (0: none)."""
+    actor: _builtins.str
+    """Who made the change."""
+    request_id: _builtins.str
+    """The request id of the change (a retrain job's id for its events)."""
+    audit_event_id: _builtins.str
+    """The id of the audit record the event comes from (ListAuditEvents)."""
+    from_stage: Global___Stage.ValueType
+    """STAGE_CHANGED, ROLLBACK: the stage the version left."""
+    to_stage: Global___Stage.ValueType
+    """STAGE_CHANGED, ROLLBACK: the stage the version entered."""
+    job_id: _builtins.str
+    """VERSION_REGISTERED, RETRAIN_JOB_ENDED: the job."""
+    job_state: Global___JobState.ValueType
+    """RETRAIN_JOB_ENDED: how it ended."""
+    health: Global___ModelHealth.ValueType
+    """MODEL_HEALTH_CHANGED, ALERT_RAISED: the health moved to."""
+    alert_id: _builtins.str
+    """ALERT_RAISED: the alert (WatchAlerts)."""
+    promotion_request_id: _builtins.str
+    """PROMOTION_*: the promotion request."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it was committed."""
+
+    @_builtins.property
+    def replaced_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """STAGE_CHANGED, ROLLBACK: the version that held `to_stage` before."""
+
+    @_builtins.property
+    def archived_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """STAGE_CHANGED, ROLLBACK: versions archived by the change."""
+
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """Every detail of the event as JSON (the typed fields above included)."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        type: Global___RegistryEventType.ValueType = ...,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        actor: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        audit_event_id: _builtins.str = ...,
+        from_stage: Global___Stage.ValueType = ...,
+        to_stage: Global___Stage.ValueType = ...,
+        replaced_versions: _abc.Iterable[_builtins.int] | None = ...,
+        archived_versions: _abc.Iterable[_builtins.int] | None = ...,
+        job_id: _builtins.str = ...,
+        job_state: Global___JobState.ValueType = ...,
+        health: Global___ModelHealth.ValueType = ...,
+        alert_id: _builtins.str = ...,
+        promotion_request_id: _builtins.str = ...,
+        details: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alert_id", b"alert_id", "archived_versions", b"archived_versions", "audit_event_id", b"audit_event_id", "details", b"details", "from_stage", b"from_stage", "health", b"health", "job_id", b"job_id", "job_state", b"job_state", "model_name", b"model_name", "promotion_request_id", b"promotion_request_id", "replaced_versions", b"replaced_versions", "request_id", b"request_id", "sequence", b"sequence", "time", b"time", "to_stage", b"to_stage", "type", b"type", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegistryEvent: _TypeAlias = RegistryEvent  # noqa: Y015
+
+@_typing.final
+class WatchRegistryEventsRequest(_message.Message):
+    """Request for WatchRegistryEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    MODEL_NAMES_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    after_sequence: _builtins.int
+    """Replay the stored events after this sequence (0: from the first), then follow live."""
+    @_builtins.property
+    def model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these models (empty: all)."""
+
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___RegistryEventType.ValueType]:
+        """Only events of these types (empty: all)."""
+
+    def __init__(
+        self,
+        *,
+        after_sequence: _builtins.int = ...,
+        model_names: _abc.Iterable[_builtins.str] | None = ...,
+        types: _abc.Iterable[Global___RegistryEventType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "model_names", b"model_names", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRegistryEventsRequest: _TypeAlias = WatchRegistryEventsRequest  # noqa: Y015

@@ -124,6 +124,11 @@ class ModelRegistryStub:
                 request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchAlertsRequest.SerializeToString,
                 response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.Alert.FromString,
                 _registered_method=True)
+        self.WatchRegistryEvents = channel.unary_stream(
+                '/aqimodels.api.registry.v1.ModelRegistry/WatchRegistryEvents',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchRegistryEventsRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -258,6 +263,14 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRegistryEvents(self, request, context):
+        """Every change as a typed event with a global, gap-free sequence: the stored ones after
+        `after_sequence`, then live ones, on any replica. Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +358,11 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.WatchAlerts,
                     request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchAlertsRequest.FromString,
                     response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.Alert.SerializeToString,
+            ),
+            'WatchRegistryEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRegistryEvents,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchRegistryEventsRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -811,6 +829,33 @@ class ModelRegistry:
             '/aqimodels.api.registry.v1.ModelRegistry/WatchAlerts',
             aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchAlertsRequest.SerializeToString,
             aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.Alert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRegistryEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/WatchRegistryEvents',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchRegistryEventsRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,10 @@ class ModelRegistryStub:
     """Serving services report the live accuracy of a version."""
     WatchAlerts: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchAlertsRequest, _registry_pb2.Alert]
     """Streams degradation alerts as they are raised."""
+    WatchRegistryEvents: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchRegistryEventsRequest, _registry_pb2.RegistryEvent]
+    """Every change as a typed event with a global, gap-free sequence: the stored ones after
+    `after_sequence`, then live ones, on any replica. Role: viewer.
+    """
 
 @_typing.type_check_only
 class ModelRegistryAsyncStub(ModelRegistryStub):
@@ -139,6 +143,10 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     """Serving services report the live accuracy of a version."""
     WatchAlerts: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchAlertsRequest, _registry_pb2.Alert]  # type: ignore[assignment]
     """Streams degradation alerts as they are raised."""
+    WatchRegistryEvents: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchRegistryEventsRequest, _registry_pb2.RegistryEvent]  # type: ignore[assignment]
+    """Every change as a typed event with a global, gap-free sequence: the stored ones after
+    `after_sequence`, then live ones, on any replica. Role: viewer.
+    """
 
 class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
     """ModelRegistry is the one entry point for services, operators and
@@ -293,5 +301,15 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.Alert], _abc.AsyncIterator[_registry_pb2.Alert]]:
         """Streams degradation alerts as they are raised."""
+
+    @_abc_1.abstractmethod
+    def WatchRegistryEvents(
+        self,
+        request: _registry_pb2.WatchRegistryEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.RegistryEvent], _abc.AsyncIterator[_registry_pb2.RegistryEvent]]:
+        """Every change as a typed event with a global, gap-free sequence: the stored ones after
+        `after_sequence`, then live ones, on any replica. Role: viewer.
+        """
 
 def add_ModelRegistryServicer_to_server(servicer: ModelRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
