@@ -21,6 +21,7 @@ from aqimodels.client.errors import BackendUnavailableError
 from aqimodels.server import auth, deadlines
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
+from aqimodels.server.events import EventLog
 from aqimodels.server.health_service import HealthServicer
 from aqimodels.server.interceptors import ServerInterceptor
 from aqimodels.server.metrics import Metrics, endpoint_host
@@ -28,6 +29,8 @@ from aqimodels.server.mlflow_store import MlflowModelStore
 from aqimodels.server.monitoring import Monitor
 from aqimodels.server.service import RegistryService
 from aqimodels.server.servicer import ModelRegistryServicer
+from aqimodels.server.webhook_delivery import DeliverySettings, WebhookDispatcher
+from aqimodels.server.webhooks import WebhookService, WebhookStore
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +51,7 @@ class RegistryServer:
     workers: Any = None
     monitor: Any = None
     metrics: Metrics | None = None  # metrics.port: the bound Prometheus port
+    webhooks: Any = None  # the webhook dispatcher (background delivery)
     _stop_probe: threading.Event = field(default_factory=threading.Event)
     _probe: threading.Thread | None = None
     _backend_ok: bool = False
@@ -98,6 +102,8 @@ class RegistryServer:
         self.set_serving(False)
         if self.monitor is not None:
             self.monitor.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         if self.jobs is not None:
             self.jobs.shutdown()
         self.server.stop(grace).wait()
@@ -175,6 +181,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
             jobs.add_event_hook(metrics.on_retrain_event)
         holder["jobs"] = jobs
     monitor = Monitor(config, service, db, jobs, clock=clock)
+    webhook_service, dispatcher = _webhooks(config, db)
     if metrics is not None:
         metrics.watch_models(lambda: _model_health(service), monitor.alert_counts)
     def audit_denial(actor: str, role: str, rpc: str, message: str) -> None:
@@ -202,8 +209,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
-    registry_pb2_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service, jobs, workers, monitor),
-                                                          server)
+    registry_pb2_grpc.add_ModelRegistryServicer_to_server(
+        ModelRegistryServicer(service, jobs, workers, monitor, webhook_service), server)
     health_servicer = HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -213,7 +220,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if metrics is not None and config.metrics_port is not None:
         metrics.serve(config.metrics_port, endpoint_host(config.host))
     server.start()
-    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, metrics)
+    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, metrics, dispatcher)
     service.on_warm_change(rs.on_warm_change)
     rs.set_serving(service.backend_health().healthy)
     rs.start_probe()
@@ -222,7 +229,17 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if jobs is not None:
         jobs.start()
     monitor.start()
+    dispatcher.start()
     return rs
+
+
+def _webhooks(config: ServerConfig, db: Database) -> tuple[WebhookService, WebhookDispatcher]:
+    """The webhook RPCs' service and this process's delivery threads, over the event log."""
+    events = EventLog(db)
+    events.start()  # wakes the delivery threads for events committed on other replicas too
+    dispatcher = WebhookDispatcher(WebhookStore(db), events, DeliverySettings.of(config))
+    dispatcher.on_stop(events.stop)
+    return WebhookService(db, events, dispatcher.sender.send_now), dispatcher
 
 
 def _model_health(service: RegistryService) -> list[tuple[str, str, int]]:

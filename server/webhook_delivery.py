@@ -27,8 +27,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import structlog
@@ -128,8 +128,8 @@ class _Worker:
         self.d = dispatcher
         self.id = webhook_id
         self.quit = threading.Event()
-        self.wake = threading.Event()
         self.valid_until = 0.0  # monotonic end of the lease as this process knows it
+        self.delivered = 0
         self.thread = threading.Thread(target=self._run, name=f"webhook-{webhook_id[:8]}", daemon=True)
 
     def _stopping(self) -> bool:
@@ -139,31 +139,36 @@ class _Worker:
         with httpx.Client(follow_redirects=False) as client:
             while not self._stopping():
                 try:
-                    if not self._batch(client):
-                        self.wake.wait(self.d.settings.poll_seconds)
-                        self.wake.clear()
+                    cursor = self._batch(client)
+                    if cursor is not None:  # none after the cursor: wait for the next commit (at once
+                        self.d.events.wait_after(cursor, self.d.settings.poll_seconds)  # when local)
                 except Exception as exc:  # noqa: BLE001 - the database is down: try again after a pause
                     log.warning("webhook_delivery_error", webhook_id=self.id, error=str(exc)[:200])
                     self.quit.wait(max(1.0, self.d.settings.poll_seconds))
 
-    def _batch(self, client: httpx.Client) -> bool:
-        """Delivers the events after the cursor; False when there were none."""
+    def _batch(self, client: httpx.Client) -> int | None:
+        """Delivers the events after the cursor; the cursor when there were none, else None."""
         found = self.d.store.get(self.id)
         if found is None:
             self.quit.set()
-            return False
+            return None
         hook, secret = found
+        latest = self.d.events.latest_sequence()  # committed in sequence order: all of them up to it are in
         events = self.d.events.read_after(hook.cursor, BATCH, (hook.model_name,) if hook.model_name else (),
                                           hook.event_types)
         for event in events:
             if self._stopping() or not self._deliver(client, hook, secret, event.sequence, body_of(event)):
-                return True
+                return None
             if not self.d.store.advance(hook.id, self.d.owner, event.sequence):
                 log.warning("webhook_lease_lost", webhook_id=hook.id, sequence=event.sequence)
                 self.quit.set()
-                return True
-            self.d.delivered += 1
-        return bool(events)
+                return None
+            self.delivered += 1
+        if events:
+            return None
+        if latest > hook.cursor:  # none of the events up to latest is for this webhook
+            self.d.store.advance(hook.id, self.d.owner, latest)
+        return latest
 
     def _wait_for_lease(self) -> bool:
         """Waits until the lease has more than the send timeout left; False when the worker should stop."""
@@ -212,11 +217,11 @@ class WebhookDispatcher:
         self.sender = Sender(store, settings)
         self.owner = owner or f"{PROCESS_ID}-{uuid.uuid4().hex[:8]}"
         self.stopped = threading.Event()
-        self.delivered = 0
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        self._on_stop: list[Callable[[], None]] = []
         self.scan_seconds = min(1.0, settings.lease_seconds / 3)
 
     @property
@@ -227,16 +232,13 @@ class WebhookDispatcher:
         self._thread = threading.Thread(target=self._loop, name="webhook-leases", daemon=True)
         self._thread.start()
 
-    def notify(self) -> None:
-        """New events were committed: the delivery threads read at once instead of at their next poll."""
-        with self._lock:
-            workers = list(self._workers.values())
-        for w in workers:
-            w.wake.set()
-
     def held(self) -> set[str]:
         with self._lock:
             return {i for i, w in self._workers.items() if w.thread.is_alive() and not w.quit.is_set()}
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Runs ``callback`` once delivery has stopped (the event log the threads read)."""
+        self._on_stop.append(callback)
 
     def _loop(self) -> None:
         while not self.stopped.is_set():
@@ -283,7 +285,6 @@ class WebhookDispatcher:
             self._workers.clear()
         for w in workers:
             w.quit.set()
-            w.wake.set()
         end = time.monotonic() + timeout
         for w in workers:
             w.thread.join(max(0.0, end - time.monotonic()))
@@ -291,10 +292,5 @@ class WebhookDispatcher:
             self.store.release(self.owner)
         except Exception as exc:  # noqa: BLE001 - the leases then expire by themselves
             log.warning("webhook_lease_release_failed", error=str(exc)[:200])
-
-
-def dispatcher_and_sender(store: WebhookStore, events: EventSource, config: ServerConfig) -> tuple[WebhookDispatcher,
-                                                                                                    Any]:
-    """The dispatcher of a registry process and the one-attempt send of its RPCs."""
-    dispatcher = WebhookDispatcher(store, events, DeliverySettings.of(config))
-    return dispatcher, dispatcher.sender.send_now
+        for callback in self._on_stop:
+            callback()

@@ -31,7 +31,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -41,7 +41,8 @@ from aqimodels.client.errors import FailedPreconditionError, InvalidArgumentErro
 from aqimodels.server import paging
 from aqimodels.server.db import Database, audit_table, metadata
 from aqimodels.server.domain import Page
-from aqimodels.server.service import Caller
+from aqimodels.server.events import EventType
+from aqimodels.server.service import Caller, validate_name
 
 MAX_URL_LENGTH = 2048
 MAX_SECRET_BYTES = 1024
@@ -65,7 +66,7 @@ webhooks_table = sa.Table(
     metadata,
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("url", sa.String(MAX_URL_LENGTH), nullable=False),
-    sa.Column("event_types", sa.Text, nullable=False),  # JSON list of RegistryEventType numbers; [] = all
+    sa.Column("event_types", sa.Text, nullable=False),  # JSON list of EventType names; [] = all
     sa.Column("model_name", sa.String(500), nullable=False),  # "" = every model
     sa.Column("secret", sa.Text, nullable=False),
     sa.Column("create_ms", sa.BigInteger, nullable=False),
@@ -103,12 +104,14 @@ class EventLike(Protocol):
 
 
 class EventSource(Protocol):
-    """The durable event log, as webhooks read it."""
+    """The durable event log (:class:`aqimodels.server.events.EventLog`), as webhooks read it."""
 
-    def read_after(self, after_sequence: int, limit: int, model_names: Sequence[str] = (),
-                   types: Sequence[int] = ()) -> Sequence[EventLike]: ...
+    def read_after(self, after_sequence: int, limit: int = ..., model_names: Iterable[str] = (),
+                   types: Iterable[EventType] = ()) -> Sequence[EventLike]: ...
 
     def latest_sequence(self) -> int: ...
+
+    def wait_after(self, sequence: int, timeout: float) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class Webhook:
 
     id: str
     url: str
-    event_types: tuple[int, ...]
+    event_types: tuple[EventType, ...]
     model_name: str
     create_ms: int
     created_by: str
@@ -204,7 +207,7 @@ def validate_id(webhook_id: str, field: str = "webhook_id") -> str:
 
 
 def webhook_from_row(r: Any) -> Webhook:
-    return Webhook(id=r["id"], url=r["url"], event_types=tuple(json.loads(r["event_types"])),
+    return Webhook(id=r["id"], url=r["url"], event_types=tuple(EventType(n) for n in json.loads(r["event_types"])),
                    model_name=r["model_name"], create_ms=r["create_ms"], created_by=r["created_by"],
                    cursor=r["cursor"], lease_owner=r["lease_owner"], lease_expires_ms=r["lease_expires_ms"])
 
@@ -299,7 +302,7 @@ def _audit_values(caller: Caller, action: str, model_name: str, after: dict[str,
 
 def _described(hook: Webhook) -> dict[str, Any]:
     """What the audit trail says of a webhook (never its secret)."""
-    return {"webhook_id": hook.id, "url": hook.url, "event_types": list(hook.event_types),
+    return {"webhook_id": hook.id, "url": hook.url, "event_types": [t.value for t in hook.event_types],
             "model_name": hook.model_name}
 
 
@@ -310,27 +313,23 @@ class WebhookService:
         db: the registry's database.
         events: the event log (for a new webhook's starting cursor and for redeliveries).
         send: one attempt to POST an event's body to a webhook now (test and redelivery).
-        event_types: the known event type numbers (validation).
     """
 
-    def __init__(self, db: Database, events: EventSource, send: Any, event_types: Sequence[int]) -> None:
+    def __init__(self, db: Database, events: EventSource, send: Any) -> None:
         self.db = db
         self.store = WebhookStore(db)
         self.events = events
         self._send = send
-        self._types = frozenset(event_types)
 
-    def create(self, caller: Caller, url: str, event_types: Sequence[int], model_name: str,
+    def create(self, caller: Caller, url: str, event_types: Iterable[EventType], model_name: str,
                secret: str) -> Webhook:
         validate_url(url)
-        unknown = sorted(set(event_types) - self._types)
-        if unknown:
-            raise InvalidArgumentError(f"event_types holds unknown event type(s) {unknown}", field="event_types")
-        if len(model_name) > 500:
-            raise InvalidArgumentError("model_name is longer than 500 characters", field="model_name")
+        if model_name:
+            validate_name(model_name, "model_name")
         raw = validate_secret(secret)
-        types = sorted(set(event_types))
-        hook = Webhook(id=uuid.uuid4().hex, url=url, event_types=tuple(types), model_name=model_name,
+        chosen = sorted(set(event_types), key=lambda t: t.value)
+        types = [t.value for t in chosen]
+        hook = Webhook(id=uuid.uuid4().hex, url=url, event_types=tuple(chosen), model_name=model_name,
                        create_ms=now_ms(), created_by=caller.name, cursor=self.events.latest_sequence(),
                        lease_owner="", lease_expires_ms=0)
         t = webhooks_table
