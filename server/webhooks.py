@@ -44,8 +44,8 @@ from aqimodels.server.domain import Page
 from aqimodels.server.events import EventType
 from aqimodels.server.service import Caller, validate_name
 
-MAX_URL_LENGTH = 2048
-MAX_SECRET_BYTES = 1024
+MAX_URL_LENGTH = 256  # the edge's cap on a name or identifier field (server/interceptors.py)
+MAX_SECRET_BYTES = 256
 MIN_SECRET_BYTES = 16
 MAX_WEBHOOKS = 100
 MAX_ERROR_CHARS = 500

@@ -2664,11 +2664,11 @@ class CreateWebhookRequest(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
     url: _builtins.str
-    """http:// or https://, with a host, at most 2048 characters, no user name or password."""
+    """http:// or https://, with a host, at most 256 characters, no user name or password."""
     model_name: _builtins.str
     """Only events of this model (empty: every model)."""
     secret: _builtins.str
-    """The HMAC-SHA256 key of the signatures (16 to 1024 bytes). Never returned."""
+    """The HMAC-SHA256 key of the signatures (16 to 256 bytes). Never returned."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___RegistryEventType.ValueType]:
         """The event types to deliver (empty: all)."""
