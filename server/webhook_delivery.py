@@ -157,9 +157,10 @@ class _Worker:
         events = self.d.events.read_after(hook.cursor, BATCH, (hook.model_name,) if hook.model_name else (),
                                           hook.event_types)
         for event in events:
-            if self._stopping() or not self._deliver(client, hook, secret, event.sequence, body_of(event)):
+            moved = self._deliver(client, hook, secret, event.sequence, body_of(event)) if not self._stopping() else None
+            if moved is None:
                 return None
-            if not self.d.store.advance(hook.id, self.d.owner, event.sequence):
+            if not moved:
                 log.warning("webhook_lease_lost", webhook_id=hook.id, sequence=event.sequence)
                 self.quit.set()
                 return None
@@ -179,8 +180,9 @@ class _Worker:
             self.quit.wait(0.05)
         return not self._stopping()
 
-    def _deliver(self, client: httpx.Client, hook: Webhook, secret: bytes, sequence: int, body: bytes) -> bool:
-        """Attempts until a 2xx or the retry time is over (then logged failed); False: stopped before."""
+    def _deliver(self, client: httpx.Client, hook: Webhook, secret: bytes, sequence: int, body: bytes) -> bool | None:
+        """Attempts until a 2xx or the retry time is over (then logged failed), the last attempt logged with
+        the cursor moved past the event in one transaction: True; False: the lease was lost; None: stopped."""
         s = self.d.settings
         attempt, first_ms = self.d.store.attempts(hook.id, sequence)
         first_ms = first_ms or now_ms()
@@ -191,19 +193,19 @@ class _Worker:
             status, latency, error = self.d.sender.post(client, hook, secret, sequence, body, delivery_id)
             over = now_ms() - first_ms >= s.retry_seconds * 1000
             outcome = DELIVERED if not error else FAILED if over else RETRYING
-            self.d.store.log(Delivery(delivery_id, hook.id, sequence, attempt, status, round(latency, 3), error,
-                                      now_ms(), outcome, EVENT))
-            if outcome == DELIVERED:
-                return True
-            log.warning("webhook_attempt_failed", webhook_id=hook.id, url=hook.url, sequence=sequence,
-                        attempt=attempt, status_code=status, error=error[:200], outcome=outcome)
-            if outcome == FAILED:
-                return True
+            if outcome != DELIVERED:
+                log.warning("webhook_attempt_failed", webhook_id=hook.id, url=hook.url, sequence=sequence,
+                            attempt=attempt, status_code=status, error=error[:200], outcome=outcome)
+            moved = self.d.store.log(Delivery(delivery_id, hook.id, sequence, attempt, status, round(latency, 3),
+                                              error, now_ms(), outcome, EVENT),
+                                     advance_owner=self.d.owner if outcome != RETRYING else "")
+            if outcome != RETRYING:
+                return moved
             left = s.retry_seconds - (now_ms() - first_ms) / 1000
             if self.quit.wait(max(0.0, min(delay, left))) or self.d.stopped.is_set():
-                return False
+                return None
             delay = min(delay * 2, s.backoff_max_seconds)
-        return False
+        return None
 
 
 class WebhookDispatcher:

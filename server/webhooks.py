@@ -237,13 +237,22 @@ class WebhookStore:
             rows = conn.execute(sa.select(t).order_by(t.c.create_ms, t.c.id)).mappings().all()
         return [webhook_from_row(r) for r in rows]
 
-    def log(self, delivery: Delivery) -> None:
+    def log(self, delivery: Delivery, advance_owner: str = "") -> bool:
+        """Logs an attempt; with ``advance_owner``, moves the cursor past its event in the same
+        transaction (only while that owner holds the lease: False when it no longer does)."""
+        t = webhooks_table
         with self.db.begin() as conn:
             conn.execute(deliveries_table.insert().values(
                 id=delivery.id, webhook_id=delivery.webhook_id, event_sequence=delivery.event_sequence,
                 attempt=delivery.attempt, status_code=delivery.status_code, latency_ms=delivery.latency_ms,
                 error=delivery.error[:MAX_ERROR_CHARS], time_ms=delivery.time_ms, outcome=delivery.outcome,
                 kind=delivery.kind))
+            if not advance_owner:
+                return True
+            done = conn.execute(t.update().where(t.c.id == delivery.webhook_id, t.c.lease_owner == advance_owner,
+                                                 t.c.cursor < delivery.event_sequence).values(
+                cursor=delivery.event_sequence))
+        return done.rowcount == 1
 
     def attempts(self, webhook_id: str, sequence: int) -> tuple[int, int]:
         """(attempts so far, time of the first) of an event's in-order delivery: a replica taking a

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Registry, realistic_metrics, start_registry
-from typer.testing import CliRunner
-
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client import RegistryClient
 from aqimodels.client.errors import AqiModelsError
 from aqimodels.client.tokens import ROLES, new_token, toml_entry
+from conftest import Registry, realistic_metrics, start_registry
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 LSTM = "aqi_predictor_lstm"
@@ -37,7 +36,7 @@ FAST = {"webhook_backoff_seconds": 0.05, "webhook_backoff_max_seconds": 0.2, "we
 def readme_verifier() -> Callable[..., bool]:
     """The README's receiver check, run as written."""
     text = (ROOT / "README.md").read_text()
-    (code,) = [b for b in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M) if "def verify_aqimodels_signature" in b]
+    (code,) = [b for b in re.findall(r"^```python\n(.*?)^```", text, re.DOTALL | re.MULTILINE) if "def verify_aqimodels_signature" in b]
     scope: dict[str, Any] = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own code is what is tested
     return scope["verify_aqimodels_signature"]  # type: ignore[no-any-return]
@@ -90,7 +89,7 @@ def receiver() -> Iterator[Receiver]:
     rec = Receiver()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if rec.hang is not None and not rec.hang.is_set():
                 with rec.lock:
@@ -312,7 +311,7 @@ def test_two_replicas_on_postgres_deliver_each_event_exactly_once(postgres_url: 
 def _code(call: Callable[[], object]) -> tuple[str, str]:
     with pytest.raises(AqiModelsError) as info:
         call()
-    return info.value.code.name, info.value.message  # type: ignore[union-attr]
+    return info.value.code.name, info.value.message
 
 
 def test_invalid_requests_are_refused_naming_the_problem(sqlite_uri: str, receiver: Receiver) -> None:
@@ -369,9 +368,12 @@ def test_webhooks_are_admin_only_audited_and_never_show_the_secret(
         hook = admin.create_webhook(receiver.url, ["stage_changed"], secret=SECRET)
         for role in ("viewer", "operator"):
             c = clients[role]
-            for call in (lambda: c.create_webhook(receiver.url, [], secret=SECRET), c.list_webhooks,
-                         lambda: c.delete_webhook(hook.id), lambda: c.test_webhook(hook.id),
-                         lambda: c.webhook_deliveries(hook.id), lambda: c.redeliver_webhook(hook.id, event_sequence=1)):
+            calls: list[Callable[[], object]] = [
+                lambda c=c: c.create_webhook(receiver.url, [], secret=SECRET), c.list_webhooks,  # type: ignore[misc]
+                lambda c=c: c.delete_webhook(hook.id), lambda c=c: c.test_webhook(hook.id),  # type: ignore[misc]
+                lambda c=c: c.webhook_deliveries(hook.id),  # type: ignore[misc]
+                lambda c=c: c.redeliver_webhook(hook.id, event_sequence=1)]  # type: ignore[misc]
+            for call in calls:
                 code, message = _code(call)
                 assert code == "PERMISSION_DENIED" and "admin" in message, message
         admin.promote(LSTM, v1, "staging")
@@ -386,8 +388,8 @@ def test_webhooks_are_admin_only_audited_and_never_show_the_secret(
             ("RedeliverWebhook", "admin-bot", "ok"), ("DeleteWebhook", "admin-bot", "ok")]
         denied = [e for e in admin.iter_audit_events() if e.outcome == "denied" and "Webhook" in e.action]
         assert len(denied) == 12
-        for message in answers + records:
-            assert SECRET not in str(message) and SECRET.encode() not in message.SerializeToString()
+        for answer in [*answers, *records]:
+            assert SECRET not in str(answer) and SECRET.encode() not in answer.SerializeToString()
         out, err = capfd.readouterr()
         assert "webhook_claimed" in out + err  # the server's log was captured, and it has no secret
         assert SECRET not in out + err
@@ -400,7 +402,6 @@ def test_webhooks_are_admin_only_audited_and_never_show_the_secret(
 def test_the_cli_manages_webhooks(sqlite_uri: str, receiver: Receiver, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import structlog
-
     from aqimodels.client.cli import app
 
     reg = start_registry(sqlite_uri, **FAST)
@@ -425,7 +426,7 @@ def test_the_cli_manages_webhooks(sqlite_uri: str, receiver: Receiver, tmp_path:
         bad = runner.invoke(app, ["webhooks", "create", "ftp://x", "--events", "stage_changed"])
         assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.stderr and "ftp" in bad.stderr
         listed = json.loads(runner.invoke(app, ["webhooks", "list", "--json"]).stdout)["webhooks"]
-        assert [h["id"] for h in listed][0] == created["id"] and len(listed) == 2
+        assert listed[0]["id"] == created["id"] and len(listed) == 2
         table = runner.invoke(app, ["webhooks", "list"])
         assert created["id"][:8] in table.stdout and SECRET not in table.stdout
         tested = runner.invoke(app, ["webhooks", "test", created["id"]])
