@@ -467,6 +467,7 @@ def write_markdown(path: Path) -> str:
                          f"50 sockets in turn) p50 {_fig(fifty['fanout_spread_p50_ms'])}, p99 "
                          f"{_fig(fifty['fanout_spread_p99_ms'])}; direct watcher p50 {_fig(fifty['direct_p50_ms'])}")
         lines += [""]
+    lines += events_section(load("events"))
     lines += webhooks_section(load("webhooks"))
     lines += physical_sanity_section()
     notes = Path(__file__).with_name("NOTES.md")
@@ -475,6 +476,23 @@ def write_markdown(path: Path) -> str:
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def events_section(ev: dict[str, Any] | None) -> list[str]:
+    if not ev:
+        return []
+    same, other, replay = ev.get("same_replica_ms", {}), ev.get("other_replica_ms", {}), ev.get("replay", {})
+    return [f"## 9. Registry events (two registry processes on {ev.get('backend')}; `bench/events.py`)", "",
+            f"{ev.get('promotions_per_run')} promotions through replica A, {ev.get('pace_ms'):g} ms apart, per run; "
+            "a WatchRegistryEvents watcher on A and one on B. Latency: the watcher's receive time minus the "
+            "event's commit time (stamped in the appending transaction).", "",
+            "| watcher | p50 | p99 | events |", "|---|---|---|---|",
+            f"| same replica | {same.get('p50')} ms | {same.get('p99')} ms | {same.get('count')} |",
+            f"| other replica | {other.get('p50')} ms | {other.get('p99')} ms | {other.get('count')} |",
+            "", f"- PromoteModelVersion with both watchers: p50 {get(ev, 'promote_ms', 'p50')} ms, "
+                f"p99 {get(ev, 'promote_ms', 'p99')} ms",
+            f"- replay of {replay.get('events'):,} stored events by `watch_events(0, follow=False)`: "
+            f"{_fig(get(replay, 'events_per_second'))} events/s", ""]
 
 
 def scale_section(scale: dict[str, Any]) -> list[str]:
@@ -538,7 +556,7 @@ def webhooks_section(w: Any) -> list[str]:
              f"a webhook to a receiver that holds every request (send timeout {w.get('send_timeout_s')} s); "
              f"{w.get('calls_per_run')} promotions to production per run. Load average: "
              f"{get(w, 'machine', 'load_average')}.")
-    lines = [f"## 9. Webhooks (`python -m bench.run --sections webhooks`; {w.get('versions')} versions, SQLite)", "",
+    lines = [f"## 10. Webhooks (`python -m bench.run --sections webhooks`; {w.get('versions')} versions, SQLite)", "",
              intro, "", "| receiver | promotion p50 | promotion p99 | p50 / none | p99 / none |", "|---|---|---|---|---|"]
     for label in ("none", "healthy", "hanging"):
         v = w.get(label) or {}

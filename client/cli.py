@@ -458,10 +458,22 @@ def list_(
 def show(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Registered model name.")],
-    version: Annotated[int, typer.Argument(help="Version number.")],
+    version: Annotated[int, typer.Argument(help="Version number (omit with --stage and --at).")] = 0,
+    stage: Annotated[str, typer.Option(help="With --at: the stage held then (production or staging).")] = "",
+    at: Annotated[str, typer.Option(help="With --stage: a time, ISO-8601 (e.g. 2026-11-30T12:00:00Z; "
+                                        "without a zone: UTC).")] = "",
     as_json: JsonOpt = False,
 ) -> None:
-    """One version: stage, aliases, run, URI, times, every metric and tag."""
+    """One version: stage, aliases, run, URI, times, every metric and tag; with --stage and --at,
+    the version that held that stage at that time, and since when and until when."""
+    if stage or at:
+        with _registry(ctx) as client:
+            held = client.version_at(model, stage, render.parse_time(at, "at") if at else None, version=version)
+        if as_json:
+            _print_json(held)
+        else:
+            _print(render.held_view(held, stage))
+        return
     with _registry(ctx) as client:
         mv = client.get_version(model, version)
     if as_json:
@@ -668,6 +680,37 @@ def alerts(
                 else:
                     health = pb.ModelHealth.Name(alert.health).removeprefix("MODEL_HEALTH_")
                     _print(f"{render.absolute_time(alert.time)}  [bold]{health}[/]  {escape(alert.message)}")
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def events(
+    ctx: typer.Context,
+    model: Annotated[list[str] | None, typer.Option(help="Only events of this model (repeatable).",
+                                                    show_default=False)] = None,
+    type_: Annotated[list[str] | None, typer.Option("--type", help="Only events of this type (repeatable), e.g. "
+                                                    "stage_changed, rollback, alert_raised.",
+                                                    show_default=False)] = None,
+    after: Annotated[int, typer.Option(min=0, help="Only events after this sequence number.")] = 0,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep following new events (Ctrl-C stops).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Registry events (promotions, rollbacks, deletions, retrains, alerts, approvals) in sequence order.
+
+    Prints the stored events after --after; with --follow, then every new one as it happens.
+    Resume later with --after set to the last sequence printed. --json prints one JSON object a line.
+    """
+    with _registry(ctx) as client:
+        if follow and not as_json:
+            _err(f"Following registry events from {_settings(ctx).target} (Ctrl-C stops)...")
+        try:
+            for event in client.watch_events(after, model_names=model or (), types=type_ or (), follow=follow):
+                if as_json:
+                    sys.stdout.write(render.to_json(event, indent=None) + "\n")
+                    sys.stdout.flush()
+                else:
+                    _print(render.registry_event_line(event))
         except KeyboardInterrupt:
             pass
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -54,6 +55,28 @@ def stage_value(stage: str | int | None) -> int:
     except KeyError:
         raise InvalidArgumentError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}",
                                    field="stage") from None
+
+
+EVENT_TYPES: dict[str, int] = {
+    name.removeprefix("REGISTRY_EVENT_TYPE_").lower(): number
+    for name, number in pb.RegistryEventType.items() if number != pb.REGISTRY_EVENT_TYPE_UNSPECIFIED
+}
+
+
+def event_type_value(event_type: str | int) -> int:
+    """The proto enum number of an event type given by name ("stage_changed") or number."""
+    if isinstance(event_type, int):
+        return event_type
+    key = event_type.strip().lower().removeprefix("registry_event_type_")
+    try:
+        return EVENT_TYPES[key]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown event type {event_type!r}; use one of {', '.join(EVENT_TYPES)}",
+                                   field="types") from None
+
+
+def event_type_name(value: int) -> str:
+    return {v: k for k, v in EVENT_TYPES.items()}.get(value, "unspecified")
 
 
 def stage_name(value: int) -> str:
@@ -209,6 +232,16 @@ class RegistryClient:
         return self._unary(self._stub.GetModelVersion,
                            pb.GetModelVersionRequest(name=name, version=version)).version
 
+    def version_at(self, name: str, stage: str | int, at: datetime | None, *,
+                   version: int = 0) -> pb.GetModelVersionResponse:
+        """The version that held ``stage`` (production or staging) at ``at`` (an aware datetime),
+        with the period it held it (``held_from``, ``held_until``: unset while it still does)."""
+        request = pb.GetModelVersionRequest(name=name, version=version,
+                                            stage=pb.Stage.ValueType(stage_value(stage)))
+        if at is not None:
+            request.at.FromDatetime(at)
+        return self._unary(self._stub.GetModelVersion, request)
+
     def compare(self, name: str, versions: Sequence[int] = (), metric: str = "") -> pb.CompareModelVersionsResponse:
         return self._unary(self._stub.CompareModelVersions,
                            pb.CompareModelVersionsRequest(name=name, versions=list(versions), metric=metric))
@@ -347,23 +380,21 @@ class RegistryClient:
         return self._unary(self._stub.RedeliverWebhook, pb.RedeliverWebhookRequest(
             webhook_id=webhook_id, event_sequence=event_sequence, delivery_id=delivery_id)).delivery
 
+    # ---- events ----
+
+    def watch_events(self, after_sequence: int = 0, *, model_names: Sequence[str] = (),
+                     types: Sequence[str | int] = (), follow: bool = True,
+                     timeout: float | None = None) -> Iterator[pb.RegistryEvent]:
+        """Registry events after ``after_sequence`` (stored ones, then live unless ``follow`` is False), until closed.
+
+        Resume after a disconnect with the last ``sequence`` seen: nothing is missed or repeated.
+        """
+        kinds = [pb.RegistryEventType.ValueType(event_type_value(t)) for t in types]
+        request = pb.WatchRegistryEventsRequest(after_sequence=after_sequence, model_names=list(model_names),
+                                                types=kinds, replay_only=not follow)
+        return self._stream(self._stub.WatchRegistryEvents, request, timeout)
+
 
 def webhook_event_types(names: Iterable[str | int]) -> list[pb.RegistryEventType.ValueType]:
-    """RegistryEventType numbers of event types given by number or name ("stage_changed" or the enum name)."""
-    out = []
-    for name in names:
-        if isinstance(name, int):
-            out.append(pb.RegistryEventType.ValueType(name))
-            continue
-        key = name.strip().upper()
-        key = key if key.startswith("REGISTRY_EVENT_TYPE_") else "REGISTRY_EVENT_TYPE_" + key
-        try:
-            value = pb.RegistryEventType.Value(key)
-        except ValueError:
-            value = pb.REGISTRY_EVENT_TYPE_UNSPECIFIED
-        if value == pb.REGISTRY_EVENT_TYPE_UNSPECIFIED:
-            known = [v.name.removeprefix("REGISTRY_EVENT_TYPE_").lower() for v in pb.RegistryEventType.DESCRIPTOR.values][1:]
-            raise InvalidArgumentError(f"unknown event type {name!r}; use one of {', '.join(known)}",
-                                       field="event_types")
-        out.append(value)
-    return out
+    """RegistryEventType numbers of event types given by number or name ("stage_changed")."""
+    return [pb.RegistryEventType.ValueType(event_type_value(n)) for n in names]

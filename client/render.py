@@ -973,3 +973,52 @@ def history_view(name: str, resp: pb.GetModelHistoryResponse, now: datetime | No
     if finite:
         line.append(f"  min {fmt_metric(metric, min(finite))}  max {fmt_metric(metric, max(finite))}")
     return Group(table, line)
+
+
+# ---- registry events and points in time ----
+
+def parse_time(text: str, field: str = "at") -> datetime:
+    """An ISO-8601 time (``2026-11-30T12:00:00Z``; without a zone: UTC) as an aware datetime."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"{field} {text!r} is not an ISO-8601 time, e.g. 2026-11-30T12:00:00Z",
+                                   field=field) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def registry_event_line(e: pb.RegistryEvent) -> str:
+    """``#42  2026-12-01 23:10:00 UTC  STAGE_CHANGED  aqi_predictor_lstm v7  staging -> production ...  by alice``."""
+    kind = pb.RegistryEventType.Name(e.type).removeprefix("REGISTRY_EVENT_TYPE_")
+    what = f"{escape(e.model_name)} {version_label(e.version)}" if e.version else escape(e.model_name)
+    detail = ""
+    if e.type in (pb.REGISTRY_EVENT_TYPE_STAGE_CHANGED, pb.REGISTRY_EVENT_TYPE_ROLLBACK):
+        detail = f"{stage_name(e.from_stage)} -> {stage_name(e.to_stage)}"
+        if e.replaced_versions:
+            detail += ", replaces " + ", ".join(version_label(v) for v in e.replaced_versions)
+        if e.archived_versions:
+            detail += ", archives " + ", ".join(version_label(v) for v in e.archived_versions)
+    elif e.type in (pb.REGISTRY_EVENT_TYPE_RETRAIN_JOB_ENDED, pb.REGISTRY_EVENT_TYPE_VERSION_REGISTERED):
+        detail = f"job {e.job_id}"
+        if e.type == pb.REGISTRY_EVENT_TYPE_RETRAIN_JOB_ENDED:
+            detail += " " + job_state_name(e.job_state)
+    elif e.type in (pb.REGISTRY_EVENT_TYPE_MODEL_HEALTH_CHANGED, pb.REGISTRY_EVENT_TYPE_ALERT_RAISED):
+        detail = pb.ModelHealth.Name(e.health).removeprefix("MODEL_HEALTH_").lower()
+        if e.alert_id:
+            detail += f" (alert {e.alert_id[:12]})"
+    elif e.promotion_request_id:
+        detail = f"request {escape(e.promotion_request_id)}"
+    return (f"#{e.sequence}  {to_datetime(e.time):%Y-%m-%d %H:%M:%S} UTC  [bold]{kind}[/]  {what}"
+            + (f"  {detail}" if detail else "") + (f"  by {escape(e.actor)}" if e.actor else ""))
+
+
+def held_view(resp: pb.GetModelVersionResponse, stage: str, now: datetime | None = None) -> RenderableType:
+    """The version that held a stage at a point in time, with the period, then the version in full."""
+    from rich.console import Group
+
+    mv = resp.version
+    since = absolute_time(resp.held_from, now) if resp.HasField("held_from") else "before the recorded history"
+    until = absolute_time(resp.held_until, now) if resp.HasField("held_until") else "now (still holds it)"
+    head = (f"[bold]{escape(mv.name)} {version_label(mv.version)}[/] held {escape(stage.lower())}\n"
+            f"  from  {since}\n  until {until}\n")
+    return Group(head, version_view(mv, now))

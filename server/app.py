@@ -50,6 +50,7 @@ class RegistryServer:
     jobs: Any = None
     workers: Any = None
     monitor: Any = None
+    events: EventLog | None = None
     metrics: Metrics | None = None  # metrics.port: the bound Prometheus port
     webhooks: Any = None  # the webhook dispatcher (background delivery)
     _stop_probe: threading.Event = field(default_factory=threading.Event)
@@ -103,7 +104,9 @@ class RegistryServer:
         if self.monitor is not None:
             self.monitor.stop()
         if self.webhooks is not None:
-            self.webhooks.stop()
+            self.webhooks.stop()  # before the event log its threads read
+        if self.events is not None:
+            self.events.stop()
         if self.jobs is not None:
             self.jobs.shutdown()
         self.server.stop(grace).wait()
@@ -181,7 +184,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
             jobs.add_event_hook(metrics.on_retrain_event)
         holder["jobs"] = jobs
     monitor = Monitor(config, service, db, jobs, clock=clock)
-    webhook_service, dispatcher = _webhooks(config, db)
+    events = EventLog(db, poll_seconds=min(0.5, config.monitor_poll_seconds))
+    webhook_service, dispatcher = _webhooks(config, db, events)
     if metrics is not None:
         metrics.watch_models(lambda: _model_health(service), monitor.alert_counts)
     def audit_denial(actor: str, role: str, rpc: str, message: str) -> None:
@@ -210,7 +214,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
                  ("grpc.so_reuseport", 0)],
     )
     registry_pb2_grpc.add_ModelRegistryServicer_to_server(
-        ModelRegistryServicer(service, jobs, workers, monitor, webhook_service), server)
+        ModelRegistryServicer(service, jobs, workers, monitor, events, webhook_service), server)
     health_servicer = HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -220,7 +224,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if metrics is not None and config.metrics_port is not None:
         metrics.serve(config.metrics_port, endpoint_host(config.host))
     server.start()
-    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, metrics, dispatcher)
+    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, events, metrics,
+                        webhooks=dispatcher)
     service.on_warm_change(rs.on_warm_change)
     rs.set_serving(service.backend_health().healthy)
     rs.start_probe()
@@ -229,16 +234,14 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if jobs is not None:
         jobs.start()
     monitor.start()
+    events.start()
     dispatcher.start()
     return rs
 
 
-def _webhooks(config: ServerConfig, db: Database) -> tuple[WebhookService, WebhookDispatcher]:
+def _webhooks(config: ServerConfig, db: Database, events: EventLog) -> tuple[WebhookService, WebhookDispatcher]:
     """The webhook RPCs' service and this process's delivery threads, over the event log."""
-    events = EventLog(db)
-    events.start()  # wakes the delivery threads for events committed on other replicas too
     dispatcher = WebhookDispatcher(WebhookStore(db), events, DeliverySettings.of(config))
-    dispatcher.on_stop(events.stop)
     return WebhookService(db, events, dispatcher.sender.send_now), dispatcher
 
 

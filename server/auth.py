@@ -54,6 +54,7 @@ RPC_ROLES: dict[str, str] = {
     _REGISTRY + "WatchRetrainJob": "viewer",
     _REGISTRY + "GetModelHistory": "viewer",
     _REGISTRY + "WatchAlerts": "viewer",
+    _REGISTRY + "WatchRegistryEvents": "viewer",
     _REGISTRY + "Retrain": "operator",
     _REGISTRY + "CancelRetrainJob": "operator",
     _REGISTRY + "ReportPerformance": "operator",

@@ -35,7 +35,10 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 import structlog
 
+from aqimodels.api.registry.v1 import registry_pb2 as pb
+from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.server.db import metadata
+from aqimodels.server.service import validate_name
 
 if TYPE_CHECKING:
     from aqimodels.server.db import Database
@@ -342,8 +345,8 @@ class EventLog:
         return True
 
     def follow(self, after_sequence: int, stop: Callable[[], bool], model_names: Sequence[str] = (),
-               types: Sequence[EventType] = (), batch: int = 200) -> Iterable[Event]:
-        """Events above ``after_sequence``: the stored ones, then live ones, until ``stop()`` is true.
+               types: Sequence[EventType] = (), batch: int = 200, live: bool = True) -> Iterable[Event]:
+        """Events above ``after_sequence``: the stored ones, then (``live``) live ones, until ``stop()`` is true.
 
         One cursor from replay to live: nothing is missed or repeated at the switch. Memory is one
         batch whatever the reader's pace.
@@ -358,14 +361,25 @@ class EventLog:
                 cursor = events[-1].sequence
                 if len(events) == batch:
                     continue
+            if not live:
+                return
             cursor = max(cursor, top)  # nothing else up to ``top`` passes the filters
             self.wait_after(cursor, 1.0)
+
+    def watch(self, after_sequence: int, model_names: Sequence[str], types: Sequence[EventType],
+              ended: threading.Event, live: bool = True) -> Iterable[Event]:
+        """WatchRegistryEvents: validated :meth:`follow` until the caller leaves or the registry stops."""
+        if after_sequence < 0:
+            raise InvalidArgumentError("after_sequence must not be negative", field="after_sequence")
+        for name in model_names:
+            validate_name(name, "model_names")
+        yield from self.follow(after_sequence, lambda: ended.is_set() or self._stop.is_set(), model_names, types,
+                               live=live)
 
     # ---- following other replicas ----
 
     def start(self) -> None:
         """Starts the thread that wakes waiters for events committed elsewhere."""
-        self.db.event_committed(self.latest_sequence())
         self._thread = threading.Thread(target=self._run, name="event-follower", daemon=True)
         self._thread.start()
 
@@ -375,15 +389,18 @@ class EventLog:
             self.db.events_signal.notify_all()
         if self._thread is not None:
             self._thread.join(5)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                self._listener.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.db.event_committed(self.latest_sequence())  # also what a missed NOTIFY announced
                 if self.db.is_postgres:
                     self._listen()
                 else:
                     self._stop.wait(self.poll_seconds)
-                self.db.event_committed(self.latest_sequence())
             except Exception as exc:  # noqa: BLE001 - the database is down: the next pass retries
                 log.debug("event_follow_failed", error=str(exc)[:200])
                 self._stop.wait(self.poll_seconds)
@@ -406,3 +423,39 @@ class EventLog:
                 self._listener.close()
             self._listener = None
             raise
+
+
+_STAGES = {"none": pb.STAGE_NONE, "staging": pb.STAGE_STAGING, "production": pb.STAGE_PRODUCTION,
+           "archived": pb.STAGE_ARCHIVED}
+_HEALTH = {"healthy": pb.MODEL_HEALTH_HEALTHY, "degraded": pb.MODEL_HEALTH_DEGRADED}
+_JOB_STATES = frozenset(pb.JobState.keys())
+
+
+def types_from_proto(values: Iterable[int]) -> list[EventType]:
+    """The event types of a request's filter (INVALID_ARGUMENT naming an unknown one)."""
+    kinds = []
+    for value in values:
+        known = value in pb.RegistryEventType.values()
+        name = pb.RegistryEventType.Name(pb.RegistryEventType.ValueType(value)) if known else ""
+        if not name or value == pb.REGISTRY_EVENT_TYPE_UNSPECIFIED:
+            raise InvalidArgumentError(f"types: {value} is not a registry event type", field="types")
+        kinds.append(EventType(name.removeprefix("REGISTRY_EVENT_TYPE_")))
+    return kinds
+
+
+def to_proto(e: Event) -> pb.RegistryEvent:
+    d = e.details
+    msg = pb.RegistryEvent(
+        sequence=e.sequence, type=pb.RegistryEventType.Value("REGISTRY_EVENT_TYPE_" + e.type.value),
+        model_name=e.model_name, version=e.version, actor=e.actor, request_id=e.request_id,
+        audit_event_id=e.audit_id, from_stage=_STAGES.get(str(d.get("from_stage", "")), pb.STAGE_UNSPECIFIED),
+        to_stage=_STAGES.get(str(d.get("to_stage", "")), pb.STAGE_UNSPECIFIED),
+        replaced_versions=[int(v) for v in d.get("replaced_versions", [])],
+        archived_versions=[int(v) for v in d.get("archived_versions", [])], job_id=str(d.get("job_id", "")),
+        job_state=pb.JobState.Value(d["job_state"]) if d.get("job_state") in _JOB_STATES
+        else pb.JOB_STATE_UNSPECIFIED,
+        health=_HEALTH.get(str(d.get("health", "")), pb.MODEL_HEALTH_UNSPECIFIED), alert_id=str(d.get("alert_id", "")),
+        promotion_request_id=str(d.get("promotion_request_id", "")))
+    msg.time.FromMilliseconds(e.time_ms)
+    msg.details.update(dict(d))
+    return msg

@@ -37,11 +37,25 @@ import structlog
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.client.client import model_type_value
-from aqimodels.client.errors import AqiModelsError, FailedPreconditionError, InvalidArgumentError
+from aqimodels.client.errors import (
+    AqiModelsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    VersionNotFoundError,
+)
 from aqimodels.server.automation import Clock, RetentionPolicy, RetrainScheduler, utc_now
 from aqimodels.server.config import MODEL_TYPE_NAMES, ServerConfig
 from aqimodels.server.db import Database, audit_table, metadata
-from aqimodels.server.domain import PRODUCTION_ALIAS, PROMOTED_TIME_TAG, Stage, tag_time_ms
+from aqimodels.server.domain import (
+    PRODUCTION_ALIAS,
+    PROMOTED_TIME_TAG,
+    STAGING_ALIAS,
+    ModelVersion,
+    Stage,
+    tag_time,
+    tag_time_ms,
+)
 from aqimodels.server.service import (
     Caller,
     CleanupResult,
@@ -116,6 +130,15 @@ class ProductionPeriod:
     version: int
     start_ms: int
     end_ms: int  # 0: still in production
+
+
+@dataclass(frozen=True)
+class HeldStage:
+    """A version that held a stage at a point in time, from ``start_ms`` until ``end_ms`` (0: still)."""
+
+    version: ModelVersion
+    start_ms: int
+    end_ms: int
 
 
 @dataclass(frozen=True)
@@ -262,39 +285,66 @@ class Monitor:
         points = [HistoryPoint(v.version, v.create_time_ms, dict(v.metrics), v.stage) for v in versions]
         return History(name, metric, points, self._production_periods(name, snap))
 
-    def _production_periods(self, name: str, snap: Any) -> list[ProductionPeriod]:
+    def _production_periods(self, name: str, snap: Any, alias: str = PRODUCTION_ALIAS) -> list[ProductionPeriod]:
+        """The periods each version held ``alias`` (production or staging), from the audit records."""
         t = audit_table
         with self.db.begin() as conn:
             rows = conn.execute(sa.select(t.c.time_ms, t.c.before, t.c.after).where(
-                t.c.model_name == name, t.c.outcome == "ok", t.c.action.in_(PRODUCTION_ACTIONS)).order_by(
-                t.c.seq)).all()
+                t.c.model_name == name, t.c.outcome.in_(("ok", "recovered")),
+                t.c.action.in_(PRODUCTION_ACTIONS)).order_by(t.c.seq)).all()
         periods: list[ProductionPeriod] = []
         current, start = 0, 0
         for time_ms, before_raw, after_raw in rows:
             before, after = json.loads(before_raw), json.loads(after_raw)
-            if "production" not in after:
+            if alias not in after:
                 continue
-            if not current and before.get("production"):
-                # production was set before any record of ours (e.g. by a plain MLflow client)
-                current, start = int(before["production"]), 0
-            new = int(after["production"] or 0)
+            if not current and before.get(alias):
+                # the alias was set before any record of ours (e.g. by a plain MLflow client)
+                current, start = int(before[alias]), 0
+            new = int(after[alias] or 0)
             if new == current:
                 continue
             if current:
                 periods.append(ProductionPeriod(current, start, time_ms))
             current, start = new, time_ms
-        production = snap.model.aliases.get(PRODUCTION_ALIAS, 0)
-        if current and current != production:
+        holder = snap.model.aliases.get(alias, 0)
+        if current and current != holder:
             periods.append(ProductionPeriod(current, start, _now_ms()))  # changed outside the registry
             current = 0
-        if production and not current:
-            v = next((v for v in snap.versions if v.version == production), None)
-            raw = v.tags.get(PROMOTED_TIME_TAG, "") if v else ""
+        if holder and not current:
+            v = next((v for v in snap.versions if v.version == holder), None)
+            raw = v.tags.get(PROMOTED_TIME_TAG, "") if v and alias == PRODUCTION_ALIAS else ""
             promoted = tag_time_ms(raw)
-            current, start = production, promoted if promoted is not None else (v.create_time_ms if v else 0)
+            current, start = holder, promoted if promoted is not None else (v.create_time_ms if v else 0)
         if current:
             periods.append(ProductionPeriod(current, start, 0))
         return periods
+
+    def version_at(self, name: str, version: int, stage: Stage | None, at_ms: int | None) -> HeldStage:
+        """GetModelVersion at a point in time: the version that held ``stage`` at ``at_ms``, and when."""
+        validate_name(name)
+        if version:
+            raise InvalidArgumentError("give either version or stage and at, not both", field="version")
+        if stage is None:
+            raise InvalidArgumentError("stage is required with at: production or staging", field="stage")
+        if stage not in (Stage.PRODUCTION, Stage.STAGING):
+            raise InvalidArgumentError(f"stage must be production or staging with at, not {stage.name.lower()} "
+                                       "(archived and none are not held by one version)", field="stage")
+        if at_ms is None:
+            raise InvalidArgumentError("at is required with stage: the time asked about", field="at")
+        if at_ms > _now_ms() + 60_000:
+            raise InvalidArgumentError("at is in the future: the history is known up to now", field="at")
+        alias = PRODUCTION_ALIAS if stage == Stage.PRODUCTION else STAGING_ALIAS
+        snap = self.service.snapshot(name)
+        when = tag_time(at_ms)
+        for p in self._production_periods(name, snap, alias):
+            if p.start_ms <= at_ms and (p.end_ms == 0 or at_ms < p.end_ms):
+                v = next((v for v in snap.versions if v.version == p.version), None)
+                if v is None:
+                    raise VersionNotFoundError(f"version {p.version} of {name!r} held {alias} at {when} but has "
+                                               "since been deleted")
+                return HeldStage(v, p.start_ms, p.end_ms)
+        raise NotFoundError(f"no version of {name!r} held {alias} at {when} (by the recorded history)")
 
     # ---- live performance ----
 

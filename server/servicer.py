@@ -15,7 +15,7 @@ from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.client.errors import InvalidArgumentError, UnimplementedError
 from aqimodels.server import convert
-from aqimodels.server import deadlines
+from aqimodels.server import deadlines, events
 from aqimodels.server.domain import Stage
 from aqimodels.server.interceptors import Wire, current_caller, current_request_id
 from aqimodels.server.service import Caller, RegistryService
@@ -54,8 +54,9 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     """The ModelRegistry RPCs over a RegistryService (and, once wired, a job manager)."""
 
     def __init__(self, service: RegistryService, jobs: Any = None, workers: Any = None, monitor: Any = None,
-                 webhooks: Any = None) -> None:
+                 events: Any = None, webhooks: Any = None) -> None:
         self._service = service
+        self._events = events
         self._jobs = jobs
         self._workers = workers
         self._monitor = monitor
@@ -84,6 +85,16 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     def GetModelVersion(self, request: pb.GetModelVersionRequest,
                         context: grpc.ServicerContext) -> pb.GetModelVersionResponse:
+        if request.stage or request.HasField("at"):
+            held = self._monitoring().version_at(
+                request.name, request.version, _stage_filter(request.stage, "stage"),
+                convert.ms_from_ts(request.at, "at") if request.HasField("at") else None)
+            response = pb.GetModelVersionResponse(version=convert.model_version_to_proto(held.version))
+            if held.start_ms:
+                response.held_from.FromMilliseconds(held.start_ms)
+            if held.end_ms:
+                response.held_until.FromMilliseconds(held.end_ms)
+            return response
         version = self._service.get_version(request.name, request.version)
         return pb.GetModelVersionResponse(version=convert.model_version_to_proto(version))
 
@@ -183,6 +194,17 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     def WatchAlerts(self, request: pb.WatchAlertsRequest, context: grpc.ServicerContext) -> Iterator[pb.Alert]:
         for alert in self._monitoring().watch(request.model_name, context):
             yield convert.alert_to_proto(alert)
+
+    # ---- events ----
+
+    def WatchRegistryEvents(self, request: pb.WatchRegistryEventsRequest,
+                            context: grpc.ServicerContext) -> Iterator[pb.RegistryEvent]:
+        if self._events is None:
+            raise UnimplementedError("events are not available on this server: it was started without an event log")
+        for event in self._events.watch(request.after_sequence, list(request.model_names),
+                                        events.types_from_proto(request.types), _call_ended(context),
+                                        live=not request.replay_only):
+            yield events.to_proto(event)
 
     # ---- webhooks ----
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -223,7 +222,6 @@ class WebhookDispatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
-        self._on_stop: list[Callable[[], None]] = []
         self.scan_seconds = min(1.0, settings.lease_seconds / 3)
 
     @property
@@ -237,10 +235,6 @@ class WebhookDispatcher:
     def held(self) -> set[str]:
         with self._lock:
             return {i for i, w in self._workers.items() if w.thread.is_alive() and not w.quit.is_set()}
-
-    def on_stop(self, callback: Callable[[], None]) -> None:
-        """Runs ``callback`` once delivery has stopped (the event log the threads read)."""
-        self._on_stop.append(callback)
 
     def _loop(self) -> None:
         while not self.stopped.is_set():
@@ -294,5 +288,3 @@ class WebhookDispatcher:
             self.store.release(self.owner)
         except Exception as exc:  # noqa: BLE001 - the leases then expire by themselves
             log.warning("webhook_lease_release_failed", error=str(exc)[:200])
-        for callback in self._on_stop:
-            callback()

@@ -37,8 +37,9 @@ SKIPPED = {
     r"--target registry:": "aims at the deployment's host name",
 }
 # Python blocks that another test runs as written, with what they need (the Beijing data, a model
-# trained on it, an environment without aqimodels): tests/integration/test_portable_models.py.
-RUN_ELSEWHERE = ("BEIJING_DATA",)
+# trained on it, an environment without aqimodels): tests/integration/test_portable_models.py; the
+# service following events until stopped (real models to reload, changes while it runs): test_events.py.
+RUN_ELSEWHERE = ("BEIJING_DATA", "# runs until stopped")
 
 
 def blocks(lang: str) -> list[str]:

@@ -81,6 +81,7 @@ def _requests() -> dict[str, Any]:
             dataset=wpb.DatasetSpec(spec="nonsense:x")), "Train": wpb.TrainRequest(),
         "AttachTraining": wpb.AttachTrainingRequest(job_id="job-x"),
         "CancelTraining": wpb.CancelTrainingRequest(job_id="job-x"),
+        "WatchRegistryEvents": pb.WatchRegistryEventsRequest(replay_only=True),
         "CreateWebhook": pb.CreateWebhookRequest(url="ftp://x"), "ListWebhooks": pb.ListWebhooksRequest(),
         "DeleteWebhook": pb.DeleteWebhookRequest(webhook_id="0" * 32),
         "TestWebhook": pb.TestWebhookRequest(webhook_id="0" * 32),

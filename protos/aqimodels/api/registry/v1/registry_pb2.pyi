@@ -2511,8 +2511,11 @@ class WatchRegistryEventsRequest(_message.Message):
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     MODEL_NAMES_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
+    REPLAY_ONLY_FIELD_NUMBER: _builtins.int
     after_sequence: _builtins.int
     """Replay the stored events after this sequence (0: from the first), then follow live."""
+    replay_only: _builtins.bool
+    """End the stream once the stored events are sent, instead of following live ones."""
     @_builtins.property
     def model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only events of these models (empty: all)."""
@@ -2527,10 +2530,11 @@ class WatchRegistryEventsRequest(_message.Message):
         after_sequence: _builtins.int = ...,
         model_names: _abc.Iterable[_builtins.str] | None = ...,
         types: _abc.Iterable[Global___RegistryEventType.ValueType] | None = ...,
+        replay_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "model_names", b"model_names", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "model_names", b"model_names", "replay_only", b"replay_only", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
