@@ -287,6 +287,7 @@ def test_two_replicas_on_postgres_deliver_each_event_exactly_once(postgres_url: 
         expected = {e.sequence for e in a.server.webhooks.events.read_after(hook.delivered_sequence, 1000)}  # type: ignore[attr-defined]
         assert len(expected) >= 6
         receiver.wait_for(lambda: {r.sequence for r in receiver.ok()} >= expected)
+        receiver.wait_for(lambda: _client(a).list_webhooks()[0].delivered_sequence >= max(expected))
         owners = {_client(a).list_webhooks()[0].owner}
         assert owners <= {a.server.webhooks.owner, b.server.webhooks.owner}  # type: ignore[attr-defined]
         # the owner stops (its leases released): the other replica goes on from the cursor
@@ -463,3 +464,47 @@ def test_the_readme_create_line_works_as_written(sqlite_uri: str, tmp_path: Path
         assert len((tmp_path / "webhook.secret").read_text().strip()) == 64
     finally:
         _stop(reg)
+
+
+def test_a_killed_replica_s_webhooks_are_taken_over_once_its_lease_expired(
+        postgres_url: str, receiver: Receiver, tmp_path: Path) -> None:
+    """Replica A (its own process) holds the webhook and is SIGKILLed: B delivers once A's lease
+    (3 s) has expired, from A's cursor, and nothing A delivered arrives twice."""
+    from conftest import serve_process
+
+    env = {"MLFLOW_TRACKING_URI": postgres_url, "AQIMODELS_WORKERS": "none", "AQIMODELS_WEBHOOK_LEASE_SECONDS": "3",
+           "AQIMODELS_WEBHOOK_TIMEOUT_SECONDS": "1", "AQIMODELS_WEBHOOK_POLL_SECONDS": "0.1",
+           "AQIMODELS_WEBHOOK_BACKOFF_SECONDS": "0.05"}
+    proc, port = serve_process(env, cwd=tmp_path)
+    b: Registry | None = None
+    try:
+        with RegistryClient(f"127.0.0.1:{port}", timeout=60) as a:
+            hook = a.create_webhook(receiver.url, ["stage_changed"], secret=SECRET)
+            receiver.wait_for(lambda: a.list_webhooks()[0].owner != "")
+            a_owner = a.list_webhooks()[0].owner
+        b = start_registry(postgres_url, **FAST, webhook_lease_seconds=3.0, webhook_timeout_seconds=1.0)
+        client = _client(b)
+        versions = b.seed(LSTM, [realistic_metrics(i) for i in range(4)])
+        client.promote(LSTM, versions[0], "staging")
+        receiver.wait_for(lambda: len(receiver.ok()) == 1)  # delivered by A, the owner
+        first = receiver.ok()[0].sequence
+        receiver.wait_for(lambda: client.list_webhooks()[0].delivered_sequence >= first)  # and A's cursor is past it
+        assert client.list_webhooks()[0].owner == a_owner
+        proc.kill()
+        proc.wait(10)
+        killed = time.monotonic()
+        for v in versions[1:]:
+            client.promote(LSTM, v, "staging")
+        receiver.wait_for(lambda: len(receiver.ok()) == 4)
+        took_over_after = time.monotonic() - killed
+        assert client.list_webhooks()[0].owner == b.server.webhooks.owner  # type: ignore[attr-defined]
+        time.sleep(0.5)
+        sequences = [r.sequence for r in receiver.received]
+        assert sequences == sorted(set(sequences)) and len(sequences) == 4, sequences
+        assert took_over_after < 20, took_over_after  # the lease (3 s) and a scan, on a loaded machine
+        assert hook.id == client.list_webhooks()[0].id
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if b is not None:
+            _stop(b)
