@@ -483,16 +483,17 @@ def events_section(ev: dict[str, Any] | None) -> list[str]:
         return []
     same, other, replay = ev.get("same_replica_ms", {}), ev.get("other_replica_ms", {}), ev.get("replay", {})
     return [f"## 9. Registry events (two registry processes on {ev.get('backend')}; `bench/events.py`)", "",
-            f"{ev.get('promotions_per_run')} promotions through replica A, {ev.get('pace_ms'):g} ms apart, per run; "
-            "a WatchRegistryEvents watcher on A and one on B. Latency: the watcher's receive time minus the "
-            "event's commit time (stamped in the appending transaction).", "",
+            (f"{ev.get('promotions_per_run')} promotions through replica A, {ev.get('pace_ms'):g} ms apart, per "
+             "run; a WatchRegistryEvents watcher on A and one on B. Latency: the watcher's receive time minus the "
+             "event's commit time (stamped in the appending transaction)."), "",
             "| watcher | p50 | p99 | events |", "|---|---|---|---|",
             f"| same replica | {same.get('p50')} ms | {same.get('p99')} ms | {same.get('count')} |",
             f"| other replica | {other.get('p50')} ms | {other.get('p99')} ms | {other.get('count')} |",
-            "", f"- PromoteModelVersion with both watchers: p50 {get(ev, 'promote_ms', 'p50')} ms, "
-                f"p99 {get(ev, 'promote_ms', 'p99')} ms",
-            f"- replay of {replay.get('events'):,} stored events by `watch_events(0, follow=False)`: "
-            f"{_fig(get(replay, 'events_per_second'))} events/s", ""]
+            "", (f"- PromoteModelVersion with both watchers: p50 {get(ev, 'promote_ms', 'p50')} ms, "
+                 f"p99 {get(ev, 'promote_ms', 'p99')} ms"),
+            (f"- replay of {replay.get('events'):,} stored events by `watch_events(0, follow=False)`: "
+             f"{_fig(get(replay, 'events_per_second'))}"),
+            f"- load average at the start of the section: {get(ev, 'machine', 'load_average')}", ""]
 
 
 def scale_section(scale: dict[str, Any]) -> list[str]:

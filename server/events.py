@@ -393,6 +393,11 @@ class EventLog:
             with contextlib.suppress(Exception):
                 self._listener.close()
 
+    @property
+    def listening(self) -> bool:
+        """True while a PostgreSQL LISTEN wakes the waiters at once (else they see others' events by polling)."""
+        return self._listener is not None
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -409,8 +414,9 @@ class EventLog:
         """Waits for a NOTIFY of another replica's commit (or ``poll_seconds``: a missed one)."""
         if self._listener is None:
             raw = self.db.engine.raw_connection()
-            raw.detach()  # a connection of its own, never returned to the pool
             pg: Any = raw.driver_connection
+            raw.detach()  # a connection of its own, never returned to the pool
+            pg.rollback()  # the pool's ping may have left a transaction open
             pg.autocommit = True
             pg.execute(f"LISTEN {NOTIFY_CHANNEL}")
             self._listener = pg
