@@ -128,7 +128,6 @@ class _Worker:
         self.id = webhook_id
         self.quit = threading.Event()
         self.valid_until = 0.0  # monotonic end of the lease as this process knows it
-        self.delivered = 0
         self.thread = threading.Thread(target=self._run, name=f"webhook-{webhook_id[:8]}", daemon=True)
 
     def _stopping(self) -> bool:
@@ -163,7 +162,6 @@ class _Worker:
                 log.warning("webhook_lease_lost", webhook_id=hook.id, sequence=event.sequence)
                 self.quit.set()
                 return None
-            self.delivered += 1
         if events:
             return None
         if latest > hook.cursor:  # none of the events up to latest is for this webhook
@@ -231,10 +229,6 @@ class WebhookDispatcher:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="webhook-leases", daemon=True)
         self._thread.start()
-
-    def held(self) -> set[str]:
-        with self._lock:
-            return {i for i, w in self._workers.items() if w.thread.is_alive() and not w.quit.is_set()}
 
     def _loop(self) -> None:
         while not self.stopped.is_set():
