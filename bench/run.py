@@ -9,7 +9,8 @@ about 14 minutes), ``durability``
 heartbeat's cost; about 3 minutes), ``training`` (reads
 bench/results/training_*.json after rerunning the synthetic one, ~1 min, and the Beijing one when
 the data is present, ~7 min), ``dashboard`` (pages in Chromium, 1 vs 50 SSE clients, ~2 min), ``events`` (commit -> watcher
-latency on the same and another replica, replay rate; ~1 min). Every section builds its own data in a
+latency on the same and another replica, replay rate; ~1 min), ``webhooks`` (promotion latency with no, a healthy
+and a hanging webhook receiver; delivery latency; ~2 min). Every section builds its own data in a
 temporary folder. Usage::
 
     python -m bench.run                       # everything (about 25-30 minutes on 2 cores)
@@ -36,7 +37,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 from bench import common  # noqa: E402
 
 SECTIONS = ("rpc", "streams", "process", "cli", "scale", "durability", "training", "resilience", "dashboard", "events",
-            "report")
+            "webhooks", "report")
 BEIJING = common.BEIJING
 
 
@@ -56,6 +57,7 @@ _TIMED: dict[str, tuple[str, str, Callable[[Path, argparse.Namespace], dict[str,
                    lambda d, a: _module("durability").run(d, a.runs, a.lease_seconds)),
     "dashboard": ("8. dashboard", "dashboard", lambda d, a: _module("dashboard").run(d, a.runs)),
     "events": ("9. registry events", "events", lambda d, a: _module("events").run(d, a.runs)),
+    "webhooks": ("10. webhooks", "webhooks", lambda d, a: _module("webhooks").run(d, a.runs)),
 }
 
 

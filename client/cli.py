@@ -124,6 +124,9 @@ app.add_typer(jobs_app, name="jobs")
 token_app = typer.Typer(help="Bearer tokens for the registry's token file (AQIMODELS_TOKENS_FILE).",
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
+webhooks_app = typer.Typer(help="Webhooks (admin): registry events POSTed, signed, to URLs; their delivery log.",
+                           no_args_is_help=True)
+app.add_typer(webhooks_app, name="webhooks")
 
 # Substrings of the transport's own UNAVAILABLE messages (as opposed to the server reporting that
 # its MLflow backend is down, which is also UNAVAILABLE but comes with the server's own words).
@@ -949,6 +952,155 @@ def token_create(
 
 
 _GLOBAL_OPTIONS = ("--target", "--token", "--ca-cert", "--client-cert", "--client-key", "--timeout")
+
+
+# ---- webhooks ----
+
+SECRET_VARIABLE = "AQIMODELS_WEBHOOK_SECRET"
+
+
+def _webhook_secret(secret_file: str) -> str:
+    """The secret from --secret-file (``-``: standard input), else from AQIMODELS_WEBHOOK_SECRET; never an
+    argument, which would sit in the shell history and the process list."""
+    import os
+    from pathlib import Path
+
+    if secret_file:
+        try:
+            secret = sys.stdin.read() if secret_file == "-" else Path(secret_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            _err(f"configuration error: --secret-file {secret_file[:80]!r} cannot be read: "
+                 f"{getattr(exc, 'strerror', None) or exc}")
+            raise typer.Exit(2) from None
+    else:
+        secret = os.environ.get(SECRET_VARIABLE, "")
+    if not secret.strip():
+        _err(f"configuration error: no secret: give --secret-file FILE (or -, standard input) or set {SECRET_VARIABLE}")
+        raise typer.Exit(2)
+    return secret.strip()
+
+
+def _delivery_line(d: pb.WebhookDelivery) -> str:
+    outcome = pb.WebhookDeliveryOutcome.Name(d.outcome).removeprefix("WEBHOOK_DELIVERY_OUTCOME_").lower()
+    answer = f"HTTP {d.status_code}" if d.status_code else "no answer"
+    why = f": {d.error}" if d.error else ""
+    return f"{d.id}  event {d.event_sequence} attempt {d.attempt}  {outcome}  {answer}  {d.latency_ms:.1f} ms{why}"
+
+
+def _webhook_table(hooks: Sequence[pb.Webhook]) -> RenderableType:
+    from rich.table import Table
+
+    table = Table("id", "url", "events", "model", "delivered up to", "owner", "created by")
+    for h in hooks:
+        types = ",".join(pb.RegistryEventType.Name(t).removeprefix("REGISTRY_EVENT_TYPE_").lower()
+                         for t in h.event_types) or "all"
+        table.add_row(h.id, escape(h.url), types, escape(h.model_name) or "all", str(h.delivered_sequence),
+                      escape(h.owner) or "-", escape(h.created_by))
+    return table
+
+
+@webhooks_app.command("create")
+def webhooks_create(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="The http:// or https:// URL to POST the events to.")],
+    events: Annotated[str, typer.Option(help="Comma-separated event types, e.g. stage_changed,rollback "
+                                             "(default: all).")] = "",
+    model: Annotated[str, typer.Option(help="Only events of this model (default: every model).")] = "",
+    secret_file: Annotated[str, typer.Option(help="File holding the signing secret (- : standard input); "
+                                                  f"default: ${SECRET_VARIABLE}.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a webhook: the events committed from now on are POSTed to URL, signed with the secret."""
+    from aqimodels.client.client import webhook_event_types
+
+    secret = _webhook_secret(secret_file)
+    with _registry(ctx) as client:
+        hook = client.create_webhook(url, webhook_event_types([e for e in events.split(",") if e.strip()]),
+                                     secret=secret, model_name=model)
+    if as_json:
+        _print_json(hook)
+    else:
+        _print_plain(f"webhook {hook.id} created: events from sequence {hook.delivered_sequence + 1} on go to "
+                     f"{hook.url}\n")
+
+
+@webhooks_app.command("list")
+def webhooks_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Every webhook (never its secret)."""
+    with _registry(ctx) as client:
+        hooks = client.list_webhooks()
+    if as_json:
+        _print_json({"webhooks": [render.to_dict(h) for h in hooks]})
+    else:
+        _print(_webhook_table(hooks))
+
+
+@webhooks_app.command("delete")
+def webhooks_delete(
+    ctx: typer.Context,
+    webhook_id: Annotated[str, typer.Argument(metavar="ID", help="The webhook id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a webhook and its delivery log."""
+    with _registry(ctx) as client:
+        hook = client.delete_webhook(webhook_id)
+    if as_json:
+        _print_json(hook)
+    else:
+        _print_plain(f"webhook {hook.id} to {hook.url} deleted\n")
+
+
+def _print_delivery(d: pb.WebhookDelivery, as_json: bool) -> None:
+    if as_json:
+        _print_json(d)
+    else:
+        _print_plain(_delivery_line(d) + "\n")
+    if d.outcome != pb.WEBHOOK_DELIVERY_OUTCOME_DELIVERED:
+        raise typer.Exit(1)
+
+
+@webhooks_app.command("test")
+def webhooks_test(
+    ctx: typer.Context,
+    webhook_id: Annotated[str, typer.Argument(metavar="ID", help="The webhook id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Send a test delivery now and show how it went (exit 1 unless the receiver answered 2xx)."""
+    with _registry(ctx) as client:
+        delivery = client.test_webhook(webhook_id)
+    _print_delivery(delivery, as_json)
+
+
+@webhooks_app.command("deliveries")
+def webhooks_deliveries(
+    ctx: typer.Context,
+    webhook_id: Annotated[str, typer.Argument(metavar="ID", help="The webhook id.")],
+    event: Annotated[int, typer.Option(min=0, help="Only the attempts at this event sequence.")] = 0,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many attempts.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """The delivery log of a webhook, newest first: event, attempt, outcome, status code, latency, error."""
+    with _registry(ctx) as client:
+        found = list(itertools.islice(client.iter_webhook_deliveries(webhook_id, event_sequence=event,
+                                                                     page_size=min(limit, 200)), limit))
+    if as_json:
+        _print_json({"deliveries": [render.to_dict(d) for d in found]})
+    else:
+        _print_plain("".join(_delivery_line(d) + "\n" for d in found) or "no deliveries\n")
+
+
+@webhooks_app.command("redeliver")
+def webhooks_redeliver(
+    ctx: typer.Context,
+    webhook_id: Annotated[str, typer.Argument(metavar="ID", help="The webhook id.")],
+    event: Annotated[int, typer.Option(min=0, help="The event sequence to send again.")] = 0,
+    delivery: Annotated[str, typer.Option(help="Or: send the event of this logged delivery again.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Send one event to the webhook again now (exit 1 unless the receiver answered 2xx)."""
+    with _registry(ctx) as client:
+        attempt = client.redeliver_webhook(webhook_id, event_sequence=event, delivery_id=delivery)
+    _print_delivery(attempt, as_json)
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:

@@ -345,6 +345,41 @@ class RegistryClient:
         """Degradation alerts as they are raised (of one model, or all), until closed."""
         return self._stream(self._stub.WatchAlerts, pb.WatchAlertsRequest(model_name=model_name), timeout)
 
+    # ---- webhooks (admin) ----
+
+    def create_webhook(self, url: str, event_types: Sequence[str | int] = (), *, secret: str,
+                       model_name: str = "") -> pb.Webhook:
+        """A new webhook for the events committed from now on (``event_types``: e.g. "stage_changed"; none: all)."""
+        return self._unary(self._stub.CreateWebhook, pb.CreateWebhookRequest(
+            url=url, event_types=webhook_event_types(event_types), model_name=model_name, secret=secret)).webhook
+
+    def list_webhooks(self) -> list[pb.Webhook]:
+        return list(self._unary(self._stub.ListWebhooks, pb.ListWebhooksRequest()).webhooks)
+
+    def delete_webhook(self, webhook_id: str) -> pb.Webhook:
+        return self._unary(self._stub.DeleteWebhook, pb.DeleteWebhookRequest(webhook_id=webhook_id)).webhook
+
+    def test_webhook(self, webhook_id: str) -> pb.WebhookDelivery:
+        """Sends a test delivery now and returns how it went (one attempt, logged)."""
+        return self._unary(self._stub.TestWebhook, pb.TestWebhookRequest(webhook_id=webhook_id)).delivery
+
+    def webhook_deliveries(self, webhook_id: str, *, event_sequence: int = 0, page_size: int = 0,
+                           page_token: str = "") -> pb.ListWebhookDeliveriesResponse:
+        return self._unary(self._stub.ListWebhookDeliveries, pb.ListWebhookDeliveriesRequest(
+            webhook_id=webhook_id, event_sequence=event_sequence, page_size=page_size, page_token=page_token))
+
+    def iter_webhook_deliveries(self, webhook_id: str, *, event_sequence: int = 0,
+                                page_size: int = 200) -> Iterator[pb.WebhookDelivery]:
+        """Every logged attempt of a webhook, newest first."""
+        return self._pages(lambda t: self.webhook_deliveries(webhook_id, event_sequence=event_sequence,
+                                                             page_size=page_size, page_token=t), "deliveries")
+
+    def redeliver_webhook(self, webhook_id: str, *, event_sequence: int = 0,
+                          delivery_id: str = "") -> pb.WebhookDelivery:
+        """Sends one event (by sequence, or the one of a logged delivery) to the webhook again now."""
+        return self._unary(self._stub.RedeliverWebhook, pb.RedeliverWebhookRequest(
+            webhook_id=webhook_id, event_sequence=event_sequence, delivery_id=delivery_id)).delivery
+
     # ---- events ----
 
     def watch_events(self, after_sequence: int = 0, *, model_names: Sequence[str] = (),
@@ -358,3 +393,8 @@ class RegistryClient:
         request = pb.WatchRegistryEventsRequest(after_sequence=after_sequence, model_names=list(model_names),
                                                 types=kinds, replay_only=not follow)
         return self._stream(self._stub.WatchRegistryEvents, request, timeout)
+
+
+def webhook_event_types(names: Iterable[str | int]) -> list[pb.RegistryEventType.ValueType]:
+    """RegistryEventType numbers of event types given by number or name ("stage_changed")."""
+    return [pb.RegistryEventType.ValueType(event_type_value(n)) for n in names]

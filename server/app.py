@@ -29,6 +29,8 @@ from aqimodels.server.mlflow_store import MlflowModelStore
 from aqimodels.server.monitoring import Monitor
 from aqimodels.server.service import RegistryService
 from aqimodels.server.servicer import ModelRegistryServicer
+from aqimodels.server.webhook_delivery import DeliverySettings, WebhookDispatcher
+from aqimodels.server.webhooks import WebhookService, WebhookStore
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +52,7 @@ class RegistryServer:
     monitor: Any = None
     events: EventLog | None = None
     metrics: Metrics | None = None  # metrics.port: the bound Prometheus port
+    webhooks: Any = None  # the webhook dispatcher (background delivery)
     _stop_probe: threading.Event = field(default_factory=threading.Event)
     _probe: threading.Thread | None = None
     _backend_ok: bool = False
@@ -100,6 +103,8 @@ class RegistryServer:
         self.set_serving(False)
         if self.monitor is not None:
             self.monitor.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()  # before the event log its threads read
         if self.events is not None:
             self.events.stop()
         if self.jobs is not None:
@@ -180,6 +185,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         holder["jobs"] = jobs
     monitor = Monitor(config, service, db, jobs, clock=clock)
     events = EventLog(db, poll_seconds=min(0.5, config.monitor_poll_seconds))
+    webhook_service, dispatcher = _webhooks(config, db, events)
     if metrics is not None:
         metrics.watch_models(lambda: _model_health(service), monitor.alert_counts)
     def audit_denial(actor: str, role: str, rpc: str, message: str) -> None:
@@ -207,9 +213,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
-    registry_pb2_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service, jobs, workers, monitor,
-                                                                                events),
-                                                          server)
+    registry_pb2_grpc.add_ModelRegistryServicer_to_server(
+        ModelRegistryServicer(service, jobs, workers, monitor, events, webhook_service), server)
     health_servicer = HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -219,7 +224,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if metrics is not None and config.metrics_port is not None:
         metrics.serve(config.metrics_port, endpoint_host(config.host))
     server.start()
-    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, events, metrics)
+    rs = RegistryServer(server, port, config, service, health_servicer, jobs, workers, monitor, events, metrics,
+                        webhooks=dispatcher)
     service.on_warm_change(rs.on_warm_change)
     rs.set_serving(service.backend_health().healthy)
     rs.start_probe()
@@ -229,7 +235,14 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         jobs.start()
     monitor.start()
     events.start()
+    dispatcher.start()
     return rs
+
+
+def _webhooks(config: ServerConfig, db: Database, events: EventLog) -> tuple[WebhookService, WebhookDispatcher]:
+    """The webhook RPCs' service and this process's delivery threads, over the event log."""
+    dispatcher = WebhookDispatcher(WebhookStore(db), events, DeliverySettings.of(config))
+    return WebhookService(db, events, dispatcher.sender.send_now), dispatcher
 
 
 def _model_health(service: RegistryService) -> list[tuple[str, str, int]]:

@@ -61,6 +61,12 @@ RPC_ROLES: dict[str, str] = {
     _REGISTRY + "PromoteModelVersion": "admin",
     _REGISTRY + "RollbackModel": "admin",
     _REGISTRY + "CleanupModelVersions": "admin",
+    _REGISTRY + "CreateWebhook": "admin",
+    _REGISTRY + "ListWebhooks": "admin",
+    _REGISTRY + "DeleteWebhook": "admin",
+    _REGISTRY + "TestWebhook": "admin",
+    _REGISTRY + "ListWebhookDeliveries": "admin",
+    _REGISTRY + "RedeliverWebhook": "admin",
     _WORKER + "GetWorkerInfo": "viewer",
     _WORKER + "ValidateDataset": "operator",
     _WORKER + "Train": "operator",
@@ -70,7 +76,8 @@ RPC_ROLES: dict[str, str] = {
 
 # RPCs that change the registry: each must leave an audit record (checked by a test).
 MUTATING_RPCS: tuple[str, ...] = ("PromoteModelVersion", "RollbackModel", "CleanupModelVersions", "Retrain",
-                                  "CancelRetrainJob", "ReportPerformance")
+                                  "CancelRetrainJob", "ReportPerformance", "CreateWebhook", "DeleteWebhook",
+                                  "TestWebhook", "RedeliverWebhook")
 
 
 @dataclass(frozen=True)

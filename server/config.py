@@ -282,6 +282,14 @@ class ServerConfig:
     mlflow_http_max_retries: int = 2
     reconcile_after_seconds: float = 30.0
     fault_point: str = ""  # tests only: "<action>:<write index>" makes the process SIGKILL itself there
+    # webhooks (see webhooks_from_env and server/webhook_delivery.py)
+    webhook_retry_seconds: float = 3600.0
+    webhook_backoff_seconds: float = 1.0
+    webhook_backoff_max_seconds: float = 60.0
+    webhook_timeout_seconds: float = 10.0
+    webhook_lease_seconds: float = 30.0
+    webhook_poll_seconds: float = 0.5
+    webhook_log_retention_days: float = 7.0
 
     @property
     def db_timeouts(self) -> DbTimeouts:
@@ -351,6 +359,7 @@ class ServerConfig:
             **worker_tls_from_env(env),
             **monitoring_from_env(env),
             **resilience_from_env(env),
+            **webhooks_from_env(env),
         ).checked()
 
     def checked(self) -> ServerConfig:
@@ -571,4 +580,48 @@ def resilience_from_env(env: Mapping[str, str]) -> ResilienceSettings:
         mlflow_http_max_retries=_int(env, "AQIMODELS_MLFLOW_HTTP_MAX_RETRIES", 2, 0, 10),
         reconcile_after_seconds=positive("AQIMODELS_RECONCILE_AFTER_SECONDS", 30.0),
         fault_point=fault,
+    )
+
+
+class WebhookSettings(TypedDict):
+    webhook_retry_seconds: float
+    webhook_backoff_seconds: float
+    webhook_backoff_max_seconds: float
+    webhook_timeout_seconds: float
+    webhook_lease_seconds: float
+    webhook_poll_seconds: float
+    webhook_log_retention_days: float
+
+
+def webhooks_from_env(env: Mapping[str, str]) -> WebhookSettings:
+    """Webhook delivery: retries, timeouts, the lease of a webhook and the delivery log's retention."""
+    def positive(name: str, default: float) -> float:
+        value = _float(env, name, default)
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+        return value
+
+    backoff = positive("AQIMODELS_WEBHOOK_BACKOFF_SECONDS", 1.0)
+    backoff_max = positive("AQIMODELS_WEBHOOK_BACKOFF_MAX_SECONDS", 60.0)
+    if backoff_max < backoff:
+        raise ConfigError(f"AQIMODELS_WEBHOOK_BACKOFF_MAX_SECONDS ({backoff_max:g}) must be at least "
+                          f"AQIMODELS_WEBHOOK_BACKOFF_SECONDS ({backoff:g})")
+    timeout = positive("AQIMODELS_WEBHOOK_TIMEOUT_SECONDS", 10.0)
+    if timeout > 300:
+        raise ConfigError(f"AQIMODELS_WEBHOOK_TIMEOUT_SECONDS must be at most 300, got {timeout:g}")
+    lease = positive("AQIMODELS_WEBHOOK_LEASE_SECONDS", 30.0)
+    if lease <= 2 * timeout:
+        raise ConfigError(f"AQIMODELS_WEBHOOK_LEASE_SECONDS ({lease:g}) must be more than twice "
+                          f"AQIMODELS_WEBHOOK_TIMEOUT_SECONDS ({timeout:g}): an attempt must end within the lease")
+    poll = positive("AQIMODELS_WEBHOOK_POLL_SECONDS", 0.5)
+    if poll > 60:
+        raise ConfigError(f"AQIMODELS_WEBHOOK_POLL_SECONDS must be at most 60, got {poll:g}")
+    return WebhookSettings(
+        webhook_retry_seconds=positive("AQIMODELS_WEBHOOK_RETRY_SECONDS", 3600.0),
+        webhook_backoff_seconds=backoff,
+        webhook_backoff_max_seconds=backoff_max,
+        webhook_timeout_seconds=timeout,
+        webhook_lease_seconds=lease,
+        webhook_poll_seconds=poll,
+        webhook_log_retention_days=positive("AQIMODELS_WEBHOOK_LOG_RETENTION_DAYS", 7.0),
     )

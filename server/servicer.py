@@ -19,6 +19,7 @@ from aqimodels.server import deadlines, events
 from aqimodels.server.domain import Stage
 from aqimodels.server.interceptors import Wire, current_caller, current_request_id
 from aqimodels.server.service import Caller, RegistryService
+from aqimodels.server.webhook_convert import delivery_to_proto, event_types_from_proto, webhook_to_proto
 
 SERVER_VERSION = "0.1.0"
 
@@ -53,12 +54,13 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     """The ModelRegistry RPCs over a RegistryService (and, once wired, a job manager)."""
 
     def __init__(self, service: RegistryService, jobs: Any = None, workers: Any = None, monitor: Any = None,
-                 events: Any = None) -> None:
+                 events: Any = None, webhooks: Any = None) -> None:
         self._service = service
         self._events = events
         self._jobs = jobs
         self._workers = workers
         self._monitor = monitor
+        self._webhooks = webhooks
 
     # ---- status and listing ----
 
@@ -203,3 +205,40 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                                         events.types_from_proto(request.types), _call_ended(context),
                                         live=not request.replay_only):
             yield events.to_proto(event)
+
+    # ---- webhooks ----
+
+    def _webhook_service(self) -> Any:
+        if self._webhooks is None:
+            raise UnimplementedError("webhooks are not available on this server: it was started without them")
+        return self._webhooks
+
+    def CreateWebhook(self, request: pb.CreateWebhookRequest,
+                      context: grpc.ServicerContext) -> pb.CreateWebhookResponse:
+        hook = self._webhook_service().create(_caller(), request.url, event_types_from_proto(request.event_types),
+                                              request.model_name, request.secret)
+        return pb.CreateWebhookResponse(webhook=webhook_to_proto(hook))
+
+    def ListWebhooks(self, request: pb.ListWebhooksRequest, context: grpc.ServicerContext) -> pb.ListWebhooksResponse:
+        return pb.ListWebhooksResponse(webhooks=[webhook_to_proto(h) for h in self._webhook_service().list()])
+
+    def DeleteWebhook(self, request: pb.DeleteWebhookRequest,
+                      context: grpc.ServicerContext) -> pb.DeleteWebhookResponse:
+        return pb.DeleteWebhookResponse(webhook=webhook_to_proto(
+            self._webhook_service().delete(_caller(), request.webhook_id)))
+
+    def TestWebhook(self, request: pb.TestWebhookRequest, context: grpc.ServicerContext) -> pb.TestWebhookResponse:
+        return pb.TestWebhookResponse(delivery=delivery_to_proto(
+            self._webhook_service().test(_caller(), request.webhook_id)))
+
+    def ListWebhookDeliveries(self, request: pb.ListWebhookDeliveriesRequest,
+                              context: grpc.ServicerContext) -> pb.ListWebhookDeliveriesResponse:
+        page = self._webhook_service().deliveries(request.webhook_id, request.page_size, request.page_token,
+                                                  request.event_sequence)
+        return pb.ListWebhookDeliveriesResponse(deliveries=[delivery_to_proto(d) for d in page.items],
+                                                next_page_token=page.next_page_token)
+
+    def RedeliverWebhook(self, request: pb.RedeliverWebhookRequest,
+                         context: grpc.ServicerContext) -> pb.RedeliverWebhookResponse:
+        return pb.RedeliverWebhookResponse(delivery=delivery_to_proto(self._webhook_service().redeliver(
+            _caller(), request.webhook_id, request.event_sequence, request.delivery_id)))

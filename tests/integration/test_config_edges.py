@@ -99,6 +99,13 @@ def bad_values(junk: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
         "AQIMODELS_MLFLOW_HTTP_TIMEOUT_SECONDS": ("0", ("serve",)),
         "AQIMODELS_MLFLOW_HTTP_MAX_RETRIES": ("99", ("serve",)),
         "AQIMODELS_RECONCILE_AFTER_SECONDS": ("0", ("serve",)),
+        "AQIMODELS_WEBHOOK_RETRY_SECONDS": ("soon", ("serve",)),
+        "AQIMODELS_WEBHOOK_BACKOFF_SECONDS": ("0", ("serve",)),
+        "AQIMODELS_WEBHOOK_BACKOFF_MAX_SECONDS": ("0.5", ("serve",)),  # below the first backoff (1)
+        "AQIMODELS_WEBHOOK_TIMEOUT_SECONDS": ("301", ("serve",)),
+        "AQIMODELS_WEBHOOK_LEASE_SECONDS": ("15", ("serve",)),  # not more than twice the timeout (10)
+        "AQIMODELS_WEBHOOK_POLL_SECONDS": ("61", ("serve",)),
+        "AQIMODELS_WEBHOOK_LOG_RETENTION_DAYS": ("-1", ("serve",)),
     }
 
 

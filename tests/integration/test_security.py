@@ -82,6 +82,11 @@ def _requests() -> dict[str, Any]:
         "AttachTraining": wpb.AttachTrainingRequest(job_id="job-x"),
         "CancelTraining": wpb.CancelTrainingRequest(job_id="job-x"),
         "WatchRegistryEvents": pb.WatchRegistryEventsRequest(replay_only=True),
+        "CreateWebhook": pb.CreateWebhookRequest(url="ftp://x"), "ListWebhooks": pb.ListWebhooksRequest(),
+        "DeleteWebhook": pb.DeleteWebhookRequest(webhook_id="0" * 32),
+        "TestWebhook": pb.TestWebhookRequest(webhook_id="0" * 32),
+        "ListWebhookDeliveries": pb.ListWebhookDeliveriesRequest(webhook_id="0" * 32),
+        "RedeliverWebhook": pb.RedeliverWebhookRequest(webhook_id="0" * 32, event_sequence=1),
     }
 
 

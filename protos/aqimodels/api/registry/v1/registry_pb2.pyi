@@ -213,6 +213,62 @@ REGISTRY_EVENT_TYPE_PROMOTION_EXPIRED: RegistryEventType.ValueType  # 11
 """A promotion request expired."""
 Global___RegistryEventType: _TypeAlias = RegistryEventType  # noqa: Y015
 
+class _WebhookDeliveryOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookDeliveryOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookDeliveryOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_DELIVERY_OUTCOME_UNSPECIFIED: _WebhookDeliveryOutcome.ValueType  # 0
+    """Not set."""
+    WEBHOOK_DELIVERY_OUTCOME_DELIVERED: _WebhookDeliveryOutcome.ValueType  # 1
+    """The receiver answered 2xx."""
+    WEBHOOK_DELIVERY_OUTCOME_RETRYING: _WebhookDeliveryOutcome.ValueType  # 2
+    """It did not; the event is tried again after a backoff."""
+    WEBHOOK_DELIVERY_OUTCOME_FAILED: _WebhookDeliveryOutcome.ValueType  # 3
+    """It did not, and no attempt follows (retry time over, or a test or redelivery)."""
+
+class WebhookDeliveryOutcome(_WebhookDeliveryOutcome, metaclass=_WebhookDeliveryOutcomeEnumTypeWrapper):
+    """How an attempt ended."""
+
+WEBHOOK_DELIVERY_OUTCOME_UNSPECIFIED: WebhookDeliveryOutcome.ValueType  # 0
+"""Not set."""
+WEBHOOK_DELIVERY_OUTCOME_DELIVERED: WebhookDeliveryOutcome.ValueType  # 1
+"""The receiver answered 2xx."""
+WEBHOOK_DELIVERY_OUTCOME_RETRYING: WebhookDeliveryOutcome.ValueType  # 2
+"""It did not; the event is tried again after a backoff."""
+WEBHOOK_DELIVERY_OUTCOME_FAILED: WebhookDeliveryOutcome.ValueType  # 3
+"""It did not, and no attempt follows (retry time over, or a test or redelivery)."""
+Global___WebhookDeliveryOutcome: _TypeAlias = WebhookDeliveryOutcome  # noqa: Y015
+
+class _WebhookDeliveryKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookDeliveryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookDeliveryKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_DELIVERY_KIND_UNSPECIFIED: _WebhookDeliveryKind.ValueType  # 0
+    """Not set."""
+    WEBHOOK_DELIVERY_KIND_EVENT: _WebhookDeliveryKind.ValueType  # 1
+    """An event of the log, in sequence order."""
+    WEBHOOK_DELIVERY_KIND_TEST: _WebhookDeliveryKind.ValueType  # 2
+    """A test delivery (TestWebhook)."""
+    WEBHOOK_DELIVERY_KIND_REDELIVERY: _WebhookDeliveryKind.ValueType  # 3
+    """An event sent again on request (RedeliverWebhook)."""
+
+class WebhookDeliveryKind(_WebhookDeliveryKind, metaclass=_WebhookDeliveryKindEnumTypeWrapper):
+    """What an attempt delivered."""
+
+WEBHOOK_DELIVERY_KIND_UNSPECIFIED: WebhookDeliveryKind.ValueType  # 0
+"""Not set."""
+WEBHOOK_DELIVERY_KIND_EVENT: WebhookDeliveryKind.ValueType  # 1
+"""An event of the log, in sequence order."""
+WEBHOOK_DELIVERY_KIND_TEST: WebhookDeliveryKind.ValueType  # 2
+"""A test delivery (TestWebhook)."""
+WEBHOOK_DELIVERY_KIND_REDELIVERY: WebhookDeliveryKind.ValueType  # 3
+"""An event sent again on request (RedeliverWebhook)."""
+Global___WebhookDeliveryKind: _TypeAlias = WebhookDeliveryKind  # noqa: Y015
+
 @_typing.final
 class ModelVersion(_message.Message):
     """A version of a registered model."""
@@ -2483,3 +2539,429 @@ class WatchRegistryEventsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRegistryEventsRequest: _TypeAlias = WatchRegistryEventsRequest  # noqa: Y015
+
+@_typing.final
+class Webhook(_message.Message):
+    """---- webhooks ----
+
+    A webhook: where and which events are POSTed. Its secret is never returned.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    DELIVERED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Unique id (32 hex digits)."""
+    url: _builtins.str
+    """The http:// or https:// URL POSTed to."""
+    model_name: _builtins.str
+    """Only events of this model (empty: every model)."""
+    created_by: _builtins.str
+    """Who created it."""
+    delivered_sequence: _builtins.int
+    """The sequence of the last event handled (delivered, or failed after its retries)."""
+    owner: _builtins.str
+    """The registry process delivering it now (empty: none yet)."""
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___RegistryEventType.ValueType]:
+        """The event types delivered (empty: all)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        event_types: _abc.Iterable[Global___RegistryEventType.ValueType] | None = ...,
+        model_name: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        created_by: _builtins.str = ...,
+        delivered_sequence: _builtins.int = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "delivered_sequence", b"delivered_sequence", "event_types", b"event_types", "id", b"id", "model_name", b"model_name", "owner", b"owner", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One attempt to deliver to a webhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Unique id; also the X-Aqimodels-Delivery header of the request."""
+    webhook_id: _builtins.str
+    """The webhook."""
+    event_sequence: _builtins.int
+    """The event's sequence (0: a test delivery)."""
+    attempt: _builtins.int
+    """1 for the first attempt at this event, then 2, 3, ..."""
+    status_code: _builtins.int
+    """The HTTP status answered (0: no answer, see error)."""
+    latency_ms: _builtins.float
+    """From sending the request to the answer (or the failure)."""
+    error: _builtins.str
+    """Why it failed (empty when delivered)."""
+    outcome: Global___WebhookDeliveryOutcome.ValueType
+    """How it ended."""
+    kind: Global___WebhookDeliveryKind.ValueType
+    """What it delivered."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt ended."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        webhook_id: _builtins.str = ...,
+        event_sequence: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        status_code: _builtins.int = ...,
+        latency_ms: _builtins.float = ...,
+        error: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        outcome: Global___WebhookDeliveryOutcome.ValueType = ...,
+        kind: Global___WebhookDeliveryKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "event_sequence", b"event_sequence", "id", b"id", "kind", b"kind", "latency_ms", b"latency_ms", "outcome", b"outcome", "status_code", b"status_code", "time", b"time", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class CreateWebhookRequest(_message.Message):
+    """Request for CreateWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """http:// or https://, with a host, at most 256 characters, no user name or password."""
+    model_name: _builtins.str
+    """Only events of this model (empty: every model)."""
+    secret: _builtins.str
+    """The HMAC-SHA256 key of the signatures (16 to 256 bytes). Never returned."""
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___RegistryEventType.ValueType]:
+        """The event types to deliver (empty: all)."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        event_types: _abc.Iterable[Global___RegistryEventType.ValueType] | None = ...,
+        model_name: _builtins.str = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_types", b"event_types", "model_name", b"model_name", "secret", b"secret", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookRequest: _TypeAlias = CreateWebhookRequest  # noqa: Y015
+
+@_typing.final
+class CreateWebhookResponse(_message.Message):
+    """Response of CreateWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """The new webhook (without its secret)."""
+
+    def __init__(
+        self,
+        *,
+        webhook: Global___Webhook | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookResponse: _TypeAlias = CreateWebhookResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhooksRequest(_message.Message):
+    """Request for ListWebhooks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhooksRequest: _TypeAlias = ListWebhooksRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhooksResponse(_message.Message):
+    """Response of ListWebhooks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Webhook]:
+        """Every webhook, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        webhooks: _abc.Iterable[Global___Webhook] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhooks", b"webhooks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhooksResponse: _TypeAlias = ListWebhooksResponse  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookRequest(_message.Message):
+    """Request for DeleteWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookRequest: _TypeAlias = DeleteWebhookRequest  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookResponse(_message.Message):
+    """Response of DeleteWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """The webhook deleted."""
+
+    def __init__(
+        self,
+        *,
+        webhook: Global___Webhook | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookResponse: _TypeAlias = DeleteWebhookResponse  # noqa: Y015
+
+@_typing.final
+class TestWebhookRequest(_message.Message):
+    """Request for TestWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestWebhookRequest: _TypeAlias = TestWebhookRequest  # noqa: Y015
+
+@_typing.final
+class TestWebhookResponse(_message.Message):
+    """Response of TestWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delivery(self) -> Global___WebhookDelivery:
+        """The attempt made (also in the delivery log)."""
+
+    def __init__(
+        self,
+        *,
+        delivery: Global___WebhookDelivery | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestWebhookResponse: _TypeAlias = TestWebhookResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    """Request for ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    page_size: _builtins.int
+    """Page size (0: 50, at most 1000)."""
+    page_token: _builtins.str
+    """From the previous page."""
+    event_sequence: _builtins.int
+    """Only the attempts at this event (0: all)."""
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        event_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_sequence", b"event_sequence", "page_size", b"page_size", "page_token", b"page_token", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    """Response of ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """Attempts, newest first."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookRequest(_message.Message):
+    """Request for RedeliverWebhook: exactly one of event_sequence and delivery_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    event_sequence: _builtins.int
+    """The event to send again."""
+    delivery_id: _builtins.str
+    """Or: the event of this logged delivery."""
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+        event_sequence: _builtins.int = ...,
+        delivery_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "event_sequence", b"event_sequence", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookRequest: _TypeAlias = RedeliverWebhookRequest  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookResponse(_message.Message):
+    """Response of RedeliverWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delivery(self) -> Global___WebhookDelivery:
+        """The attempt made (also in the delivery log)."""
+
+    def __init__(
+        self,
+        *,
+        delivery: Global___WebhookDelivery | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookResponse: _TypeAlias = RedeliverWebhookResponse  # noqa: Y015

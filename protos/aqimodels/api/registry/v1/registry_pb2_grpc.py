@@ -129,6 +129,36 @@ class ModelRegistryStub:
                 request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchRegistryEventsRequest.SerializeToString,
                 response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.FromString,
                 _registered_method=True)
+        self.CreateWebhook = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/CreateWebhook',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.CreateWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/ListWebhooks',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/DeleteWebhook',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.TestWebhook = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/TestWebhook',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.TestWebhookRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.TestWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/ListWebhookDeliveries',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhook = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/RedeliverWebhook',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -271,6 +301,49 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateWebhook(self, request, context):
+        """---- webhooks (admin): the registry's events POSTed, signed, to URLs ----
+        Adds a webhook; it gets the events committed from now on. The answer never holds the secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Every webhook (never their secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Removes a webhook and its delivery log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestWebhook(self, request, context):
+        """Sends a test delivery now (one attempt, sequence 0) and answers its result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """A webhook's delivery log, newest first: one entry per attempt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhook(self, request, context):
+        """Sends one event of the log to a webhook again now (one attempt; the webhook's cursor stays).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -363,6 +436,36 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.WatchRegistryEvents,
                     request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchRegistryEventsRequest.FromString,
                     response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.SerializeToString,
+            ),
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'TestWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestWebhook,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.TestWebhookRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.TestWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RedeliverWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhook,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -856,6 +959,168 @@ class ModelRegistry:
             '/aqimodels.api.registry.v1.ModelRegistry/WatchRegistryEvents',
             aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.WatchRegistryEventsRequest.SerializeToString,
             aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/CreateWebhook',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.CreateWebhookRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.CreateWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/ListWebhooks',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhooksRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/DeleteWebhook',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.DeleteWebhookRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/TestWebhook',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.TestWebhookRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.TestWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/ListWebhookDeliveries',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/RedeliverWebhook',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,6 +88,20 @@ class ModelRegistryStub:
     """Every change as a typed event with a global, gap-free sequence: the stored ones after
     `after_sequence`, then live ones, on any replica. Role: viewer.
     """
+    CreateWebhook: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateWebhookRequest, _registry_pb2.CreateWebhookResponse]
+    """---- webhooks (admin): the registry's events POSTed, signed, to URLs ----
+    Adds a webhook; it gets the events committed from now on. The answer never holds the secret.
+    """
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListWebhooksRequest, _registry_pb2.ListWebhooksResponse]
+    """Every webhook (never their secrets)."""
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteWebhookRequest, _registry_pb2.DeleteWebhookResponse]
+    """Removes a webhook and its delivery log."""
+    TestWebhook: _grpc.UnaryUnaryMultiCallable[_registry_pb2.TestWebhookRequest, _registry_pb2.TestWebhookResponse]
+    """Sends a test delivery now (one attempt, sequence 0) and answers its result."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListWebhookDeliveriesRequest, _registry_pb2.ListWebhookDeliveriesResponse]
+    """A webhook's delivery log, newest first: one entry per attempt."""
+    RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RedeliverWebhookRequest, _registry_pb2.RedeliverWebhookResponse]
+    """Sends one event of the log to a webhook again now (one attempt; the webhook's cursor stays)."""
 
 @_typing.type_check_only
 class ModelRegistryAsyncStub(ModelRegistryStub):
@@ -147,6 +161,20 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     """Every change as a typed event with a global, gap-free sequence: the stored ones after
     `after_sequence`, then live ones, on any replica. Role: viewer.
     """
+    CreateWebhook: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateWebhookRequest, _registry_pb2.CreateWebhookResponse]  # type: ignore[assignment]
+    """---- webhooks (admin): the registry's events POSTed, signed, to URLs ----
+    Adds a webhook; it gets the events committed from now on. The answer never holds the secret.
+    """
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListWebhooksRequest, _registry_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    """Every webhook (never their secrets)."""
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteWebhookRequest, _registry_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """Removes a webhook and its delivery log."""
+    TestWebhook: _aio.UnaryUnaryMultiCallable[_registry_pb2.TestWebhookRequest, _registry_pb2.TestWebhookResponse]  # type: ignore[assignment]
+    """Sends a test delivery now (one attempt, sequence 0) and answers its result."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListWebhookDeliveriesRequest, _registry_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """A webhook's delivery log, newest first: one entry per attempt."""
+    RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_registry_pb2.RedeliverWebhookRequest, _registry_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
+    """Sends one event of the log to a webhook again now (one attempt; the webhook's cursor stays)."""
 
 class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
     """ModelRegistry is the one entry point for services, operators and
@@ -311,5 +339,55 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         """Every change as a typed event with a global, gap-free sequence: the stored ones after
         `after_sequence`, then live ones, on any replica. Role: viewer.
         """
+
+    @_abc_1.abstractmethod
+    def CreateWebhook(
+        self,
+        request: _registry_pb2.CreateWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CreateWebhookResponse, _abc.Awaitable[_registry_pb2.CreateWebhookResponse]]:
+        """---- webhooks (admin): the registry's events POSTed, signed, to URLs ----
+        Adds a webhook; it gets the events committed from now on. The answer never holds the secret.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _registry_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListWebhooksResponse, _abc.Awaitable[_registry_pb2.ListWebhooksResponse]]:
+        """Every webhook (never their secrets)."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _registry_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.DeleteWebhookResponse, _abc.Awaitable[_registry_pb2.DeleteWebhookResponse]]:
+        """Removes a webhook and its delivery log."""
+
+    @_abc_1.abstractmethod
+    def TestWebhook(
+        self,
+        request: _registry_pb2.TestWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.TestWebhookResponse, _abc.Awaitable[_registry_pb2.TestWebhookResponse]]:
+        """Sends a test delivery now (one attempt, sequence 0) and answers its result."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _registry_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_registry_pb2.ListWebhookDeliveriesResponse]]:
+        """A webhook's delivery log, newest first: one entry per attempt."""
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhook(
+        self,
+        request: _registry_pb2.RedeliverWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RedeliverWebhookResponse, _abc.Awaitable[_registry_pb2.RedeliverWebhookResponse]]:
+        """Sends one event of the log to a webhook again now (one attempt; the webhook's cursor stays)."""
 
 def add_ModelRegistryServicer_to_server(servicer: ModelRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
