@@ -60,6 +60,11 @@ RPC_ROLES: dict[str, str] = {
     _REGISTRY + "PromoteModelVersion": "admin",
     _REGISTRY + "RollbackModel": "admin",
     _REGISTRY + "CleanupModelVersions": "admin",
+    _REGISTRY + "GetApprovalPolicy": "viewer",
+    _REGISTRY + "ListPromotionRequests": "viewer",
+    _REGISTRY + "SetApprovalPolicy": "admin",
+    _REGISTRY + "ApprovePromotion": "admin",
+    _REGISTRY + "RejectPromotion": "admin",
     _WORKER + "GetWorkerInfo": "viewer",
     _WORKER + "ValidateDataset": "operator",
     _WORKER + "Train": "operator",
@@ -69,7 +74,8 @@ RPC_ROLES: dict[str, str] = {
 
 # RPCs that change the registry: each must leave an audit record (checked by a test).
 MUTATING_RPCS: tuple[str, ...] = ("PromoteModelVersion", "RollbackModel", "CleanupModelVersions", "Retrain",
-                                  "CancelRetrainJob", "ReportPerformance")
+                                  "CancelRetrainJob", "ReportPerformance", "SetApprovalPolicy", "ApprovePromotion",
+                                  "RejectPromotion")
 
 
 @dataclass(frozen=True)

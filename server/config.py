@@ -282,6 +282,9 @@ class ServerConfig:
     mlflow_http_max_retries: int = 2
     reconcile_after_seconds: float = 30.0
     fault_point: str = ""  # tests only: "<action>:<write index>" makes the process SIGKILL itself there
+    # two-person approval of production promotions (server/approvals.py): models named ("*": all)
+    approval_models: tuple[str, ...] = ()
+    approval_expiry_seconds: float = 7 * 24 * 3600.0
 
     @property
     def db_timeouts(self) -> DbTimeouts:
@@ -351,6 +354,7 @@ class ServerConfig:
             **worker_tls_from_env(env),
             **monitoring_from_env(env),
             **resilience_from_env(env),
+            **approvals_from_env(env),
         ).checked()
 
     def checked(self) -> ServerConfig:
@@ -572,3 +576,31 @@ def resilience_from_env(env: Mapping[str, str]) -> ResilienceSettings:
         reconcile_after_seconds=positive("AQIMODELS_RECONCILE_AFTER_SECONDS", 30.0),
         fault_point=fault,
     )
+
+
+class ApprovalSettings(TypedDict):
+    approval_models: tuple[str, ...]
+    approval_expiry_seconds: float
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-/:@+]{1,256}$")
+
+
+def approvals_from_env(env: Mapping[str, str]) -> ApprovalSettings:
+    """The models whose production promotions need a second admin, and how long a request waits."""
+    raw = env.get("AQIMODELS_APPROVAL_MODELS", "")
+    models: tuple[str, ...] = ()
+    if raw.strip():
+        parts = [m.strip() for m in raw.split(",")]
+        bad = [m for m in parts if m != "*" and not _MODEL_NAME.match(m)]
+        if bad:
+            raise ConfigError(f"AQIMODELS_APPROVAL_MODELS={_shown(raw)}: {_shown(bad[0])} is not a model name; "
+                              "use comma-separated model names (letters, digits, _ . - / : @ +) or * for all")
+        if "*" in parts and len(parts) > 1:
+            raise ConfigError(f"AQIMODELS_APPROVAL_MODELS={_shown(raw)} mixes * with model names; * alone "
+                              "means every model")
+        models = tuple(dict.fromkeys(parts))
+    expiry = _float(env, "AQIMODELS_APPROVAL_EXPIRY_SECONDS", 7 * 24 * 3600.0)
+    if expiry <= 0:
+        raise ConfigError(f"AQIMODELS_APPROVAL_EXPIRY_SECONDS must be positive, got {expiry}")
+    return ApprovalSettings(approval_models=models, approval_expiry_seconds=expiry)

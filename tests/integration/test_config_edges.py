@@ -99,6 +99,8 @@ def bad_values(junk: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
         "AQIMODELS_MLFLOW_HTTP_TIMEOUT_SECONDS": ("0", ("serve",)),
         "AQIMODELS_MLFLOW_HTTP_MAX_RETRIES": ("99", ("serve",)),
         "AQIMODELS_RECONCILE_AFTER_SECONDS": ("0", ("serve",)),
+        "AQIMODELS_APPROVAL_MODELS": ("aqi_predictor_lstm;drop table", ("serve",)),
+        "AQIMODELS_APPROVAL_EXPIRY_SECONDS": ("0", ("serve",)),
     }
 
 
