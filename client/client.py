@@ -54,10 +54,14 @@ def request_state_value(state: str | int) -> pb.PromotionRequestState.ValueType:
     if not state:
         return pb.PROMOTION_REQUEST_STATE_UNSPECIFIED
     key = "PROMOTION_REQUEST_STATE_" + state.strip().upper().replace("-", "_")
-    if key not in pb.PromotionRequestState.keys() or key.endswith("UNSPECIFIED"):
+    try:
+        value = pb.PromotionRequestState.Value(key)
+    except ValueError:
+        value = pb.PROMOTION_REQUEST_STATE_UNSPECIFIED
+    if value == pb.PROMOTION_REQUEST_STATE_UNSPECIFIED:
         raise InvalidArgumentError(f"unknown promotion request state {state!r}; use pending, approved, rejected, "
                                    "expired or aborted_stale", field="state")
-    return pb.PromotionRequestState.Value(key)
+    return value
 
 
 def stage_value(stage: str | int | None) -> int:

@@ -23,7 +23,6 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
-
 from aqimodels.client.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -423,5 +422,17 @@ def on_committed(approvals: Approvals) -> Callable[[Any], None]:
     return hook
 
 
-__all__ = ["ABORTED_STALE", "ALL_MODELS", "APPROVED", "Approvals", "EXPIRED", "PENDING",
-           "Policy", "PolicyEntry", "PromotionRequest", "REJECTED", "STATES", "on_committed"]
+__all__ = [
+    "ABORTED_STALE",
+    "ALL_MODELS",
+    "APPROVED",
+    "EXPIRED",
+    "PENDING",
+    "REJECTED",
+    "STATES",
+    "Approvals",
+    "Policy",
+    "PolicyEntry",
+    "PromotionRequest",
+    "on_committed",
+]

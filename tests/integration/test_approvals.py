@@ -7,6 +7,7 @@ for the auto-promotion.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -15,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Registry, realistic_metrics, start_registry
-from test_changes import PROMOTION_WRITES, check_consistent, fail_at
-from test_retrain import start_worker, stop_worker
-
+import structlog
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.client import RegistryClient
+from aqimodels.client.cli import APPROVAL_NEEDED, app
 from aqimodels.client.errors import (
     AqiModelsError,
     BackendUnavailableError,
@@ -31,6 +30,11 @@ from aqimodels.client.errors import (
 )
 from aqimodels.client.tokens import new_token, toml_entry
 from aqimodels.server.jobs import jobs_factory
+from conftest import Registry, realistic_metrics, start_registry
+from google.protobuf.json_format import MessageToDict
+from test_changes import PROMOTION_WRITES, check_consistent, fail_at
+from test_retrain import start_worker, stop_worker
+from typer.testing import CliRunner
 
 NAME = "aqi_predictor_lstm"
 PEOPLE = {"alice": "admin", "bob": "admin", "carol": "admin", "oscar": "operator", "vera": "viewer"}
@@ -58,8 +62,8 @@ class Team:
     def close(self) -> None:
         for c in self.clients.values():
             c.close()
-        self.reg.client.close()  # type: ignore[attr-defined]
-        self.reg.server.stop(1)  # type: ignore[attr-defined]
+        self.reg.client.close()
+        self.reg.server.stop(1)
 
 
 def team_on(uri: str, tokens: tuple[str, dict[str, str]], **overrides: Any) -> Team:
@@ -85,7 +89,13 @@ def records(client: RegistryClient, action: str, name: str = NAME) -> list[pb.Au
 
 
 def seed(team: Team, count: int = 3) -> list[int]:
-    return team.reg.seed(NAME, [realistic_metrics(i) for i in range(count)])
+    versions: list[int] = team.reg.seed(NAME, [realistic_metrics(i) for i in range(count)])
+    return versions
+
+
+def after(record: pb.AuditEvent) -> dict[str, Any]:
+    """An audit record's state after, as plain data (numbers as floats)."""
+    return MessageToDict(record.after)
 
 
 def test_the_whole_flow_request_approve_reject_list(team: Team) -> None:
@@ -110,14 +120,14 @@ def test_the_whole_flow_request_approve_reject_list(team: Team) -> None:
     # the records the event log turns into events, and the promotion as a normal stage change
     requested, = records(team.vera, "RequestPromotion")
     assert requested.actor == "alice" and requested.outcome == "ok"
-    assert requested.after["promotion_request"]["id"] == req.id
-    assert requested.after["promotion_request"]["state"] == "PENDING"
-    assert requested.after["promotion_request"]["stage"] == "production"
+    assert after(requested)["promotion_request"]["id"] == req.id
+    assert after(requested)["promotion_request"]["state"] == "PENDING"
+    assert after(requested)["promotion_request"]["stage"] == "production"
     promoted = [r for r in records(team.vera, "PromoteModelVersion") if r.version == v1]
     assert len(promoted) == 1 and promoted[0].actor == "bob" and promoted[0].outcome == "ok"
-    assert promoted[0].after["production"] == v1 and promoted[0].after["promotion_request"] == req.id
+    assert after(promoted[0])["production"] == v1 and after(promoted[0])["promotion_request"] == req.id
     approval, = records(team.vera, "ApprovePromotion")
-    summary = approval.after["promotion_request"]
+    summary = after(approval)["promotion_request"]
     assert approval.actor == "bob" and approval.outcome == "ok"
     assert {k: summary[k] for k in ("id", "state", "stage", "version", "expected_current_version", "requested_by",
                                     "reason")} == {"id": req.id, "state": "APPROVED", "stage": "production",
@@ -135,7 +145,7 @@ def test_the_whole_flow_request_approve_reject_list(team: Team) -> None:
     assert rejected.state == pb.PROMOTION_REQUEST_STATE_REJECTED and rejected.closed_by == "alice"
     assert production(team.alice) == v1
     rejection, = records(team.vera, "RejectPromotion")
-    assert rejection.after["promotion_request"]["state"] == "REJECTED"
+    assert after(rejection)["promotion_request"]["state"] == "REJECTED"
     with pytest.raises(FailedPreconditionError, match="rejected"):
         team.carol.approve_promotion(second.id)
 
@@ -193,7 +203,7 @@ def test_a_request_expires_once_and_cannot_be_approved(sqlite_uri: str, tokens: 
             team.bob.reject_promotion(req.id)
         time.sleep(0.6)  # more passes of the expiry: still one record
         record, = records(team.vera, "ExpirePromotion")
-        assert record.outcome == "expired" and record.after["promotion_request"]["state"] == "EXPIRED"
+        assert record.outcome == "expired" and after(record)["promotion_request"]["state"] == "EXPIRED"
         assert production(team.vera) == 0
     finally:
         team.close()
@@ -223,7 +233,7 @@ def test_rollback_under_the_policy_needs_no_approval_and_is_marked_emergency(tea
     assert back.version.version == v1 and production(team.alice) == v1
     record = records(team.alice, "RollbackModel")[0]
     assert record.actor == "alice" and record.outcome == "ok" and record.message.startswith("emergency rollback")
-    assert "approval_bypassed" in record.after and record.after["production"] == v1
+    assert "approval_bypassed" in record.after and after(record)["production"] == v1
 
 
 def test_the_stored_policy_and_the_environment(team: Team) -> None:
@@ -241,7 +251,7 @@ def test_the_stored_policy_and_the_environment(team: Team) -> None:
     team.alice.set_approval_policy(NAME, False)
     policy = team.vera.approval_policy(NAME)
     assert policy.required and policy.source == "AQIMODELS_APPROVAL_MODELS"
-    assert [r.after["approval_required"] for r in team.vera.iter_audit_events()
+    assert [after(r)["approval_required"] for r in team.vera.iter_audit_events()
             if r.action == "SetApprovalPolicy"] == [False, False, True]
 
 
@@ -256,12 +266,12 @@ def test_an_approval_failing_before_any_write_moves_nothing_or_completes(
         v1, v2, _ = seed(team)
         team.bob.approve_promotion(team.alice.promote(NAME, v1, "production").promotion_request.id)
         req = team.alice.promote(NAME, v2, "production", expected_current_version=v1).promotion_request
-        team.reg.server.service.changes.fault = fail_at("PromoteModelVersion", index)  # type: ignore[attr-defined]
+        team.reg.server.service.changes.fault = fail_at("PromoteModelVersion", index)
         try:
             answer: object = team.bob.approve_promotion(req.id)
         except AqiModelsError as exc:
             answer = exc
-        team.reg.server.service.changes.fault = None  # type: ignore[attr-defined]
+        team.reg.server.service.changes.fault = None
         versions = check_consistent(team.bob, NAME, rollback_possible=index > 1)  # v1 replaced nothing
         state = next(r for r in team.bob.iter_promotion_requests() if r.id == req.id).state
         if index <= 1:  # before the alias move stands: undone, the request still open for an approval
@@ -278,37 +288,42 @@ def test_an_approval_failing_before_any_write_moves_nothing_or_completes(
         team.close()
 
 
+def approve_at_once(request_id: str, approvers: list[tuple[str, Team]]) -> dict[str, object]:
+    """Each (person, replica) approves ``request_id`` at the same moment; person -> answer or error."""
+    barrier = threading.Barrier(len(approvers))
+    results: dict[str, object] = {}
+
+    def approve(who: str, team: Team) -> None:
+        barrier.wait()
+        try:
+            results[who] = team.clients[who].approve_promotion(request_id)
+        except AqiModelsError as exc:
+            results[who] = exc
+
+    threads = [threading.Thread(target=approve, args=pair) for pair in approvers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
 def test_two_replicas_on_postgres_approving_the_same_request_make_one_promotion(
         postgres_url: str, tokens: tuple[str, dict[str, str]]) -> None:
     one = team_on(postgres_url, tokens, approval_expiry_seconds=3600.0)
     two = team_on(postgres_url, tokens, approval_expiry_seconds=3600.0)
     try:
         versions = one.reg.seed(NAME, [realistic_metrics(i) for i in range(4)])
-        two.reg.server.service.invalidate(NAME)  # type: ignore[attr-defined]
+        two.reg.server.service.invalidate(NAME)
         for round_, v in enumerate(versions[:3]):
             req = one.alice.promote(NAME, v, "production").promotion_request
-            barrier = threading.Barrier(2)
-            results: dict[str, object] = {}
-
-            def approve(who: str, team: Team, rid: str = req.id) -> None:
-                barrier.wait()
-                try:
-                    results[who] = team.clients[who].approve_promotion(rid)
-                except AqiModelsError as exc:
-                    results[who] = exc
-
-            threads = [threading.Thread(target=approve, args=("bob", one)),
-                       threading.Thread(target=approve, args=("carol", two))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
+            results = approve_at_once(req.id, [("bob", one), ("carol", two)])
             won = [w for w, r in results.items() if isinstance(r, pb.ApprovePromotionResponse)]
             lost = [r for r in results.values() if not isinstance(r, pb.ApprovePromotionResponse)]
             assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], FailedPreconditionError), results
             assert production(one.vera) == v == production(two.vera)
             approvals = [r for r in records(one.vera, "ApprovePromotion")
-                         if r.after["promotion_request"]["id"] == req.id]
+                         if after(r)["promotion_request"]["id"] == req.id]
             assert len(approvals) == 1 and approvals[0].actor == won[0], (round_, approvals)
             assert len([r for r in records(one.vera, "PromoteModelVersion") if r.version == v]) == 1
         # the policy set on one replica holds on the other
@@ -330,7 +345,7 @@ def test_two_replicas_record_an_expiry_once(postgres_url: str, tokens: tuple[str
             time.sleep(0.1)
         time.sleep(1.0)
         expiries = records(one.vera, "ExpirePromotion")
-        assert sorted(r.after["promotion_request"]["id"] for r in expiries) == sorted(ids)
+        assert sorted(after(r)["promotion_request"]["id"] for r in expiries) == sorted(ids)
     finally:
         one.close()
         two.close()
@@ -365,6 +380,42 @@ def test_auto_promotion_under_the_policy_creates_a_request(trained: Team) -> Non
     assert (req.model_name, req.version, req.requested_by) == (name, done.version.version, "auto-promotion")
     assert req.id in done.promotion.reason
     decision = next(r for r in trained.vera.iter_audit_events(model_name=name) if r.action == "AutoPromotion")
-    assert decision.outcome == "requested" and decision.after["promotion_request"] == req.id
+    assert decision.outcome == "requested" and after(decision)["promotion_request"] == req.id
     trained.alice.approve_promotion(req.id)
     assert production(trained.vera, name) == done.version.version
+
+
+# ---- the command line ----
+
+def test_the_cli_says_approval_is_needed_and_approves(sqlite_uri: str, tokens: tuple[str, dict[str, str]]) -> None:
+    team = team_on(sqlite_uri, tokens)
+    runner = CliRunner(env={"COLUMNS": "220", "AQIMODELS_TARGET": None, "AQIMODELS_TOKEN": None})
+
+    def cli(who: str, *args: str) -> Any:
+        with structlog.testing.capture_logs():
+            return runner.invoke(app, ["--target", team.reg.target, "--token", tokens[1][who], *args])
+
+    try:
+        v1, v2, _ = seed(team)
+        asked = cli("alice", "promote", NAME, str(v1), "--reason", "weekly")
+        assert asked.exit_code == APPROVAL_NEEDED == 3, (asked.stdout, asked.stderr)
+        req_id = team.vera.promotion_requests().requests[0].id
+        assert req_id in asked.stdout and "approval" in asked.stdout and "aqimodels approve" in asked.stdout
+        as_json = cli("alice", "promote", NAME, str(v2), "--json")
+        assert as_json.exit_code == 3 and json.loads(as_json.stdout)["promotion_request"]["state"] == \
+            "PROMOTION_REQUEST_STATE_PENDING"
+        listed = cli("vera", "requests", "--state", "pending", "--json")
+        assert listed.exit_code == 0
+        assert [r["id"] for r in json.loads(listed.stdout)["requests"]][-1] == req_id
+        assert req_id in cli("vera", "requests").stdout
+        self_approval = cli("alice", "approve", req_id)
+        assert self_approval.exit_code == 1 and self_approval.stderr.startswith("PERMISSION_DENIED: two-person rule")
+        approved = cli("bob", "approve", req_id, "--reason", "checked")
+        assert approved.exit_code == 0 and "approved" in approved.stdout and "production" in approved.stdout
+        assert production(team.vera) == v1
+        other = json.loads(as_json.stdout)["promotion_request"]["id"]
+        rejected = cli("carol", "reject", other, "--reason", "no")
+        assert rejected.exit_code == 0 and "rejected" in rejected.stdout
+        assert cli("vera", "requests", "--state", "bogus").exit_code == 1
+    finally:
+        team.close()
