@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -333,8 +333,7 @@ class Approvals:
                required: bool = True) -> PromotionRequest:
         """PENDING -> ``state`` (a conditional UPDATE) and its audit record, in one transaction."""
         now = _now_ms()
-        closed = PromotionRequest(**{**req.__dict__, "state": state, "closed_by": actor, "close_reason": reason,
-                                     "close_ms": now})
+        closed = replace(req, state=state, closed_by=actor, close_reason=reason, close_ms=now)
         t = requests_table
         with self.db.begin() as conn:
             moved = conn.execute(t.update().where(t.c.id == req.id, t.c.state == PENDING).values(
@@ -407,7 +406,7 @@ class Approvals:
 
 
 def _with_audit(req: PromotionRequest, audit_id: str) -> PromotionRequest:
-    return PromotionRequest(**{**req.__dict__, "audit_event_id": audit_id})
+    return replace(req, audit_event_id=audit_id)
 
 
 def on_committed(approvals: Approvals) -> Callable[[Any], None]:

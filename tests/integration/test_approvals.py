@@ -30,7 +30,8 @@ from aqimodels.client.errors import (
 )
 from aqimodels.client.tokens import new_token, toml_entry
 from aqimodels.server.jobs import jobs_factory
-from conftest import Registry, realistic_metrics, start_registry
+from aqimodels.server.mlflow_store import MlflowModelStore
+from conftest import Registry, realistic_metrics, serve_process, start_registry
 from google.protobuf.json_format import MessageToDict
 from test_changes import PROMOTION_WRITES, check_consistent, fail_at
 from test_retrain import start_worker, stop_worker
@@ -286,6 +287,80 @@ def test_an_approval_failing_before_any_write_moves_nothing_or_completes(
         assert len(records(team.bob, "ApprovePromotion")) == 2
     finally:
         team.close()
+
+
+def test_an_approval_whose_request_cannot_be_closed_is_completed_by_the_reconciler(
+        sqlite_uri: str, tokens: tuple[str, dict[str, str]]) -> None:
+    """The database fails just after the promotion's writes, when the request is to be closed: the
+    caller is told UNAVAILABLE, and the background pass completes the change and closes the request
+    (one ApprovePromotion record, the promotion's record recovered)."""
+    team = team_on(sqlite_uri, tokens, reconcile_after_seconds=0.6)
+    try:
+        v1, _, _ = seed(team)
+        req = team.alice.promote(NAME, v1, "production").promotion_request
+        changes = team.reg.server.service.changes
+        close = changes.on_committed
+        failures = [BackendUnavailableError("injected: the database went away while closing the request")]
+
+        def failing_once(plan: Any) -> None:
+            if failures:
+                raise failures.pop()
+            close(plan)
+
+        changes.on_committed = failing_once
+        with pytest.raises(BackendUnavailableError, match="injected"):
+            team.bob.approve_promotion(req.id)
+        deadline = time.monotonic() + 20
+        while (team.vera.promotion_requests(state="approved").requests == []
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        closed, = team.vera.promotion_requests(state="approved").requests
+        assert closed.id == req.id and closed.closed_by == "bob"
+        assert production(team.vera) == v1
+        promoted = [r for r in records(team.vera, "PromoteModelVersion") if r.version == v1]
+        assert [r.outcome for r in promoted] == ["recovered"]
+        assert len(records(team.vera, "ApprovePromotion")) == 1
+    finally:
+        team.close()
+
+
+def test_a_registry_killed_during_an_approval_is_completed_and_closed_by_the_next(
+        sqlite_uri: str, tokens: tuple[str, dict[str, str]]) -> None:
+    """`aqimodels serve` under the policy (set by its environment) SIGKILLs itself before write
+    ``index`` of the approval's promotion (production was empty: 0 is the alias move, 1 the write after
+    it); the next process on
+    the same store reconciles at start: undone with the request still pending, or completed with
+    the request approved."""
+    store = MlflowModelStore(sqlite_uri)
+    versions = [store.create_version(NAME, realistic_metrics(i)) for i in range(2)]
+    env = {"MLFLOW_TRACKING_URI": sqlite_uri, "AQIMODELS_WORKERS": "none", "AQIMODELS_TOKENS_FILE": tokens[0],
+           "AQIMODELS_APPROVAL_MODELS": f"other_model, {NAME}"}
+    people = tokens[1]
+    proc, port = serve_process({**env, "AQIMODELS_FAULT_POINT": "PromoteModelVersion:1"})
+    try:
+        with (RegistryClient(f"127.0.0.1:{port}", token=people["alice"]) as alice,
+              RegistryClient(f"127.0.0.1:{port}", token=people["bob"]) as bob):
+            req = alice.promote(NAME, versions[0], "production").promotion_request
+            assert req.state == pb.PROMOTION_REQUEST_STATE_PENDING
+            with pytest.raises(AqiModelsError):
+                bob.approve_promotion(req.id)
+        assert proc.wait(30) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc, port = serve_process(env)
+    try:
+        with RegistryClient(f"127.0.0.1:{port}", token=people["vera"]) as vera:
+            state = next(r for r in vera.iter_promotion_requests() if r.id == req.id).state
+            record = next(r for r in records(vera, "PromoteModelVersion") if r.version == versions[0])
+            assert record.outcome == "recovered", record
+            assert production(vera) == versions[0] and state == pb.PROMOTION_REQUEST_STATE_APPROVED
+            assert after(record)["recovery"]["action"] == "rolled_forward"
+            approval, = records(vera, "ApprovePromotion")
+            assert approval.actor == "bob" and after(approval)["promotion_request"]["state"] == "APPROVED"
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def approve_at_once(request_id: str, approvers: list[tuple[str, Team]]) -> dict[str, object]:
