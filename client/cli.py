@@ -554,6 +554,8 @@ def promote(
         resp = client.promote(model, version or 0, stage, expected_current_version=expect_current,
                               select_best_by=metric if best else "", request_id=request_id, reason=reason,
                               allow_data_change=allow_data_change)
+    if resp.HasField("promotion_request"):  # the approval policy: nothing moved (exit 3)
+        _promotion_requested(resp.promotion_request, as_json)
     if as_json:
         _print_json(resp)
         return
@@ -573,6 +575,76 @@ def promote(
         _print("archived: " + ", ".join(f"v{v}" for v in resp.archived_versions))
     if resp.audit_event_id:
         _print(f"[dim]audit event {resp.audit_event_id}[/]")
+
+
+APPROVAL_NEEDED = 3  # the exit code of a promotion the approval policy turned into a request
+
+
+def _promotion_requested(req: pb.PromotionRequest, as_json: bool) -> NoReturn:
+    if as_json:
+        _print_json({"promotion_request": render.to_dict(req), "approval_needed": True})
+    else:
+        _print(f"{req.model_name}: v{req.version} is NOT promoted yet: the model's approval policy needs a second "
+               f"admin.\npromotion request [bold]{req.id}[/] is pending (replaces "
+               f"{('v' + str(req.expected_current_version)) if req.expected_current_version else 'no version'}); "
+               f"another admin runs: aqimodels approve {req.id}")
+    raise typer.Exit(APPROVAL_NEEDED)
+
+
+@app.command()
+def requests(
+    ctx: typer.Context,
+    state: Annotated[str, typer.Option(help="pending, approved, rejected, expired or aborted_stale (default: all).")]
+    = "",
+    model: Annotated[str, typer.Option(help="Only requests about this model.")] = "",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many requests.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Promotion requests of models under the approval policy, newest first."""
+    with _registry(ctx) as client:
+        found = list(itertools.islice(client.iter_promotion_requests(state=state, model_name=model,
+                                                                     page_size=min(limit, 200)), limit))
+    if as_json:
+        _print_json({"requests": [render.to_dict(r) for r in found]})
+    else:
+        _print(render.requests_table(found))
+
+
+@app.command()
+def approve(
+    ctx: typer.Context,
+    request: Annotated[str, typer.Argument(help="The promotion request's id (see `aqimodels requests`).")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve a promotion request of another admin: the promotion is made now."""
+    with _registry(ctx) as client:
+        resp = client.approve_promotion(request, reason=reason)
+    if as_json:
+        _print_json(resp)
+        return
+    r, p = resp.promotion_request, resp.promotion
+    _print(f"{r.model_name}: request {r.id} approved; v{p.version.version} is now [bold]production[/]"
+           + (f", replacing v{p.previous_version}." if p.previous_version else "."))
+    if p.audit_event_id:
+        _print(f"[dim]audit event {p.audit_event_id}[/]")
+
+
+@app.command()
+def reject(
+    ctx: typer.Context,
+    request: Annotated[str, typer.Argument(help="The promotion request's id (see `aqimodels requests`).")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Reject a pending promotion request: nothing moves."""
+    with _registry(ctx) as client:
+        resp = client.reject_promotion(request, reason=reason)
+    if as_json:
+        _print_json(resp)
+        return
+    r = resp.promotion_request
+    _print(f"{r.model_name}: request {r.id} (v{r.version}) rejected; nothing moved.")
 
 
 @app.command()

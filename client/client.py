@@ -44,6 +44,27 @@ MODEL_TYPES: dict[str, int] = {
 }
 
 
+def request_state_name(value: int) -> str:
+    """``pending``, ``approved``... for a PromotionRequestState value."""
+    return pb.PromotionRequestState.Name(value).removeprefix("PROMOTION_REQUEST_STATE_").lower()  # type: ignore[arg-type]
+
+
+def request_state_value(state: str | int) -> pb.PromotionRequestState.ValueType:
+    if isinstance(state, int):
+        return state  # type: ignore[return-value]
+    if not state:
+        return pb.PROMOTION_REQUEST_STATE_UNSPECIFIED
+    key = "PROMOTION_REQUEST_STATE_" + state.strip().upper().replace("-", "_")
+    try:
+        value = pb.PromotionRequestState.Value(key)
+    except ValueError:
+        value = pb.PROMOTION_REQUEST_STATE_UNSPECIFIED
+    if value == pb.PROMOTION_REQUEST_STATE_UNSPECIFIED:
+        raise InvalidArgumentError(f"unknown promotion request state {state!r}; use pending, approved, rejected, "
+                                   "expired or aborted_stale", field="state")
+    return value
+
+
 def stage_value(stage: str | int | None) -> int:
     """The proto enum number of a stage given by name ("production") or number."""
     if stage is None or stage == "":
@@ -281,6 +302,33 @@ class RegistryClient:
                           page_size: int = 200) -> Iterator[pb.AuditEvent]:
         return self._pages(lambda t: self.audit_events(model_name=model_name, actor=actor, page_size=page_size,
                                                        page_token=t), "events")
+
+    # ---- two-person approval of production promotions ----
+
+    def set_approval_policy(self, model_name: str, required: bool, *, reason: str = "") -> pb.SetApprovalPolicyResponse:
+        """``model_name`` a model or ``*`` (every model without an entry of its own)."""
+        return self._unary(self._stub.SetApprovalPolicy, pb.SetApprovalPolicyRequest(
+            model_name=model_name, required=required, reason=reason))
+
+    def approval_policy(self, model_name: str = "") -> pb.GetApprovalPolicyResponse:
+        return self._unary(self._stub.GetApprovalPolicy, pb.GetApprovalPolicyRequest(model_name=model_name))
+
+    def promotion_requests(self, *, state: str | int = 0, model_name: str = "", page_size: int = 0,
+                           page_token: str = "") -> pb.ListPromotionRequestsResponse:
+        """``state``: pending, approved, rejected, expired, aborted_stale (or the enum value); empty: all."""
+        return self._unary(self._stub.ListPromotionRequests, pb.ListPromotionRequestsRequest(
+            state=request_state_value(state), model_name=model_name, page_size=page_size, page_token=page_token))
+
+    def iter_promotion_requests(self, *, state: str | int = 0, model_name: str = "",
+                                page_size: int = 200) -> Iterator[pb.PromotionRequest]:
+        return self._pages(lambda t: self.promotion_requests(state=state, model_name=model_name,
+                                                             page_size=page_size, page_token=t), "requests")
+
+    def approve_promotion(self, request_id: str, *, reason: str = "") -> pb.ApprovePromotionResponse:
+        return self._unary(self._stub.ApprovePromotion, pb.ApprovePromotionRequest(id=request_id, reason=reason))
+
+    def reject_promotion(self, request_id: str, *, reason: str = "") -> pb.RejectPromotionResponse:
+        return self._unary(self._stub.RejectPromotion, pb.RejectPromotionRequest(id=request_id, reason=reason))
 
     # ---- retrain and jobs ----
 

@@ -659,6 +659,28 @@ def jobs_table(jobs: Sequence[pb.RetrainJob], now: datetime | None = None) -> Re
     return table
 
 
+def requests_table(requests: Sequence[pb.PromotionRequest], now: datetime | None = None) -> RenderableType:
+    """Promotion requests awaiting (or closed by) a second admin."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if not requests:
+        return Text("No promotion requests match.")
+    table = Table(title="Promotion requests (newest first)", title_justify="left")
+    for col in ("id", "model", "version", "replaces", "state", "requested by", "created", "expires / closed", "reason"):
+        table.add_column(col)
+    styles = {"pending": "yellow", "approved": "green", "rejected": "red", "expired": "dim", "aborted_stale": "red"}
+    for r in requests:
+        state = pb.PromotionRequestState.Name(r.state).removeprefix("PROMOTION_REQUEST_STATE_").lower()
+        closed = (f"{human_time(r.close_time, now)} by {r.closed_by}" if has_time(r.close_time)
+                  else absolute_time(r.expire_time, now))
+        why = r.reason + (f" / {r.close_reason}" if r.close_reason else "")
+        table.add_row(r.id, r.model_name, version_label(r.version), version_label(r.expected_current_version),
+                      Text(state, style=styles.get(state, "")), escape(r.requested_by), human_time(r.create_time, now),
+                      escape(closed), escape(why))
+    return table
+
+
 # ---- retrain progress ----
 
 @dataclass

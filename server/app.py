@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from aqimodels.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from aqimodels.client.errors import BackendUnavailableError
 from aqimodels.server import auth, deadlines
+from aqimodels.server.approvals import Approvals
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
 from aqimodels.server.events import EventLog
@@ -111,6 +112,7 @@ class RegistryServer:
             self.jobs.shutdown()
         self.server.stop(grace).wait()
         self.service.changes.stop()
+        self.service.approvals.stop()
         if self.workers is not None:
             self.workers.close()
         if self.metrics is not None:
@@ -175,6 +177,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     service = RegistryService(store, db, cache_ttl_seconds=config.cache_ttl_seconds,
                               health_max_age_seconds=max(2.0, 2.5 * config.health_interval_seconds),
                               reconcile_after_seconds=config.reconcile_after_seconds, fault_point=config.fault_point,
+                              approvals=Approvals(db, config.approval_models, config.approval_expiry_seconds),
                               running_jobs=lambda: holder["jobs"].running_by_model() if holder.get("jobs") else {})
     service.changes.reconcile_at_start()  # half-done promotions are settled before anything is served
     jobs = workers = None
@@ -231,6 +234,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     rs.start_probe()
     service.start_refresher()
     service.changes.start()  # half-done changes of processes gone, in the background
+    service.approvals.start()  # promotion requests past their expiry, in the background
     if jobs is not None:
         jobs.start()
     monitor.start()

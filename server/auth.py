@@ -67,6 +67,11 @@ RPC_ROLES: dict[str, str] = {
     _REGISTRY + "TestWebhook": "admin",
     _REGISTRY + "ListWebhookDeliveries": "admin",
     _REGISTRY + "RedeliverWebhook": "admin",
+    _REGISTRY + "GetApprovalPolicy": "viewer",
+    _REGISTRY + "ListPromotionRequests": "viewer",
+    _REGISTRY + "SetApprovalPolicy": "admin",
+    _REGISTRY + "ApprovePromotion": "admin",
+    _REGISTRY + "RejectPromotion": "admin",
     _WORKER + "GetWorkerInfo": "viewer",
     _WORKER + "ValidateDataset": "operator",
     _WORKER + "Train": "operator",
@@ -77,7 +82,8 @@ RPC_ROLES: dict[str, str] = {
 # RPCs that change the registry: each must leave an audit record (checked by a test).
 MUTATING_RPCS: tuple[str, ...] = ("PromoteModelVersion", "RollbackModel", "CleanupModelVersions", "Retrain",
                                   "CancelRetrainJob", "ReportPerformance", "CreateWebhook", "DeleteWebhook",
-                                  "TestWebhook", "RedeliverWebhook")
+                                  "TestWebhook", "RedeliverWebhook", "SetApprovalPolicy", "ApprovePromotion",
+                                  "RejectPromotion")
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,11 @@ class Changes:
 
     def __init__(self, db: Database, store: Reader, writer: Callable[[], Writer], *,
                  reconcile_after_seconds: float = 30.0, fault_point: str = "",
-                 on_recovered: Callable[[str], None] | None = None) -> None:
+                 on_recovered: Callable[[str], None] | None = None,
+                 on_committed: Callable[[Plan], None] | None = None) -> None:
+        """``on_committed(plan)``: called under the lock once every write of a change stands, before
+        its record is completed (also by recovery rolling it forward); raising there leaves the
+        change to recovery, which calls it again (it must be idempotent)."""
         self.db = db
         self.store = store
         self.writer = writer
@@ -167,6 +171,7 @@ class Changes:
         # tests: fault(action, index) runs before each write; raising there is a failed write
         self.fault: Callable[[str, int], None] | None = _kill_at(fault_point) if fault_point else None
         self.on_recovered = on_recovered or (lambda _name: None)
+        self.on_committed = on_committed or (lambda _plan: None)
         self._failed: dict[str, _Failed] = {}  # audit id -> a change of ours that failed midway
         self._failed_lock = threading.Lock()
         self._drain_at: float | None = None
@@ -246,6 +251,7 @@ class Changes:
                 raise
             return Outcome(p, audit_id, "recovered", p.result)
         try:
+            self.on_committed(p)
             after = finish(p, w)
             self.db.audit_finish(audit_id, outcome="ok", after=after)
             self.db.remember(p.action, request_id, json.dumps({**p.result, "audit": audit_id}).encode())
@@ -334,6 +340,7 @@ class Changes:
                 write.apply(name, w, write.to)
                 done.append(write.describe(write.to))
             action = "rolled_forward"
+            self.on_committed(p)
         self.on_recovered(name)
         model, versions = self.store.load_model(name)
         after = {"production": model.aliases.get("production"), "staging": model.aliases.get("staging"),

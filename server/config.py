@@ -290,6 +290,9 @@ class ServerConfig:
     webhook_lease_seconds: float = 30.0
     webhook_poll_seconds: float = 0.5
     webhook_log_retention_days: float = 7.0
+    # two-person approval of production promotions (server/approvals.py): models named ("*": all)
+    approval_models: tuple[str, ...] = ()
+    approval_expiry_seconds: float = 7 * 24 * 3600.0
 
     @property
     def db_timeouts(self) -> DbTimeouts:
@@ -360,6 +363,7 @@ class ServerConfig:
             **monitoring_from_env(env),
             **resilience_from_env(env),
             **webhooks_from_env(env),
+            **approvals_from_env(env),
         ).checked()
 
     def checked(self) -> ServerConfig:
@@ -625,3 +629,29 @@ def webhooks_from_env(env: Mapping[str, str]) -> WebhookSettings:
         webhook_poll_seconds=poll,
         webhook_log_retention_days=positive("AQIMODELS_WEBHOOK_LOG_RETENTION_DAYS", 7.0),
     )
+class ApprovalSettings(TypedDict):
+    approval_models: tuple[str, ...]
+    approval_expiry_seconds: float
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-/:@+]{1,256}$")
+
+
+def approvals_from_env(env: Mapping[str, str]) -> ApprovalSettings:
+    """The models whose production promotions need a second admin, and how long a request waits."""
+    raw = env.get("AQIMODELS_APPROVAL_MODELS", "")
+    models: tuple[str, ...] = ()
+    if raw.strip():
+        parts = [m.strip() for m in raw.split(",")]
+        bad = [m for m in parts if m != "*" and not _MODEL_NAME.match(m)]
+        if bad:
+            raise ConfigError(f"AQIMODELS_APPROVAL_MODELS={_shown(raw)}: {_shown(bad[0])} is not a model name; "
+                              "use comma-separated model names (letters, digits, _ . - / : @ +) or * for all")
+        if "*" in parts and len(parts) > 1:
+            raise ConfigError(f"AQIMODELS_APPROVAL_MODELS={_shown(raw)} mixes * with model names; * alone "
+                              "means every model")
+        models = tuple(dict.fromkeys(parts))
+    expiry = _float(env, "AQIMODELS_APPROVAL_EXPIRY_SECONDS", 7 * 24 * 3600.0)
+    if expiry <= 0:
+        raise ConfigError(f"AQIMODELS_APPROVAL_EXPIRY_SECONDS must be positive, got {expiry}")
+    return ApprovalSettings(approval_models=models, approval_expiry_seconds=expiry)

@@ -93,18 +93,24 @@ class JobDecisions:
         decision.production_version = production.version if production else 0
         decision.promoted, decision.reason, decision.evaluated_on = verdict.promoted, verdict.reason, verdict.on_data
         caller = Caller("auto-promotion", "admin", job.proto.job_id)
+        requested = ""
         if decision.promoted:
             try:
-                self.service.promote(caller, name, version, Stage.PRODUCTION,
-                                     decision.production_version or 0,
-                                     allow_data_change=bool(settings.get("allow_data_change")))
+                result = self.service.promote(caller, name, version, Stage.PRODUCTION,
+                                              decision.production_version or 0,
+                                              allow_data_change=bool(settings.get("allow_data_change")))
+                if result.promotion_request is not None:  # the approval policy: a request, nothing moved
+                    requested = result.promotion_request.id
+                    decision.promoted = False
+                    decision.reason = (f"{decision.reason}; the approval policy made it promotion request "
+                                       f"{requested}, which another admin must approve")
             except Exception as exc:  # noqa: BLE001 - e.g. a concurrent manual promotion won the race
                 decision.promoted = False
                 decision.reason = f"promotion refused: {exc}"
         payload = {"promoted": decision.promoted, "metric": metric, "candidate": _num(decision.candidate_value),
                    "production": _num(decision.production_value),
                    "production_version": decision.production_version or None, "reason": decision.reason,
-                   "evaluated_on": decision.evaluated_on}
+                   "evaluated_on": decision.evaluated_on, **({"promotion_request": requested} if requested else {})}
         try:
             self.service.store.set_tag(name, version, DECISION_TAG, json.dumps(payload))
         except Exception:  # noqa: BLE001
@@ -112,7 +118,8 @@ class JobDecisions:
         self.db.audit_record(actor=caller.name, role=caller.role, action="AutoPromotion", model_name=name,
                              version=version, before={"production": decision.production_version or None},
                              after={"production": version if decision.promoted else (decision.production_version or None),
-                                    **payload}, outcome="ok" if decision.promoted else "declined",
+                                    **payload},
+                             outcome="ok" if decision.promoted else "requested" if requested else "declined",
                              request_id=job.proto.job_id, message=decision.reason)
         self.service.invalidate(name)
         return decision

@@ -37,6 +37,7 @@ from aqimodels.client.errors import (
     StaleVersionError,
     VersionNotFoundError,
 )
+from aqimodels.server.approvals import Approvals, PromotionRequest, on_committed
 from aqimodels.server.changes import Changes, Outcome, Plan, Write
 from aqimodels.server.db import Database
 from aqimodels.server.deadlines import NO_DEADLINE, Deadline
@@ -159,6 +160,7 @@ class PromotionResult:
     previous_version: int
     archived_versions: list[int]
     audit_event_id: str
+    promotion_request: PromotionRequest | None = None  # set: the approval policy made it a request, nothing moved
 
 
 @dataclass(frozen=True)
@@ -271,12 +273,15 @@ class RegistryService:
     def __init__(self, store: ModelStore, db: Database, *, cache_ttl_seconds: float = 2.0,
                  running_jobs: Callable[[], dict[str, list[Any]]] | None = None,
                  full_refresh_seconds: float = 30.0, health_max_age_seconds: float = 5.0,
-                 reconcile_after_seconds: float = 30.0, fault_point: str = "") -> None:
+                 reconcile_after_seconds: float = 30.0, fault_point: str = "",
+                 approvals: Approvals | None = None) -> None:
         self.store = store
         self.db = db
+        self.approvals = approvals or Approvals(db)  # two-person approval of production (server/approvals.py)
         # promotions, rollbacks, archives and cleanups: one recoverable skeleton (server/changes.py)
         self.changes = Changes(db, store, lambda: _Writes(store), reconcile_after_seconds=reconcile_after_seconds,
-                               fault_point=fault_point, on_recovered=self.invalidate)
+                               fault_point=fault_point, on_recovered=self.invalidate,
+                               on_committed=on_committed(self.approvals))
         self.cache_ttl = cache_ttl_seconds
         self.full_refresh = full_refresh_seconds
         self.health_max_age = health_max_age_seconds
@@ -718,7 +723,8 @@ class RegistryService:
 
     def promote(self, caller: Caller, name: str, version: int, stage: Stage | None,
                 expected_current: int | None, select_best_by: str = "", reason: str = "",
-                allow_data_change: bool = False) -> PromotionResult:
+                allow_data_change: bool = False, approving: str = "") -> PromotionResult:
+        """``approving``: the id of the promotion request this promotion is the approval of."""
         validate_name(name)
         if stage not in (Stage.STAGING, Stage.PRODUCTION, Stage.ARCHIVED):
             raise InvalidArgumentError("stage must be staging, production or archived", field="stage")
@@ -736,7 +742,7 @@ class RegistryService:
                                        field="expected_current_version")
         chosen: dict[str, Any] = {}
 
-        def plan() -> Plan:
+        def plan() -> Plan | None:
             snap = self._confirmed(name)
             number = version
             if select_best_by:
@@ -747,6 +753,8 @@ class RegistryService:
             target = snap.version(number)
             alias = {Stage.PRODUCTION: PRODUCTION_ALIAS, Stage.STAGING: STAGING_ALIAS}.get(stage)
             current = snap.model.aliases.get(alias, 0) if alias else 0
+            if approving:  # closed, expired or stale: refused (and closed so), nothing moves
+                self.approvals.recheck(approving, current, caller.name, caller.role, caller.request_id)
             if expected_current is not None and expected_current != current:
                 raise StaleVersionError(
                     f"{stage.name.lower()} of {name!r} is "
@@ -764,6 +772,11 @@ class RegistryService:
                 if change:  # another station set or target never replaces production silently
                     raise FailedPreconditionError(
                         promotion_policy.data_change_message(name, target, snap.version(current), change))
+            if stage == Stage.PRODUCTION and not approving and self.approvals.required(name):
+                chosen.update(snap=snap, request=self.approvals.create(
+                    caller.name, caller.role, caller.request_id, name, number, current, reason, allow_data_change,
+                    {"name": name, "version": number, "previous": current, "archived": []}))
+                return None
             now = tag_time(_now_ms())
             staging = snap.model.aliases.get(STAGING_ALIAS)
             archived: list[int] = []
@@ -801,12 +814,23 @@ class RegistryService:
             elif staging == number:
                 planned["staging"] = None
             self._bump(name)
+            result: dict[str, Any] = {"name": name, "version": number, "previous": current, "archived": archived}
+            if approving:  # closes the request once the promotion stands (server/approvals.py: on_committed)
+                result["approval"] = {"request": approving, "by": caller.name, "role": caller.role,
+                                      "reason": reason, "request_id": caller.request_id}
+                planned["promotion_request"] = approving
             return Plan("PromoteModelVersion", name, number, pre + [commit] + post, commit=len(pre),
-                        before=self._state(snap), after=planned,
-                        result={"name": name, "version": number, "previous": current, "archived": archived},
-                        message=f"{stage.name.lower()}" + (f": {reason}" if reason else ""))
+                        before=self._state(snap), after=planned, result=result,
+                        message=f"{stage.name.lower()}" + (f" (approval of promotion request {approving})"
+                                                           if approving else "") + (f": {reason}" if reason else ""))
 
         outcome = self._change(caller, "PromoteModelVersion", name, plan, chosen)
+        requested = chosen.get("request")
+        if requested is None and outcome.outcome == "replayed" and "promotion_request" in outcome.result:
+            requested = self.approvals.get(outcome.result["promotion_request"])
+        if requested is not None:
+            return PromotionResult(self.snapshot(name).version(requested.version), requested.expected_current, [],
+                                   requested.audit_event_id or outcome.result.get("audit", ""), requested)
         result = self._promotion_result(name, outcome, chosen)
         if outcome.outcome != "replayed":
             log.info("model_version_promoted", model=name, version=result.version.version,
@@ -846,11 +870,16 @@ class RegistryService:
             writes += [_tag(prod, ARCHIVED_TAG, "true"), _tag(prod, ARCHIVED_TIME_TAG, now)]
             chosen.update(snap=snap, version=previous, current=current, archived=[current])
             staging = snap.model.aliases.get(STAGING_ALIAS)
+            after: dict[str, Any] = {"production": previous, "staging": None if staging == previous else staging}
+            emergency = self.approvals.required(name)  # the emergency path: no approval, and marked so
+            if emergency:
+                after["approval_bypassed"] = "rollback under the approval policy (the emergency path)"
             self._bump(name)
-            return Plan("RollbackModel", name, previous, writes, commit=0, before=self._state(snap),
-                        after={"production": previous, "staging": None if staging == previous else staging},
+            return Plan("RollbackModel", name, previous, writes, commit=0, before=self._state(snap), after=after,
                         result={"name": name, "version": previous, "previous": current, "archived": [current]},
-                        message=f"rollback {current} -> {previous}" + (f": {reason}" if reason else ""))
+                        message=("emergency " if emergency else "") + f"rollback {current} -> {previous}"
+                        + (" without approval (approval policy)" if emergency else "")
+                        + (f": {reason}" if reason else ""))
 
         outcome = self._change(caller, "RollbackModel", name, plan, chosen)
         result = self._promotion_result(name, outcome, chosen)
@@ -858,6 +887,15 @@ class RegistryService:
             log.info("model_rolled_back", model=name, version=result.version.version,
                      replaced=result.previous_version, outcome=outcome.outcome)
         return result
+
+    def approve_promotion(self, caller: Caller, request_id: str, reason: str) -> tuple[PromotionRequest,
+                                                                                        PromotionResult]:
+        """An admin other than the requester approves: the request's promotion is made (see promote)."""
+        req = self.approvals.get(request_id)
+        self.approvals.check_approver(caller.name, caller.role, req)
+        result = self.promote(caller, req.model_name, req.version, Stage.PRODUCTION, req.expected_current,
+                              reason=reason, allow_data_change=req.allow_data_change, approving=req.id)
+        return self.approvals.get(req.id), result
 
     def _change(self, caller: Caller, action: str, name: str, plan: Callable[[], Plan | None],
                 chosen: dict[str, Any]) -> Outcome:

@@ -15,10 +15,10 @@ from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.client.errors import InvalidArgumentError, UnimplementedError
 from aqimodels.server import convert
-from aqimodels.server import deadlines, events
+from aqimodels.server import approvals, deadlines, events
 from aqimodels.server.domain import Stage
 from aqimodels.server.interceptors import Wire, current_caller, current_request_id
-from aqimodels.server.service import Caller, RegistryService
+from aqimodels.server.service import Caller, PromotionResult, RegistryService
 from aqimodels.server.webhook_convert import delivery_to_proto, event_types_from_proto, webhook_to_proto
 
 SERVER_VERSION = "0.1.0"
@@ -112,9 +112,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         result = self._service.promote(_caller(request.request_id), request.name, request.version, stage, expected,
                                        request.select_best_by, request.reason,
                                        allow_data_change=request.allow_data_change)
-        return pb.PromoteModelVersionResponse(
-            version=convert.model_version_to_proto(result.version), previous_version=result.previous_version,
-            archived_versions=result.archived_versions, audit_event_id=result.audit_event_id)
+        return _promotion_to_proto(result)
 
     def RollbackModel(self, request: pb.RollbackModelRequest,
                       context: grpc.ServicerContext) -> pb.RollbackModelResponse:
@@ -242,3 +240,75 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                          context: grpc.ServicerContext) -> pb.RedeliverWebhookResponse:
         return pb.RedeliverWebhookResponse(delivery=delivery_to_proto(self._webhook_service().redeliver(
             _caller(), request.webhook_id, request.event_sequence, request.delivery_id)))
+
+    # ---- two-person approval of production promotions ----
+
+    def SetApprovalPolicy(self, request: pb.SetApprovalPolicyRequest,
+                          context: grpc.ServicerContext) -> pb.SetApprovalPolicyResponse:
+        caller = _caller()
+        entry = self._service.approvals.set_policy(caller.name, caller.role, caller.request_id, request.model_name,
+                                                   request.required, request.reason)
+        return pb.SetApprovalPolicyResponse(entry=_policy_entry_to_proto(entry), audit_event_id=entry.audit_event_id)
+
+    def GetApprovalPolicy(self, request: pb.GetApprovalPolicyRequest,
+                          context: grpc.ServicerContext) -> pb.GetApprovalPolicyResponse:
+        policy = self._service.approvals.policy(request.model_name)
+        return pb.GetApprovalPolicyResponse(environment_models=list(policy.environment),
+                                            stored=[_policy_entry_to_proto(e) for e in policy.stored],
+                                            required=policy.required, source=policy.source)
+
+    def ListPromotionRequests(self, request: pb.ListPromotionRequestsRequest,
+                              context: grpc.ServicerContext) -> pb.ListPromotionRequestsResponse:
+        state = ""
+        if request.state:
+            if request.state not in _REQUEST_STATES:
+                raise InvalidArgumentError(f"state {request.state} is not a promotion request state", field="state")
+            state = _REQUEST_STATES[request.state]
+        page = self._service.approvals.list(state, request.model_name, request.page_size, request.page_token)
+        return pb.ListPromotionRequestsResponse(requests=[_request_to_proto(r) for r in page.items],
+                                                next_page_token=page.next_page_token)
+
+    def ApprovePromotion(self, request: pb.ApprovePromotionRequest,
+                         context: grpc.ServicerContext) -> pb.ApprovePromotionResponse:
+        req, result = self._service.approve_promotion(_caller(), request.id, request.reason)
+        return pb.ApprovePromotionResponse(promotion_request=_request_to_proto(req),
+                                           promotion=_promotion_to_proto(result))
+
+    def RejectPromotion(self, request: pb.RejectPromotionRequest,
+                        context: grpc.ServicerContext) -> pb.RejectPromotionResponse:
+        caller = _caller()
+        req = self._service.approvals.reject(caller.name, caller.role, caller.request_id, request.id,
+                                             request.reason, caller.deadline)
+        return pb.RejectPromotionResponse(promotion_request=_request_to_proto(req))
+
+
+_REQUEST_STATES: dict[int, str] = {
+    pb.PROMOTION_REQUEST_STATE_PENDING: approvals.PENDING, pb.PROMOTION_REQUEST_STATE_APPROVED: approvals.APPROVED,
+    pb.PROMOTION_REQUEST_STATE_REJECTED: approvals.REJECTED, pb.PROMOTION_REQUEST_STATE_EXPIRED: approvals.EXPIRED,
+    pb.PROMOTION_REQUEST_STATE_ABORTED_STALE: approvals.ABORTED_STALE}
+_REQUEST_STATE_VALUES = {name: value for value, name in _REQUEST_STATES.items()}
+
+
+def _request_to_proto(r: approvals.PromotionRequest) -> pb.PromotionRequest:
+    out = pb.PromotionRequest(
+        id=r.id, model_name=r.model_name, version=r.version, expected_current_version=r.expected_current,
+        requested_by=r.requested_by, reason=r.reason, state=_REQUEST_STATE_VALUES[r.state],  # type: ignore[arg-type]
+        create_time=convert.ts_from_ms(r.create_ms), expire_time=convert.ts_from_ms(r.expire_ms),
+        closed_by=r.closed_by, close_reason=r.close_reason, allow_data_change=r.allow_data_change)
+    if r.close_ms:
+        out.close_time.CopyFrom(convert.ts_from_ms(r.close_ms))
+    return out
+
+
+def _policy_entry_to_proto(e: approvals.PolicyEntry) -> pb.ApprovalPolicyEntry:
+    return pb.ApprovalPolicyEntry(model_name=e.model_name, required=e.required, updated_by=e.updated_by,
+                                  update_time=convert.ts_from_ms(e.update_ms))
+
+
+def _promotion_to_proto(result: PromotionResult) -> pb.PromoteModelVersionResponse:
+    out = pb.PromoteModelVersionResponse(
+        version=convert.model_version_to_proto(result.version), previous_version=result.previous_version,
+        archived_versions=result.archived_versions, audit_event_id=result.audit_event_id)
+    if result.promotion_request is not None:
+        out.promotion_request.CopyFrom(_request_to_proto(result.promotion_request))
+    return out

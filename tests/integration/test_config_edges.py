@@ -106,6 +106,8 @@ def bad_values(junk: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
         "AQIMODELS_WEBHOOK_LEASE_SECONDS": ("15", ("serve",)),  # not more than twice the timeout (10)
         "AQIMODELS_WEBHOOK_POLL_SECONDS": ("61", ("serve",)),
         "AQIMODELS_WEBHOOK_LOG_RETENTION_DAYS": ("-1", ("serve",)),
+        "AQIMODELS_APPROVAL_MODELS": ("aqi_predictor_lstm;drop table", ("serve",)),
+        "AQIMODELS_APPROVAL_EXPIRY_SECONDS": ("0", ("serve",)),
     }
 
 

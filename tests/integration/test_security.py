@@ -77,6 +77,11 @@ def _requests() -> dict[str, Any]:
         "PromoteModelVersion": pb.PromoteModelVersionRequest(name="ghost", version=1, stage=pb.STAGE_STAGING),
         "RollbackModel": pb.RollbackModelRequest(name="ghost"),
         "CleanupModelVersions": pb.CleanupModelVersionsRequest(name="ghost", keep_last=1, dry_run=True),
+        "SetApprovalPolicy": pb.SetApprovalPolicyRequest(model_name="ghost", required=False),
+        "GetApprovalPolicy": pb.GetApprovalPolicyRequest(model_name="ghost"),
+        "ListPromotionRequests": pb.ListPromotionRequestsRequest(),
+        "ApprovePromotion": pb.ApprovePromotionRequest(id="no-such-request"),
+        "RejectPromotion": pb.RejectPromotionRequest(id="no-such-request"),
         "GetWorkerInfo": wpb.GetWorkerInfoRequest(), "ValidateDataset": wpb.ValidateDatasetRequest(
             dataset=wpb.DatasetSpec(spec="nonsense:x")), "Train": wpb.TrainRequest(),
         "AttachTraining": wpb.AttachTrainingRequest(job_id="job-x"),

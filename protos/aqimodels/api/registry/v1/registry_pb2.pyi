@@ -269,6 +269,43 @@ WEBHOOK_DELIVERY_KIND_REDELIVERY: WebhookDeliveryKind.ValueType  # 3
 """An event sent again on request (RedeliverWebhook)."""
 Global___WebhookDeliveryKind: _TypeAlias = WebhookDeliveryKind  # noqa: Y015
 
+class _PromotionRequestState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PromotionRequestStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PromotionRequestState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROMOTION_REQUEST_STATE_UNSPECIFIED: _PromotionRequestState.ValueType  # 0
+    PROMOTION_REQUEST_STATE_PENDING: _PromotionRequestState.ValueType  # 1
+    """Awaits an approval or a rejection."""
+    PROMOTION_REQUEST_STATE_APPROVED: _PromotionRequestState.ValueType  # 2
+    """Approved; the promotion was made."""
+    PROMOTION_REQUEST_STATE_REJECTED: _PromotionRequestState.ValueType  # 3
+    """Rejected; nothing moved."""
+    PROMOTION_REQUEST_STATE_EXPIRED: _PromotionRequestState.ValueType  # 4
+    """Not approved within the expiry time; nothing moved."""
+    PROMOTION_REQUEST_STATE_ABORTED_STALE: _PromotionRequestState.ValueType  # 5
+    """Production changed after the request: the approval was refused, nothing moved."""
+
+class PromotionRequestState(_PromotionRequestState, metaclass=_PromotionRequestStateEnumTypeWrapper):
+    """---- two-person approval of production promotions ----
+
+    The state of a promotion request.
+    """
+
+PROMOTION_REQUEST_STATE_UNSPECIFIED: PromotionRequestState.ValueType  # 0
+PROMOTION_REQUEST_STATE_PENDING: PromotionRequestState.ValueType  # 1
+"""Awaits an approval or a rejection."""
+PROMOTION_REQUEST_STATE_APPROVED: PromotionRequestState.ValueType  # 2
+"""Approved; the promotion was made."""
+PROMOTION_REQUEST_STATE_REJECTED: PromotionRequestState.ValueType  # 3
+"""Rejected; nothing moved."""
+PROMOTION_REQUEST_STATE_EXPIRED: PromotionRequestState.ValueType  # 4
+"""Not approved within the expiry time; nothing moved."""
+PROMOTION_REQUEST_STATE_ABORTED_STALE: PromotionRequestState.ValueType  # 5
+"""Production changed after the request: the approval was refused, nothing moved."""
+Global___PromotionRequestState: _TypeAlias = PromotionRequestState  # noqa: Y015
+
 @_typing.final
 class ModelVersion(_message.Message):
     """A version of a registered model."""
@@ -1144,6 +1181,7 @@ class PromoteModelVersionResponse(_message.Message):
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
     ARCHIVED_VERSIONS_FIELD_NUMBER: _builtins.int
     AUDIT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    PROMOTION_REQUEST_FIELD_NUMBER: _builtins.int
     previous_version: _builtins.int
     """The version that held the target stage before (0: none)."""
     audit_event_id: _builtins.str
@@ -1156,6 +1194,12 @@ class PromoteModelVersionResponse(_message.Message):
     def archived_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Versions archived by this change."""
 
+    @_builtins.property
+    def promotion_request(self) -> Global___PromotionRequest:
+        """Set when the model's approval policy turned the promotion into a request:
+        nothing moved, the request awaits an approval by another admin.
+        """
+
     def __init__(
         self,
         *,
@@ -1163,10 +1207,11 @@ class PromoteModelVersionResponse(_message.Message):
         previous_version: _builtins.int = ...,
         archived_versions: _abc.Iterable[_builtins.int] | None = ...,
         audit_event_id: _builtins.str = ...,
+        promotion_request: Global___PromotionRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promotion_request", b"promotion_request", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_versions", b"archived_versions", "audit_event_id", b"audit_event_id", "previous_version", b"previous_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_versions", b"archived_versions", "audit_event_id", b"audit_event_id", "previous_version", b"previous_version", "promotion_request", b"promotion_request", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2965,3 +3010,369 @@ class RedeliverWebhookResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedeliverWebhookResponse: _TypeAlias = RedeliverWebhookResponse  # noqa: Y015
+
+@_typing.final
+class PromotionRequest(_message.Message):
+    """A promotion to production waiting for (or closed by) a second admin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    EXPECTED_CURRENT_VERSION_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CLOSED_BY_FIELD_NUMBER: _builtins.int
+    CLOSE_REASON_FIELD_NUMBER: _builtins.int
+    CLOSE_TIME_FIELD_NUMBER: _builtins.int
+    ALLOW_DATA_CHANGE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    model_name: _builtins.str
+    version: _builtins.int
+    """The version to promote."""
+    expected_current_version: _builtins.int
+    """The production version it replaces (0: none); the approval's compare-and-set."""
+    requested_by: _builtins.str
+    reason: _builtins.str
+    state: Global___PromotionRequestState.ValueType
+    closed_by: _builtins.str
+    """Who closed it (approver, rejecter; "expiry" when it expired) and why."""
+    close_reason: _builtins.str
+    allow_data_change: _builtins.bool
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def close_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        expected_current_version: _builtins.int = ...,
+        requested_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        state: Global___PromotionRequestState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        closed_by: _builtins.str = ...,
+        close_reason: _builtins.str = ...,
+        close_time: _timestamp_pb2.Timestamp | None = ...,
+        allow_data_change: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_data_change", b"allow_data_change", "close_reason", b"close_reason", "close_time", b"close_time", "closed_by", b"closed_by", "create_time", b"create_time", "expected_current_version", b"expected_current_version", "expire_time", b"expire_time", "id", b"id", "model_name", b"model_name", "reason", b"reason", "requested_by", b"requested_by", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromotionRequest: _TypeAlias = PromotionRequest  # noqa: Y015
+
+@_typing.final
+class SetApprovalPolicyRequest(_message.Message):
+    """Request for SetApprovalPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """A model name, or "*" for every model without a policy of its own."""
+    required: _builtins.bool
+    """True: production promotions of the model need an approval."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        required: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "reason", b"reason", "required", b"required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetApprovalPolicyRequest: _TypeAlias = SetApprovalPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ApprovalPolicyEntry(_message.Message):
+    """One stored policy entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    required: _builtins.bool
+    updated_by: _builtins.str
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        required: _builtins.bool = ...,
+        updated_by: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "required", b"required", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalPolicyEntry: _TypeAlias = ApprovalPolicyEntry  # noqa: Y015
+
+@_typing.final
+class SetApprovalPolicyResponse(_message.Message):
+    """Response of SetApprovalPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    AUDIT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    audit_event_id: _builtins.str
+    @_builtins.property
+    def entry(self) -> Global___ApprovalPolicyEntry: ...
+    def __init__(
+        self,
+        *,
+        entry: Global___ApprovalPolicyEntry | None = ...,
+        audit_event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_event_id", b"audit_event_id", "entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetApprovalPolicyResponse: _TypeAlias = SetApprovalPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetApprovalPolicyRequest(_message.Message):
+    """Request for GetApprovalPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """The model to evaluate the policy for (empty: only list the policy)."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetApprovalPolicyRequest: _TypeAlias = GetApprovalPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetApprovalPolicyResponse(_message.Message):
+    """Response of GetApprovalPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_MODELS_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    required: _builtins.bool
+    """For model_name: whether its production promotions need an approval, and why."""
+    source: _builtins.str
+    @_builtins.property
+    def environment_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models AQIMODELS_APPROVAL_MODELS names ("*": all); never relaxed over RPC."""
+
+    @_builtins.property
+    def stored(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalPolicyEntry]:
+        """The entries stored in the database (shared by every replica)."""
+
+    def __init__(
+        self,
+        *,
+        environment_models: _abc.Iterable[_builtins.str] | None = ...,
+        stored: _abc.Iterable[Global___ApprovalPolicyEntry] | None = ...,
+        required: _builtins.bool = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_models", b"environment_models", "required", b"required", "source", b"source", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetApprovalPolicyResponse: _TypeAlias = GetApprovalPolicyResponse  # noqa: Y015
+
+@_typing.final
+class ListPromotionRequestsRequest(_message.Message):
+    """Request for ListPromotionRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    state: Global___PromotionRequestState.ValueType
+    """Only this state (unspecified: all)."""
+    model_name: _builtins.str
+    """Only this model (empty: all)."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        state: Global___PromotionRequestState.ValueType = ...,
+        model_name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPromotionRequestsRequest: _TypeAlias = ListPromotionRequestsRequest  # noqa: Y015
+
+@_typing.final
+class ListPromotionRequestsResponse(_message.Message):
+    """Response of ListPromotionRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromotionRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___PromotionRequest] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPromotionRequestsResponse: _TypeAlias = ListPromotionRequestsResponse  # noqa: Y015
+
+@_typing.final
+class ApprovePromotionRequest(_message.Message):
+    """Request for ApprovePromotion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The promotion request's id."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovePromotionRequest: _TypeAlias = ApprovePromotionRequest  # noqa: Y015
+
+@_typing.final
+class ApprovePromotionResponse(_message.Message):
+    """Response of ApprovePromotion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMOTION_REQUEST_FIELD_NUMBER: _builtins.int
+    PROMOTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def promotion_request(self) -> Global___PromotionRequest:
+        """The request, now approved."""
+
+    @_builtins.property
+    def promotion(self) -> Global___PromoteModelVersionResponse:
+        """The promotion made."""
+
+    def __init__(
+        self,
+        *,
+        promotion_request: Global___PromotionRequest | None = ...,
+        promotion: Global___PromoteModelVersionResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promotion", b"promotion", "promotion_request", b"promotion_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion", b"promotion", "promotion_request", b"promotion_request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovePromotionResponse: _TypeAlias = ApprovePromotionResponse  # noqa: Y015
+
+@_typing.final
+class RejectPromotionRequest(_message.Message):
+    """Request for RejectPromotion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The promotion request's id."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectPromotionRequest: _TypeAlias = RejectPromotionRequest  # noqa: Y015
+
+@_typing.final
+class RejectPromotionResponse(_message.Message):
+    """Response of RejectPromotion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMOTION_REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def promotion_request(self) -> Global___PromotionRequest: ...
+    def __init__(
+        self,
+        *,
+        promotion_request: Global___PromotionRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promotion_request", b"promotion_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promotion_request", b"promotion_request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectPromotionResponse: _TypeAlias = RejectPromotionResponse  # noqa: Y015

@@ -159,6 +159,31 @@ class ModelRegistryStub:
                 request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookRequest.SerializeToString,
                 response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookResponse.FromString,
                 _registered_method=True)
+        self.SetApprovalPolicy = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/SetApprovalPolicy',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.SetApprovalPolicyRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.SetApprovalPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetApprovalPolicy = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/GetApprovalPolicy',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.GetApprovalPolicyRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.GetApprovalPolicyResponse.FromString,
+                _registered_method=True)
+        self.ListPromotionRequests = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/ListPromotionRequests',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListPromotionRequestsRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListPromotionRequestsResponse.FromString,
+                _registered_method=True)
+        self.ApprovePromotion = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/ApprovePromotion',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ApprovePromotionRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ApprovePromotionResponse.FromString,
+                _registered_method=True)
+        self.RejectPromotion = channel.unary_unary(
+                '/aqimodels.api.registry.v1.ModelRegistry/RejectPromotion',
+                request_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RejectPromotionRequest.SerializeToString,
+                response_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RejectPromotionResponse.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -344,6 +369,42 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetApprovalPolicy(self, request, context):
+        """Two-person approval of production promotions. The policy: which models
+        need an approval (admin sets, viewer reads).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApprovalPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPromotionRequests(self, request, context):
+        """Promotion requests, newest first, paged, filtered by state and model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApprovePromotion(self, request, context):
+        """An admin other than the requester approves: the promotion is made, with
+        the compare-and-set against the production version the request expected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectPromotion(self, request, context):
+        """Closes a pending request without promoting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -466,6 +527,31 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.RedeliverWebhook,
                     request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookRequest.FromString,
                     response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookResponse.SerializeToString,
+            ),
+            'SetApprovalPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetApprovalPolicy,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.SetApprovalPolicyRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.SetApprovalPolicyResponse.SerializeToString,
+            ),
+            'GetApprovalPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApprovalPolicy,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.GetApprovalPolicyRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.GetApprovalPolicyResponse.SerializeToString,
+            ),
+            'ListPromotionRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPromotionRequests,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListPromotionRequestsRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListPromotionRequestsResponse.SerializeToString,
+            ),
+            'ApprovePromotion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApprovePromotion,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ApprovePromotionRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ApprovePromotionResponse.SerializeToString,
+            ),
+            'RejectPromotion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectPromotion,
+                    request_deserializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RejectPromotionRequest.FromString,
+                    response_serializer=aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RejectPromotionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1121,6 +1207,141 @@ class ModelRegistry:
             '/aqimodels.api.registry.v1.ModelRegistry/RedeliverWebhook',
             aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookRequest.SerializeToString,
             aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RedeliverWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetApprovalPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/SetApprovalPolicy',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.SetApprovalPolicyRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.SetApprovalPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApprovalPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/GetApprovalPolicy',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.GetApprovalPolicyRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.GetApprovalPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPromotionRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/ListPromotionRequests',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListPromotionRequestsRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ListPromotionRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApprovePromotion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/ApprovePromotion',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ApprovePromotionRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.ApprovePromotionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectPromotion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aqimodels.api.registry.v1.ModelRegistry/RejectPromotion',
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RejectPromotionRequest.SerializeToString,
+            aqimodels_dot_api_dot_registry_dot_v1_dot_registry__pb2.RejectPromotionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -102,6 +102,19 @@ class ModelRegistryStub:
     """A webhook's delivery log, newest first: one entry per attempt."""
     RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RedeliverWebhookRequest, _registry_pb2.RedeliverWebhookResponse]
     """Sends one event of the log to a webhook again now (one attempt; the webhook's cursor stays)."""
+    SetApprovalPolicy: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetApprovalPolicyRequest, _registry_pb2.SetApprovalPolicyResponse]
+    """Two-person approval of production promotions. The policy: which models
+    need an approval (admin sets, viewer reads).
+    """
+    GetApprovalPolicy: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetApprovalPolicyRequest, _registry_pb2.GetApprovalPolicyResponse]
+    ListPromotionRequests: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListPromotionRequestsRequest, _registry_pb2.ListPromotionRequestsResponse]
+    """Promotion requests, newest first, paged, filtered by state and model."""
+    ApprovePromotion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ApprovePromotionRequest, _registry_pb2.ApprovePromotionResponse]
+    """An admin other than the requester approves: the promotion is made, with
+    the compare-and-set against the production version the request expected.
+    """
+    RejectPromotion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RejectPromotionRequest, _registry_pb2.RejectPromotionResponse]
+    """Closes a pending request without promoting."""
 
 @_typing.type_check_only
 class ModelRegistryAsyncStub(ModelRegistryStub):
@@ -175,6 +188,19 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     """A webhook's delivery log, newest first: one entry per attempt."""
     RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_registry_pb2.RedeliverWebhookRequest, _registry_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
     """Sends one event of the log to a webhook again now (one attempt; the webhook's cursor stays)."""
+    SetApprovalPolicy: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetApprovalPolicyRequest, _registry_pb2.SetApprovalPolicyResponse]  # type: ignore[assignment]
+    """Two-person approval of production promotions. The policy: which models
+    need an approval (admin sets, viewer reads).
+    """
+    GetApprovalPolicy: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetApprovalPolicyRequest, _registry_pb2.GetApprovalPolicyResponse]  # type: ignore[assignment]
+    ListPromotionRequests: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListPromotionRequestsRequest, _registry_pb2.ListPromotionRequestsResponse]  # type: ignore[assignment]
+    """Promotion requests, newest first, paged, filtered by state and model."""
+    ApprovePromotion: _aio.UnaryUnaryMultiCallable[_registry_pb2.ApprovePromotionRequest, _registry_pb2.ApprovePromotionResponse]  # type: ignore[assignment]
+    """An admin other than the requester approves: the promotion is made, with
+    the compare-and-set against the production version the request expected.
+    """
+    RejectPromotion: _aio.UnaryUnaryMultiCallable[_registry_pb2.RejectPromotionRequest, _registry_pb2.RejectPromotionResponse]  # type: ignore[assignment]
+    """Closes a pending request without promoting."""
 
 class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
     """ModelRegistry is the one entry point for services, operators and
@@ -389,5 +415,48 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.RedeliverWebhookResponse, _abc.Awaitable[_registry_pb2.RedeliverWebhookResponse]]:
         """Sends one event of the log to a webhook again now (one attempt; the webhook's cursor stays)."""
+
+    @_abc_1.abstractmethod
+    def SetApprovalPolicy(
+        self,
+        request: _registry_pb2.SetApprovalPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetApprovalPolicyResponse, _abc.Awaitable[_registry_pb2.SetApprovalPolicyResponse]]:
+        """Two-person approval of production promotions. The policy: which models
+        need an approval (admin sets, viewer reads).
+        """
+
+    @_abc_1.abstractmethod
+    def GetApprovalPolicy(
+        self,
+        request: _registry_pb2.GetApprovalPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetApprovalPolicyResponse, _abc.Awaitable[_registry_pb2.GetApprovalPolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPromotionRequests(
+        self,
+        request: _registry_pb2.ListPromotionRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListPromotionRequestsResponse, _abc.Awaitable[_registry_pb2.ListPromotionRequestsResponse]]:
+        """Promotion requests, newest first, paged, filtered by state and model."""
+
+    @_abc_1.abstractmethod
+    def ApprovePromotion(
+        self,
+        request: _registry_pb2.ApprovePromotionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ApprovePromotionResponse, _abc.Awaitable[_registry_pb2.ApprovePromotionResponse]]:
+        """An admin other than the requester approves: the promotion is made, with
+        the compare-and-set against the production version the request expected.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectPromotion(
+        self,
+        request: _registry_pb2.RejectPromotionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RejectPromotionResponse, _abc.Awaitable[_registry_pb2.RejectPromotionResponse]]:
+        """Closes a pending request without promoting."""
 
 def add_ModelRegistryServicer_to_server(servicer: ModelRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
