@@ -31,7 +31,7 @@ from aqimodels.client.errors import (
     StaleVersionError,
 )
 from aqimodels.server import deadlines
-from aqimodels.server.db import Database, audit_table, idempotency_table, metadata
+from aqimodels.server.db import Database, idempotency_table, metadata
 from aqimodels.server.domain import Page
 from aqimodels.server.paging import decode_token, encode_token, page_size
 
@@ -190,14 +190,14 @@ class Approvals:
             else:
                 conn.execute(t.update().where(t.c.model_name == name).values(
                     required=required, updated_by=actor, update_ms=now))
-            audit_id = self._audit(conn, actor=actor, role=role, action="SetApprovalPolicy", model_name=name,
-                                   version=0, before={"approval_required": bool(before[0]) if before else None},
-                                   after={"approval_required": required,
-                                          "environment_models": list(self.environment)},
-                                   request_id=request_id,
-                                   message=f"approval {'required' if required else 'not required'} for "
-                                           f"{'every model' if name == ALL_MODELS else repr(name)}"
-                                           + (f": {reason}" if reason else ""))
+            audit_id, last = self._audit(
+                conn, actor=actor, role=role, action="SetApprovalPolicy", model_name=name, version=0,
+                before={"approval_required": bool(before[0]) if before else None},
+                after={"approval_required": required, "environment_models": list(self.environment)},
+                request_id=request_id,
+                message=f"approval {'required' if required else 'not required'} for "
+                        f"{'every model' if name == ALL_MODELS else repr(name)}" + (f": {reason}" if reason else ""))
+        self.db.event_committed(last)
         log.info("approval_policy_set", model=name, required=required, by=actor)
         return PolicyEntry(name, required, actor, now, audit_id)
 
@@ -250,15 +250,16 @@ class Approvals:
                 id=req.id, model_name=name, version=version, expected_current=expected_current, requested_by=actor,
                 requester_role=role, reason=reason, allow_data_change=allow_data_change, state=PENDING,
                 create_ms=req.create_ms, expire_ms=req.expire_ms))
-            audit_id = self._audit(conn, actor=actor, role=role, action="RequestPromotion", model_name=name,
-                                   version=version, before={"production": expected_current or None},
-                                   after={"promotion_request": req.summary()}, request_id=request_id,
-                                   message=f"production of v{version} requested; needs an approval by another "
-                                           "admin" + (f": {reason}" if reason else ""))
+            audit_id, last = self._audit(conn, actor=actor, role=role, action="RequestPromotion", model_name=name,
+                                         version=version, before={"production": expected_current or None},
+                                         after={"promotion_request": req.summary()}, request_id=request_id,
+                                         message=f"production of v{version} requested; needs an approval by another "
+                                                 "admin" + (f": {reason}" if reason else ""))
             if request_id:
                 conn.execute(idempotency_table.insert().values(
                     action="PromoteModelVersion", request_id=request_id, time_ms=now, response=json.dumps(
                         {**remembered, "promotion_request": req.id, "audit": audit_id}).encode()))
+        self.db.event_committed(last)
         log.info("promotion_requested", model=name, version=version, request=req.id, by=actor)
         return _with_audit(req, audit_id)
 
@@ -343,24 +344,23 @@ class Approvals:
                     return req
                 raise FailedPreconditionError(f"promotion request {req.id} was closed meanwhile; only a pending "
                                               "request can be approved or rejected")
-            audit_id = self._audit(conn, actor=actor, role=role, action=action, model_name=req.model_name,
-                                   version=req.version, before={"promotion_request": req.summary()},
-                                   after={"promotion_request": closed.summary(), **(extra or {})},
-                                   outcome=outcome, request_id=request_id,
-                                   message=f"promotion request {req.id} {state.lower().replace('_', ' ')}"
-                                           + (f": {reason}" if reason else ""))
+            audit_id, last = self._audit(conn, actor=actor, role=role, action=action, model_name=req.model_name,
+                                         version=req.version, before={"promotion_request": req.summary()},
+                                         after={"promotion_request": closed.summary(), **(extra or {})},
+                                         outcome=outcome, request_id=request_id,
+                                         message=f"promotion request {req.id} {state.lower().replace('_', ' ')}"
+                                                 + (f": {reason}" if reason else ""))
+        self.db.event_committed(last)
         log.info("promotion_request_closed", model=req.model_name, request=req.id, state=state, by=actor)
         return _with_audit(closed, audit_id)
 
     def _audit(self, conn: sa.Connection, *, actor: str, role: str, action: str, model_name: str, version: int,
                before: dict[str, Any], after: dict[str, Any], request_id: str, message: str,
-               outcome: str = "ok") -> str:
-        audit_id = uuid.uuid4().hex
-        conn.execute(audit_table.insert().values(
-            id=audit_id, time_ms=_now_ms(), actor=actor, role=role, action=action, model_name=model_name,
-            version=version, before=json.dumps(before, sort_keys=True), after=json.dumps(after, sort_keys=True),
-            outcome=outcome, request_id=request_id, message=message[:2000]))
-        return audit_id
+               outcome: str = "ok") -> tuple[str, int]:
+        """The record and its events in ``conn``'s transaction: (audit id, last event sequence)."""
+        return self.db.audit_insert(conn, actor=actor, role=role, action=action, model_name=model_name,
+                                    version=version, before=before, after=after, outcome=outcome,
+                                    request_id=request_id, message=message[:2000])
 
     # ---- expiry ----
 

@@ -325,18 +325,31 @@ class Database:
                      before: dict[str, Any], after: dict[str, Any], outcome: str, request_id: str,
                      message: str = "") -> str:
         """Writes a complete record in one statement (denials, dry runs, job events)."""
-        audit_id = uuid.uuid4().hex
         with self.begin() as conn:
-            conn.execute(audit_table.insert().values(
-                id=audit_id, time_ms=_now_ms(), actor=actor, role=role, action=action,
-                model_name=model_name, version=version, before=json.dumps(before, sort_keys=True),
-                after=json.dumps(after, sort_keys=True), outcome=outcome, request_id=request_id,
-                message=message))
-            last = self._append_events(conn, audit_id=audit_id, action=action, outcome=outcome,
-                                       model_name=model_name, version=version, actor=actor, request_id=request_id,
-                                       before=before, after=after, intent={}, message=message)
+            audit_id, last = self.audit_insert(conn, actor=actor, role=role, action=action, model_name=model_name,
+                                               version=version, before=before, after=after, outcome=outcome,
+                                               request_id=request_id, message=message)
         self.event_committed(last)
         return audit_id
+
+    def audit_insert(self, conn: sa.Connection, *, actor: str, role: str, action: str, model_name: str,
+                     version: int, before: dict[str, Any], after: dict[str, Any], outcome: str, request_id: str,
+                     message: str = "") -> tuple[str, int]:
+        """A complete record and its events in the caller's transaction: (its id, the last event sequence).
+
+        For changes that write rows of their own in the same transaction; once it commits, the
+        caller passes the sequence to :meth:`event_committed`.
+        """
+        audit_id = uuid.uuid4().hex
+        conn.execute(audit_table.insert().values(
+            id=audit_id, time_ms=_now_ms(), actor=actor, role=role, action=action,
+            model_name=model_name, version=version, before=json.dumps(before, sort_keys=True),
+            after=json.dumps(after, sort_keys=True), outcome=outcome, request_id=request_id,
+            message=message))
+        last = self._append_events(conn, audit_id=audit_id, action=action, outcome=outcome,
+                                   model_name=model_name, version=version, actor=actor, request_id=request_id,
+                                   before=before, after=after, intent={}, message=message)
+        return audit_id, last
 
     def _append_events(self, conn: sa.Connection, **record: Any) -> int:
         """Appends the events of a completed audit record in its transaction (server/events.py)."""

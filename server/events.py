@@ -225,6 +225,11 @@ def _request(kind: EventType) -> Callable[[AuditFacts], list[Draft]]:
     return drafts
 
 
+def _approval(f: AuditFacts) -> list[Draft]:
+    kind = EventType.PROMOTION_APPROVED if f.outcome == "ok" else EventType.PROMOTION_REJECTED
+    return _request(kind)(f)
+
+
 # action -> (the outcomes that are events, the events of such a record)
 EVENT_TYPES: dict[str, tuple[frozenset[str], Callable[[AuditFacts], list[Draft]]]] = {
     "PromoteModelVersion": (frozenset({"ok", "recovered"}), _promotion),
@@ -234,7 +239,8 @@ EVENT_TYPES: dict[str, tuple[frozenset[str], Callable[[AuditFacts], list[Draft]]
     "RetrainJob": (frozenset({"ok", "cancelled", "failed"}), _job_ended),
     "DegradationAlert": (frozenset({"ok"}), _alert),
     "RequestPromotion": (frozenset({"ok"}), _request(EventType.PROMOTION_REQUESTED)),
-    "ApprovePromotion": (frozenset({"ok"}), _request(EventType.PROMOTION_APPROVED)),
+    # an approval that found production moved closes the request unpromoted: a rejection by the rule
+    "ApprovePromotion": (frozenset({"ok", "aborted_stale"}), _approval),
     "RejectPromotion": (frozenset({"ok"}), _request(EventType.PROMOTION_REJECTED)),
     "ExpirePromotion": (frozenset({"ok"}), _request(EventType.PROMOTION_EXPIRED)),
 }

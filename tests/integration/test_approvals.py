@@ -135,6 +135,14 @@ def test_the_whole_flow_request_approve_reject_list(team: Team) -> None:
                                                    "version": v1, "expected_current_version": 0,
                                                    "requested_by": "alice", "reason": "first production"}
     assert approval.sequence > promoted[0].sequence > requested.sequence
+    # ... and the events they are: requested, then approved (the request closes as soon as the
+    # promotion's writes stand) and the stage change (when the change's record completes)
+    kinds = [(e.type, e.version, e.promotion_request_id)
+             for e in team.vera.watch_events(model_names=[NAME], follow=False)
+             if e.type != pb.REGISTRY_EVENT_TYPE_STAGE_CHANGED or e.version == v1]
+    assert kinds == [(pb.REGISTRY_EVENT_TYPE_PROMOTION_REQUESTED, v1, req.id),
+                     (pb.REGISTRY_EVENT_TYPE_PROMOTION_APPROVED, v1, req.id),
+                     (pb.REGISTRY_EVENT_TYPE_STAGE_CHANGED, v1, "")]
 
     # approving again: one approval per request
     with pytest.raises(FailedPreconditionError, match="approved"):
@@ -182,6 +190,10 @@ def test_a_stale_approval_is_refused_and_nothing_moves(team: Team) -> None:
     closed = next(r for r in team.bob.iter_promotion_requests() if r.id == old.id)
     assert closed.state == pb.PROMOTION_REQUEST_STATE_ABORTED_STALE and closed.closed_by == "bob"
     assert [r.outcome for r in records(team.bob, "ApprovePromotion")] == ["aborted_stale", "ok", "ok"]
+    # a request closed stale is streamed as a rejection by the rule, with its state
+    last = list(team.vera.watch_events(model_names=[NAME], follow=False))[-1]
+    assert (last.type, last.promotion_request_id, last.details["request_state"]) == (
+        pb.REGISTRY_EVENT_TYPE_PROMOTION_REJECTED, old.id, "ABORTED_STALE")
     assert len([r for r in records(team.bob, "PromoteModelVersion") if r.version == v2]) == 0
     with pytest.raises(FailedPreconditionError, match="aborted stale"):
         team.carol.approve_promotion(old.id)
