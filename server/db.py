@@ -382,6 +382,13 @@ class Database:
 
     # ---- idempotency ----
 
+    def audit_recorded(self, action: str, request_id: str) -> bool:
+        """Whether a completed (``ok``) record of ``action`` with this request id exists."""
+        t = audit_table
+        with self.begin() as conn:
+            return conn.execute(sa.select(t.c.seq).where(
+                t.c.action == action, t.c.request_id == request_id, t.c.outcome == "ok").limit(1)).first() is not None
+
     def remembered(self, action: str, request_id: str) -> bytes | None:
         if not request_id:
             return None

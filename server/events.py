@@ -99,7 +99,8 @@ class Event:
     - ROLLBACK: ``from_stage``/``to_stage`` (production), ``replaced_versions`` (the production
       version rolled back), ``archived_versions``
     - VERSION_DELETED: one event per deleted version (``version``)
-    - VERSION_REGISTERED, RETRAIN_JOB_ENDED: ``job_id``, ``job_state`` (``JOB_STATE_SUCCEEDED`` ...)
+    - VERSION_REGISTERED: ``job_id`` (written before any promotion of the version)
+    - RETRAIN_JOB_ENDED: ``job_id``, ``job_state`` (``JOB_STATE_SUCCEEDED`` ...)
     - MODEL_HEALTH_CHANGED: ``health``, ``previous_health`` (``healthy``/``degraded``), ``ratio``
     - ALERT_RAISED: ``alert_id``, ``health``, ``ratio``, ``message``
     - PROMOTION_*: ``promotion_request_id``, ``request_state``, ``stage``,
@@ -196,14 +197,13 @@ def _cleanup(f: AuditFacts) -> list[Draft]:
     return [(EventType.VERSION_DELETED, int(v), {}) for v in deleted]
 
 
+def _registered(f: AuditFacts) -> list[Draft]:
+    return [(EventType.VERSION_REGISTERED, f.version, {"job_id": str(f.before.get("job_id", ""))})]
+
+
 def _job_ended(f: AuditFacts) -> list[Draft]:
     details = {"job_id": str(f.before.get("job_id", "")), "job_state": str(f.after.get("state", ""))}
-    version = int(f.after.get("version") or 0)
-    drafts: list[Draft] = []
-    if f.outcome == "ok" and version:
-        drafts.append((EventType.VERSION_REGISTERED, version, dict(details)))
-    drafts.append((EventType.RETRAIN_JOB_ENDED, version, details))
-    return drafts
+    return [(EventType.RETRAIN_JOB_ENDED, int(f.after.get("version") or 0), details)]
 
 
 def _alert(f: AuditFacts) -> list[Draft]:
@@ -236,6 +236,8 @@ EVENT_TYPES: dict[str, tuple[frozenset[str], Callable[[AuditFacts], list[Draft]]
     "RollbackModel": (frozenset({"ok", "recovered"}), _rollback),
     "CleanupModelVersions": (frozenset({"ok", "recovered"}), _cleanup),
     # a job that ended is an event whatever its end (a failed job is a fact, not a failed change)
+    # written by the job before any promotion of the version it registered
+    "RegisterModelVersion": (frozenset({"ok"}), _registered),
     "RetrainJob": (frozenset({"ok", "cancelled", "failed"}), _job_ended),
     "DegradationAlert": (frozenset({"ok"}), _alert),
     "RequestPromotion": (frozenset({"ok"}), _request(EventType.PROMOTION_REQUESTED)),

@@ -245,6 +245,16 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
             outcome={pb.JOB_STATE_SUCCEEDED: "ok", pb.JOB_STATE_CANCELLED: "cancelled"}.get(state, "failed"),
             request_id=job.proto.job_id, message=reason[:500])
 
+    def _audit_registered(self, job: Job, name: str, version: int) -> None:
+        """The version's registration, once per job (a replica that takes the job over finds it)."""
+        job_id = job.proto.job_id
+        if self.db.audit_recorded("RegisterModelVersion", job_id):
+            return
+        self.db.audit_record(
+            actor=job.proto.requested_by or "anonymous", role="", action="RegisterModelVersion", model_name=name,
+            version=version, before={"job_id": job_id}, after={"job_id": job_id, "version": version}, outcome="ok",
+            request_id=job_id, message=f"retrain job {job_id} registered version {version}")
+
     # ---- RPCs ----
 
     def retrain(self, request: pb.RetrainRequest, caller: Caller, stop: threading.Event) -> Iterator[pb.RetrainEvent]:
@@ -549,6 +559,7 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
     def _succeed(self, job: Job, finished: wpb.TrainFinished) -> None:
         name = finished.model_name or job.proto.model_name
         self.service.invalidate(name)
+        self._audit_registered(job, name, finished.version)  # before any promotion of the version
         decision = self._decide_promotion(job, name, finished.version)
         with job.lock:
             job.proto.promotion.CopyFrom(decision)

@@ -470,6 +470,11 @@ def test_auto_promotion_under_the_policy_creates_a_request(trained: Team) -> Non
     assert decision.outcome == "requested" and after(decision)["promotion_request"] == req.id
     trained.alice.approve_promotion(req.id)
     assert production(trained.vera, name) == done.version.version
+    # the stream tells the version's registration before anything that promotes it
+    kinds = [pb.RegistryEventType.Name(e.type).removeprefix("REGISTRY_EVENT_TYPE_")
+             for e in trained.vera.watch_events(model_names=[name], follow=False)]
+    assert kinds == ["VERSION_REGISTERED", "PROMOTION_REQUESTED", "RETRAIN_JOB_ENDED", "PROMOTION_APPROVED",
+                     "STAGE_CHANGED"], kinds
 
 
 # ---- the command line ----
