@@ -244,7 +244,7 @@ EVENT_TYPES: dict[str, tuple[frozenset[str], Callable[[AuditFacts], list[Draft]]
     # an approval that found production moved closes the request unpromoted: a rejection by the rule
     "ApprovePromotion": (frozenset({"ok", "aborted_stale"}), _approval),
     "RejectPromotion": (frozenset({"ok"}), _request(EventType.PROMOTION_REJECTED)),
-    "ExpirePromotion": (frozenset({"ok"}), _request(EventType.PROMOTION_EXPIRED)),
+    "ExpirePromotion": (frozenset({"ok", "expired"}), _request(EventType.PROMOTION_EXPIRED)),
 }
 
 

@@ -218,6 +218,9 @@ def test_a_request_expires_once_and_cannot_be_approved(sqlite_uri: str, tokens: 
         record, = records(team.vera, "ExpirePromotion")
         assert record.outcome == "expired" and after(record)["promotion_request"]["state"] == "EXPIRED"
         assert production(team.vera) == 0
+        kinds = [(e.type, e.promotion_request_id) for e in team.vera.watch_events(model_names=[NAME], follow=False)]
+        assert kinds == [(pb.REGISTRY_EVENT_TYPE_PROMOTION_REQUESTED, req.id),
+                         (pb.REGISTRY_EVENT_TYPE_PROMOTION_EXPIRED, req.id)]
     finally:
         team.close()
 
