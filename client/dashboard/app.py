@@ -440,6 +440,11 @@ def create_app(config: DashboardConfig) -> Starlette:
                                             reason=str(f.get("reason", "") or f"from the dashboard by {user.name}"))
         except AqiModelsError as exc:
             return await model(request, user, exc)
+        if resp.HasField("promotion_request"):  # the model is under the two-person rule: nothing moved yet
+            req = resp.promotion_request
+            _flash(request, "ok", f"{name} v{req.version} to production needs another admin's approval: "
+                                  f"promotion request {req.id} (aqimodels approve {req.id})")
+            return RedirectResponse(model_url(name), status_code=303)
         was = f" (was v{resp.previous_version})" if resp.previous_version else ""
         _flash(request, "ok", f"{name} v{resp.version.version} is now {stage_name(resp.version.stage)}{was}")
         return RedirectResponse(model_url(name), status_code=303)

@@ -265,6 +265,28 @@ def test_admin_promotes_from_the_page_and_a_stale_page_gets_aborted(page_for: An
     assert page.locator("#production-version").inner_text() == f"v{other}"  # the page now shows the truth
 
 
+def test_a_promotion_under_the_two_person_rule_says_it_is_a_request(page_for: Any, system: System) -> None:
+    name = MODELS[1]
+    with system.client() as c:
+        c.set_approval_policy(name, True, reason="dashboard test")
+    try:
+        page = page_for("admin")
+        page.goto(system.url + f"models/{name}")
+        prod = production_alias(system, name)
+        target = next(v for v in (1, 2, 3) if v != prod)
+        page.locator(f"#versions tr[data-version='{target}'] button.promote-production").click()
+        page.wait_for_load_state("load")
+        with system.client() as c:
+            req, = c.iter_promotion_requests(state="pending", model_name=name)
+            c.reject_promotion(req.id, reason="dashboard test")
+        flash = page.locator(".flash").inner_text()
+        assert f"v{target} to production needs another admin's approval" in flash and req.id in flash
+        assert (req.version, production_alias(system, name)) == (target, prod)  # nothing moved
+    finally:
+        with system.client() as c:
+            c.set_approval_policy(name, False, reason="dashboard test done")
+
+
 def test_a_viewer_sees_no_mutation_button_and_is_refused_when_posting(page_for: Any, system: System) -> None:
     name = "aqi_predictor_lstm"
     page = page_for("viewer")
