@@ -168,7 +168,7 @@ wait_healthy() {
     fail "$c not healthy within ${2:-240} s ($state)"
 }
 for c in "${CONTAINERS[@]}"; do wait_healthy "$c"; done
-note "healthy: mlflow, worker, registry $(since "$t") after the first docker run (HEALTHCHECK: $("$DOCKER" inspect -f '{{join .Config.Healthcheck.Test " "}}' "$PREFIX-registry"))"
+note "healthy: mlflow, worker, registry $(since "$t") after the first docker run (the image's HEALTHCHECK $("$DOCKER" image inspect -f '{{join .Config.Healthcheck.Test " "}}' "$IMAGE") in worker and registry; an HTTP probe of /health in mlflow)"
 
 # ---- non-root: the image's user, and the processes the host kernel sees ----
 for c in "${CONTAINERS[@]}"; do
@@ -188,14 +188,22 @@ cli status || fail "aqimodels status"
 note "host CLI: health SERVING (registry, its readiness, worker); status answers"
 
 # ---- one retrain through registry -> worker -> MLflow to a registered version ----
-before="$(cli list "$MODEL" --json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["versions"]))' || echo 0)"
+# "<count> <newest version> <its rmse>" of MODEL's versions ("0" while the model does not exist)
+versions() {
+    local listing
+    listing="$(cli list "$MODEL" --json 2>/dev/null)" || { echo 0; return; }
+    python3 -c 'import json, sys
+vs = json.load(sys.stdin)["versions"]
+v = max(vs, key=lambda v: int(v["version"]), default={"version": "-"})
+print(len(vs), v["version"], round(v.get("metrics", {}).get("rmse", float("nan")), 3))' <<<"$listing"
+}
+before="$(versions)"
 t=$(now)
 cli --timeout 60 retrain xgboost --data synthetic:stations=3,days=30,seed=7 --epochs 20 || fail "retrain xgboost"
 took="$(since "$t")"
-listing="$(cli list "$MODEL" --json)" || fail "aqimodels list $MODEL"
-after="$(python3 -c 'import json,sys; print(len(json.load(sys.stdin)["versions"]))' <<<"$listing")"
-((after == before + 1)) || fail "$MODEL has $after version(s) after the retrain, expected $((before + 1))"
-latest="$(python3 -c 'import json,sys; v=max(json.load(sys.stdin)["versions"], key=lambda v: int(v["version"])); print(v["version"], v.get("metrics", {}).get("rmse", "?"))' <<<"$listing")"
+read -r after newest rmse <<<"$(versions)"
+((after == ${before%% *} + 1)) || fail "$MODEL has $after version(s) after the retrain, expected $((${before%% *} + 1))"
+latest="$newest $rmse"
 cli show "$MODEL" "${latest%% *}" >/dev/null || fail "aqimodels show $MODEL ${latest%% *}"
 note "retrain: xgboost on synthetic data registered $MODEL version ${latest%% *} (rmse ${latest#* }) in $took"
 cli status >/dev/null || fail "aqimodels status after the retrain"
