@@ -262,8 +262,8 @@ def _stages() -> list[list[str]]:
     stages: list[list[str]] = []
     for raw in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
         line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+        if not line or line.startswith("#") or (not stages and line.upper().startswith("ARG ")):
+            continue  # (an ARG before the first FROM is what FROM lines may use)
         if line.upper().startswith("FROM "):
             stages.append([])
         assert stages, "the Dockerfile must start with FROM"
@@ -276,7 +276,9 @@ def test_dockerfile_is_multi_stage_cpu_torch_non_root_with_healthcheck() -> None
     assert len(stages) >= 2
     assert re.match(r"FROM \S+ AS build$", stages[0][0], re.IGNORECASE)
     build = "\n".join(stages[0])
-    assert "torch==2.13.0" in build and "--index-url https://download.pytorch.org/whl/cpu" in build
+    assert "torch==2.13.0" in build and '--index-url "$TORCH_SOURCE"' in build
+    assert "ARG TORCH_SOURCE=https://download.pytorch.org/whl/cpu" in build  # the default: PyTorch's CPU index
+    assert "ARG BASE_IMAGE=python:3.11-slim" in (ROOT / "Dockerfile").read_text()
     final = stages[-1]
     text = "\n".join(final)
     assert "COPY --from=build" in text
