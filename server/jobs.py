@@ -232,10 +232,11 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
                 return
             job.proto.error = reason
             job.proto.end_time.CopyFrom(convert.ts_from_ms(now_ms()))
+        # The closing record first: whoever sees the job end finds its record (and its event).
+        self._audit_end(job, state, reason)
         self._emit(job, state, ended=pb.JobEnded(state=state, reason=reason))
         log.info("job_ended", job_id=job.proto.job_id, model=job.proto.model_name,
                  state=pb.JobState.Name(state), reason=reason)
-        self._audit_end(job, state, reason)
 
     def _audit_end(self, job: Job, state: int, reason: str) -> None:
         self.db.audit_record(
@@ -565,13 +566,14 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
             job.proto.promotion.CopyFrom(decision)
             job.proto.end_time.CopyFrom(convert.ts_from_ms(now_ms()))
         version = self.service.get_version(name, finished.version)
-        self._emit(job, pb.JOB_STATE_SUCCEEDED, succeeded=pb.JobSucceeded(
-            version=convert.model_version_to_proto(version), promotion=decision))
         if job.let_go.is_set():
             return  # stopped meanwhile: the replica that takes the job over finishes it
+        # The closing record first: whoever sees the job end finds its record (and its event).
+        self._audit_end(job, pb.JOB_STATE_SUCCEEDED, f"registered version {finished.version}")
+        self._emit(job, pb.JOB_STATE_SUCCEEDED, succeeded=pb.JobSucceeded(
+            version=convert.model_version_to_proto(version), promotion=decision))
         log.info("job_succeeded", job_id=job.proto.job_id, model=name, version=finished.version,
                  promoted=decision.promoted)
-        self._audit_end(job, pb.JOB_STATE_SUCCEEDED, f"registered version {finished.version}")
         for hook in self._success_hooks:
             try:
                 hook(name, finished.version)
