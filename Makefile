@@ -55,17 +55,18 @@ check-protos: $(STAMP)
 	  git status --porcelain -- protos; exit 1; fi
 	@echo "protos: generated code in sync"
 
-test: $(STAMP) check-protos
+# ruff and mypy first: a finding fails the build before the suite runs.
+test: $(STAMP) check-protos lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -x
 
 lint: $(STAMP)
-	$(BIN)/ruff check server client training tests bench
+	$(BIN)/ruff check server client training process tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy server client training
+	$(BIN)/mypy server client training process
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

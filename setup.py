@@ -6,6 +6,7 @@ ROOTS = {
     "server": "aqimodels.server",
     "client": "aqimodels.client",
     "training": "aqimodels.training",
+    "process": "aqimodels.process",
     "protos/aqimodels/api": "aqimodels.api",
 }
 packages = []

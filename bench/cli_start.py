@@ -54,7 +54,7 @@ def run(folder: Path, runs: int = 7) -> dict[str, Any]:
         for _ in range(max(runs, 7)):
             cli.append(_wall(status))
             base.append(_wall(floor))
-        ratios = [c / b for c, b in zip(cli, base)]
+        ratios = [c / b for c, b in zip(cli, base, strict=True)]
         print(f"  cli status {statistics.median(cli):.3f} s, import floor {statistics.median(base):.3f} s, "
               f"ratio {statistics.median(ratios):.2f}x", flush=True)
         return {"status_seconds": common.figure(cli, "s"), "import_floor_seconds": common.figure(base, "s"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -45,12 +46,12 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def figure(samples: list[float], unit: str, digits: int = 3) -> dict[str, Any]:
     """One figure over repeated runs: median, min, max and run count."""
-    clean = [s for s in samples if s == s]
+    clean = [s for s in samples if not math.isnan(s)]
     if not clean:
         return {"median": None, "min": None, "max": None, "runs": len(samples), "unit": unit}
     return {"median": round(statistics.median(clean), digits), "min": round(min(clean), digits),
@@ -277,7 +278,7 @@ def start_mlflow_server(uri: str, folder: Path, workers: int | None = None) -> t
            "--default-artifact-root", str(folder / "artifacts")]
     if workers is not None:
         cmd += ["--workers", str(workers)]
-    log = open(folder / f"mlflow-{port}.log", "w")  # noqa: SIM115
+    log = open(folder / f"mlflow-{port}.log", "w")  # noqa: SIM115 - the server writes to it until it is stopped
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=base_env())

@@ -1,4 +1,4 @@
-"""Durable jobs (issue 11): takeover latency, events lost in a takeover, the lease heartbeat's cost.
+"""Durable jobs: takeover latency, events lost in a takeover, the lease heartbeat's cost.
 
 Takeover: two ``aqimodels serve`` replicas on one fresh PostgreSQL database on the local server
 (SQLite when none answers), a real worker process, an LSTM retrain through replica A with a

@@ -16,6 +16,7 @@ Writes ``bench/results/load_<N>.json``. Not part of ``make test``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -113,7 +114,7 @@ def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run(clients: int, seconds: float, target: str | None) -> dict[str, Any]:
@@ -134,7 +135,7 @@ def run(clients: int, seconds: float, target: str | None) -> dict[str, Any]:
 
         def reader(i: int) -> None:
             rng = random.Random(i)
-            ops, weights = zip(*READS)
+            ops, weights = zip(*READS, strict=True)
             with RegistryClient(target, timeout=30) as client:
                 while not stop.is_set():
                     op = rng.choices(ops, weights)[0]
@@ -144,11 +145,11 @@ def run(clients: int, seconds: float, target: str | None) -> dict[str, Any]:
                     elif op == "ListModels":
                         rec.timed(op, client.list_models)
                     elif op == "ListModelVersions":
-                        rec.timed(op, lambda: client.list_versions(name, order_by="metric.rmse", page_size=20))
+                        rec.timed(op, functools.partial(client.list_versions, name, order_by="metric.rmse", page_size=20))
                     elif op == "CompareModelVersions":
-                        rec.timed(op, lambda: client.compare(name, rng.sample(versions[name], 3), "rmse"))
+                        rec.timed(op, functools.partial(client.compare, name, rng.sample(versions[name], 3), "rmse"))
                     else:
-                        rec.timed(op, lambda: client.get_version(name, rng.choice(versions[name])))
+                        rec.timed(op, functools.partial(client.get_version, name, rng.choice(versions[name])))
 
         def promoter() -> None:
             rng = random.Random(99)
@@ -156,7 +157,7 @@ def run(clients: int, seconds: float, target: str | None) -> dict[str, Any]:
                 while not stop.wait(1.0):
                     name = rng.choice(list(versions))
                     rec.timed("PromoteModelVersion",
-                              lambda: client.promote(name, rng.choice(versions[name]), "production"))
+                              functools.partial(client.promote, name, rng.choice(versions[name]), "production"))
 
         retrain_events: list[str] = []
 

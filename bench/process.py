@@ -88,10 +88,10 @@ def run(folder: Path, runs: int = 3) -> dict[str, Any]:
                       (("ready_seconds", "s"), ("idle_rss_mb", "MB"), ("loaded_rss_mb", "MB"), ("processes", ""))
                       if k in v[0]}
     out["ratio_mlflow_default_idle_over_registry"] = common.figure(
-        [m["idle_rss_mb"] / r["idle_rss_mb"] for m, r in zip(samples["mlflow_server_default"], samples["registry"])],
+        [m["idle_rss_mb"] / r["idle_rss_mb"] for m, r in zip(samples["mlflow_server_default"], samples["registry"], strict=True)],
         "x", 2)
     out["ratio_mlflow_default_ready_over_registry"] = common.figure(
         [m["ready_seconds"] / r["ready_seconds"] for m, r in
-         zip(samples["mlflow_server_default"], samples["registry"])], "x", 2)
+         zip(samples["mlflow_server_default"], samples["registry"], strict=True)], "x", 2)
     shutil.rmtree(folder / "artifacts", ignore_errors=True)
     return out

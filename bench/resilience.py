@@ -1,4 +1,4 @@
-"""Failure-safe changes and bounded waits (issue 11).
+"""Failure-safe changes and bounded waits.
 
 - reconcile time of a half-done promotion: in-process (a promotion stopped after its alias move,
   as a crash leaves it, then one reconciler pass) and from outside (a registry that SIGKILLs itself
@@ -31,7 +31,7 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from bench import common, data  # noqa: E402
+from bench import common, data
 
 ROOT = common.ROOT
 _TESTS = ROOT / "tests" / "integration"
@@ -45,7 +45,7 @@ def _half_done_promotions(folder: Path, runs: int) -> dict[str, Any]:
     from aqimodels.server.app import create_server
     from aqimodels.server.config import ServerConfig
     from aqimodels.server.domain import Stage
-    from aqimodels.server.service import Caller
+    from aqimodels.client.domain import Caller
 
     shutil.copy(data.migrated_template(folder), folder / "reconcile.db")
     uri = f"sqlite:///{folder}/reconcile.db"
@@ -230,7 +230,7 @@ def _promotion_p50(folder: Path, runs: int, base_commit: str, calls: int = 20) -
                       "aqimodels_p99_ms": common.figure(s["p99"], "ms", 2),
                       "alias_only_p50_ms": common.figure(s["alias"], "ms", 2),
                       "ratio_over_alias_only": common.figure(s["ratio"], "x", 2)}
-    out["this_over_base_p50"] = common.figure([t / b for t, b in zip(systems["this"]["p50"], systems["base"]["p50"])],
+    out["this_over_base_p50"] = common.figure([t / b for t, b in zip(systems["this"]["p50"], systems["base"]["p50"], strict=True)],
                                               "x", 2)
     return out
 

@@ -236,7 +236,7 @@ def measure_matrix(ops: dict[str, dict[str, Callable[[], Any]]], plan: dict[str,
     """ops[op][system] -> call; plan[system] -> concurrencies (op_plan[op] overrides). Runs interleave."""
     raw: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
     for op, systems in ops.items():
-        for system, call in systems.items():
+        for call in systems.values():
             call()  # warm-up (and a check that it answers)
         concs = {**plan, **(op_plan or {}).get(op, {})}
         for _ in range(runs):
@@ -256,7 +256,7 @@ def measure_matrix(ops: dict[str, dict[str, Callable[[], Any]]], plan: dict[str,
             for system, by_c in systems.items():
                 if system == "aqimodels" or 1 not in by_c or aq is None:
                     continue
-                ratios = [b["p50_ms"] / a["p50_ms"] for a, b in zip(aq, by_c[1]) if a["p50_ms"] > 0]
+                ratios = [b["p50_ms"] / a["p50_ms"] for a, b in zip(aq, by_c[1], strict=True) if a["p50_ms"] > 0]
                 out[op][f"ratio_{system}_over_aqimodels_p50"] = common.figure(ratios, "x", 2)
     return out
 
@@ -273,7 +273,7 @@ def _promotion(aq: GrpcOps, inproc: MlflowOps, rests: dict[str, MlflowOps], runs
                      lambda v, p, o=ops, n=data.MODELS[2 if label == "rest" else 3]: o.promote(n, v, p)))
     samples: dict[str, list[dict[str, Any]]] = {}
     pair = (11, 12)
-    for system, _name, fn in plan:  # warm-up: put one of the pair in production
+    for _system, _name, fn in plan:  # warm-up: put one of the pair in production
         fn(pair[0], pair[1])
     for _ in range(runs):
         for system, _name, fn in plan:
@@ -303,7 +303,7 @@ def _promotion(aq: GrpcOps, inproc: MlflowOps, rests: dict[str, MlflowOps], runs
     for system, v in samples.items():
         if system != "aqimodels":
             out[f"ratio_aqimodels_over_{system}_p50"] = common.figure(
-                [a["p50_ms"] / b["p50_ms"] for a, b in zip(aq_s, v)], "x", 2)
+                [a["p50_ms"] / b["p50_ms"] for a, b in zip(aq_s, v, strict=True)], "x", 2)
     return out
 
 

@@ -34,7 +34,7 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
-from bench import common  # noqa: E402
+from bench import common
 
 SECTIONS = ("rpc", "streams", "process", "cli", "scale", "durability", "training", "resilience", "dashboard", "events",
             "webhooks", "report")

@@ -163,7 +163,7 @@ def run(folder: Path, runs: int = 3, seconds: float = 1.5, with_rest: bool = Tru
         if label != "empty":
             versions = shapes[label][0] * shapes[label][1]
             out["rss"][label]["bytes_per_version_above_idle"] = common.figure(
-                [(r - e) * 2**20 / versions for r, e in zip(v, rss["empty"])], "B", 0)
+                [(r - e) * 2**20 / versions for r, e in zip(v, rss["empty"], strict=True)], "B", 0)
             out["rss"][label]["versions"] = versions
     # many models: GetStatus against MLflow's paths, and a page
     print("  GetStatus at 100 x 100", flush=True)

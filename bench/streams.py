@@ -170,12 +170,12 @@ def run(folder: Path, runs: int = 3, n_fast: int = 2000, n_paced: int = 400) -> 
             out[label] = {k: common.figure([s[k] for s in v], u, 2) for k, u in
                           (("p50_ms", "ms"), ("p99_ms", "ms"), ("events_per_second", "events/s"))}
         out["added_p50_ms"] = common.figure([r["p50_ms"] - d["p50_ms"] for r, d in
-                                             zip(samples["relayed_paced"], samples["direct_paced"])], "ms", 2)
+                                             zip(samples["relayed_paced"], samples["direct_paced"], strict=True)], "ms", 2)
         out["added_p99_ms"] = common.figure([r["p99_ms"] - d["p99_ms"] for r, d in
-                                             zip(samples["relayed_paced"], samples["direct_paced"])], "ms", 2)
+                                             zip(samples["relayed_paced"], samples["direct_paced"], strict=True)], "ms", 2)
         out["relay_over_direct_events_per_second"] = common.figure(
             [r["events_per_second"] / d["events_per_second"] for r, d in
-             zip(samples["relayed_fast"], samples["direct_fast"])], "x", 3)
+             zip(samples["relayed_fast"], samples["direct_fast"], strict=True)], "x", 3)
         w: dict[str, list[dict[str, Any]]] = {}
         for _ in range(max(1, runs - 1)):
             for count in (1, 50):

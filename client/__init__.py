@@ -23,8 +23,9 @@ if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "aqimodels"
         and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
     _signal.signal(_signal.SIGINT, _quiet_ctrl_c)
 
-from aqimodels.client.client import RegistryClient
-from aqimodels.client.errors import (
+# The handler above goes in before these imports, which are the slow part.
+from aqimodels.client.client import RegistryClient  # noqa: E402 - after the Ctrl-C handler above
+from aqimodels.client.errors import (  # noqa: E402 - the same
     AlreadyExistsError,
     AqiModelsError,
     BackendUnavailableError,

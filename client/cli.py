@@ -15,9 +15,10 @@ Examples::
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -106,7 +107,7 @@ def _install_plain_coercion() -> None:
             return original(descriptor)
         return PlainRuntimeParam(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation, kind=kind)
 
-    build.aqimodels_plain = True  # type: ignore[attr-defined]
+    build.aqimodels_plain = True  # type: ignore[attr-defined]  # a marker on typer's function, read back by this module
     setattr(core, "build_runtime_param", build)  # noqa: B010 - typer.core does not export the name
 
 
@@ -303,22 +304,7 @@ def serve(
                                              show_default=False)] = None,
 ) -> None:
     """Run the registry server (and a local training worker unless AQIMODELS_WORKERS is set)."""
-    kwargs: dict[str, Any] = {}
-    if host is not None:
-        kwargs["host"] = host
-    if port is not None:
-        kwargs["port"] = port
-    # The server's modules load inside main (after the configuration is read): a module missing
-    # anywhere in that start-up is the missing extra, not a traceback.
-    try:
-        from aqimodels.server.main import main as serve_main
-
-        code = serve_main(**kwargs)
-    except ModuleNotFoundError as exc:
-        _err(f"`aqimodels serve` needs the server extra: pip install 'aqimodels[server]' "
-             f"(missing module {(exc.name or str(exc)).split('.')[0]})")
-        raise typer.Exit(2) from None
-    raise typer.Exit(code or 0)
+    _run_process("serve", "server", "aqimodels.server.main", host, port)
 
 
 @app.command()
@@ -327,17 +313,21 @@ def worker(
     port: Annotated[int | None, typer.Option(help="Listen port.", show_default=False)] = None,
 ) -> None:
     """Run a training worker."""
-    kwargs: dict[str, Any] = {}
-    if host is not None:
-        kwargs["host"] = host
-    if port is not None:
-        kwargs["port"] = port
-    try:
-        from aqimodels.training.main import main as worker_main
+    _run_process("worker", "training", "aqimodels.training.main", host, port)
 
-        code = worker_main(**kwargs)
+
+def _run_process(command: str, extra: str, module: str, host: str | None, port: int | None) -> None:
+    """Runs the ``main`` of a server process (registry or worker) and exits with its code.
+
+    Its modules load here, after the configuration is read: a module missing anywhere in that
+    start-up is the missing extra, said so, not a traceback.
+    """
+    kwargs = {name: value for name, value in (("host", host), ("port", port)) if value is not None}
+    try:
+        process_main: Callable[..., int] = importlib.import_module(module).main
+        code = process_main(**kwargs)
     except ModuleNotFoundError as exc:
-        _err(f"`aqimodels worker` needs the training extra: pip install 'aqimodels[training]' "
+        _err(f"`aqimodels {command}` needs the {extra} extra: pip install 'aqimodels[{extra}]' "
              f"(missing module {(exc.name or str(exc)).split('.')[0]})")
         raise typer.Exit(2) from None
     raise typer.Exit(code or 0)
@@ -943,7 +933,7 @@ class _Merged:
         while self._ended < len(self._streams):
             kind, payload = self._queue.get()
             if kind == "event":
-                return payload  # type: ignore[no-any-return]
+                return payload  # type: ignore[no-any-return]  # the queue holds (kind, payload) of three kinds
             if kind == "error":
                 raise payload
             self._ended += 1

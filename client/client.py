@@ -24,23 +24,20 @@ import grpc
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.api.training.v1 import worker_pb2 as wpb
+from aqimodels.client.domain import MODEL_TYPES as MODEL_TYPES  # the vocabulary, also reached from here
+from aqimodels.client.domain import model_type_name as model_type_name
+from aqimodels.client.domain import model_type_value as model_type_value
 from aqimodels.client.errors import InvalidArgumentError, error_from_rpc
 
 T = TypeVar("T")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
-STAGES: dict[str, int] = {
+STAGES: dict[str, pb.Stage.ValueType] = {
     "none": pb.STAGE_NONE,
     "staging": pb.STAGE_STAGING,
     "production": pb.STAGE_PRODUCTION,
     "archived": pb.STAGE_ARCHIVED,
-}
-MODEL_TYPES: dict[str, int] = {
-    "xgboost": wpb.MODEL_TYPE_XGBOOST,
-    "lstm": wpb.MODEL_TYPE_LSTM,
-    "gnn": wpb.MODEL_TYPE_GNN,
-    "ensemble": wpb.MODEL_TYPE_ENSEMBLE,
 }
 
 
@@ -65,12 +62,12 @@ def request_state_value(state: str | int) -> pb.PromotionRequestState.ValueType:
     return value
 
 
-def stage_value(stage: str | int | None) -> int:
+def stage_value(stage: str | int | None) -> pb.Stage.ValueType:
     """The proto enum number of a stage given by name ("production") or number."""
     if stage is None or stage == "":
         return pb.STAGE_UNSPECIFIED
     if isinstance(stage, int):
-        return stage
+        return pb.Stage.ValueType(stage)
     try:
         return STAGES[stage.strip().lower()]
     except KeyError:
@@ -101,21 +98,7 @@ def event_type_name(value: int) -> str:
 
 
 def stage_name(value: int) -> str:
-    return {v: k for k, v in STAGES.items()}.get(value, "unspecified")
-
-
-def model_type_value(model_type: str | int) -> int:
-    if isinstance(model_type, int):
-        return model_type
-    try:
-        return MODEL_TYPES[model_type.strip().lower()]
-    except KeyError:
-        raise InvalidArgumentError(f"unknown model type {model_type!r}; use one of {', '.join(MODEL_TYPES)}",
-                                   field="model_types") from None
-
-
-def model_type_name(value: int) -> str:
-    return {v: k for k, v in MODEL_TYPES.items()}.get(value, "unspecified")
+    return {v: k for k, v in STAGES.items()}.get(pb.Stage.ValueType(value), "unspecified")
 
 
 def _channel_credentials(ca_cert: str | None, client_cert: str | None,
@@ -353,7 +336,7 @@ class RegistryClient:
     def list_jobs(self, *, state: int = 0, model_name: str = "", page_size: int = 0,
                   page_token: str = "") -> pb.ListRetrainJobsResponse:
         return self._unary(self._stub.ListRetrainJobs, pb.ListRetrainJobsRequest(
-            state=state, model_name=model_name, page_size=page_size, page_token=page_token))
+            state=pb.JobState.ValueType(state), model_name=model_name, page_size=page_size, page_token=page_token))
 
     def watch_job(self, job_id: str, after_sequence: int = 0,
                   timeout: float | None = None) -> Iterator[pb.RetrainEvent]:

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 from aqimodels.client.client import RegistryClient
+from aqimodels.client.domain import MODEL_TYPE_NAMES, registered_model_name
 from aqimodels.client.errors import AqiModelsError
 
-MODELS = ("aqi_predictor_xgboost", "aqi_predictor_lstm", "aqi_predictor_gnn", "aqi_predictor_ensemble")
+MODELS = tuple(registered_model_name(t) for t in MODEL_TYPE_NAMES)
 
 
 class DemoError(Exception):

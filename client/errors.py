@@ -145,7 +145,7 @@ def status_code_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC status code an error travels as (INTERNAL for anything outside the table)."""
     for cls in type(error).__mro__:
         if cls in ERROR_CODES:
-            return ERROR_CODES[cls]  # type: ignore[index]
+            return ERROR_CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -163,5 +163,5 @@ def error_from_rpc(error: grpc.RpcError) -> AqiModelsError:
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     except Exception:  # noqa: BLE001 - a call that never started has no metadata to read
         trailing = None
-    exc.request_id = next((str(item[1]) for item in (trailing or ()) if item[0] == "x-request-id"), "")  # type: ignore[attr-defined]
+    exc.request_id = next((str(item[1]) for item in (trailing or ()) if item[0] == "x-request-id"), "")  # type: ignore[attr-defined]  # the request id rides on the grpc exception object
     return exc

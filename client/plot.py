@@ -42,7 +42,7 @@ def plot_history(name: str, resp: pb.GetModelHistoryResponse, path: str | Path,
         for i, (version, periods) in enumerate(sorted(spans.items(), key=lambda kv: kv[1][0][0])):
             color = _COLORS[i % len(_COLORS)]
             for j, (start, end) in enumerate(periods):
-                ax.axvspan(mdates.date2num(start), mdates.date2num(end or now),  # type: ignore[no-untyped-call]
+                ax.axvspan(mdates.date2num(start), mdates.date2num(end or now),  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
                            color=color, alpha=0.22, lw=0,
                            label=f"v{version} in production" if j == 0 else None)
         value_of = {v: y for _, v, y in points}
@@ -51,8 +51,8 @@ def plot_history(name: str, resp: pb.GetModelHistoryResponse, path: str | Path,
             if version not in value_of:
                 continue
             for start, end in periods:  # the metric of the version serving at each moment
-                ax.hlines(value_of[version], mdates.date2num(start),  # type: ignore[no-untyped-call]
-                          mdates.date2num(end or now), colors="#1a5fb4", lw=3,  # type: ignore[no-untyped-call]
+                ax.hlines(value_of[version], mdates.date2num(start),  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
+                          mdates.date2num(end or now), colors="#1a5fb4", lw=3,  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
                           label=f"{metric} in production" if first else "_nolegend_", zorder=2)
                 first = False
         if points:
@@ -66,9 +66,9 @@ def plot_history(name: str, resp: pb.GetModelHistoryResponse, path: str | Path,
         ax.set_xlabel("time (UTC)")
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
-        locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]
+        locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
         ax.xaxis.set_major_locator(locator)
-        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
         out = Path(path)

@@ -12,12 +12,21 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client.client import model_type_name, stage_name
+from aqimodels.client.progress import JOB_STATES as JOB_STATES
+from aqimodels.client.progress import TERMINAL_STATES as TERMINAL_STATES
+from aqimodels.client.progress import JobProgress as JobProgress
+from aqimodels.client.progress import apply_event as apply_event
+from aqimodels.client.progress import eta_seconds as eta_seconds
+from aqimodels.client.progress import job_state_name as job_state_name
+from aqimodels.client.progress import job_state_value as job_state_value
+from aqimodels.client.values import MISSING as _MISSING
+from aqimodels.client.values import fmt_metric as fmt_metric
+from aqimodels.client.values import promotion_text as promotion_text
 from aqimodels.client.errors import InvalidArgumentError
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -35,17 +44,6 @@ KEY_METRICS: tuple[str, ...] = ("rmse", "mae", "r2", "accuracy")
 HORIZON_METRICS: tuple[str, ...] = ("rmse_h1", "rmse_h6", "rmse_h24")
 BASELINE_METRIC = "baseline_rmse"
 
-JOB_STATES: dict[str, int] = {
-    "queued": pb.JOB_STATE_QUEUED,
-    "running": pb.JOB_STATE_RUNNING,
-    "succeeded": pb.JOB_STATE_SUCCEEDED,
-    "failed": pb.JOB_STATE_FAILED,
-    "cancelled": pb.JOB_STATE_CANCELLED,
-    "interrupted": pb.JOB_STATE_INTERRUPTED,
-}
-TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED,
-                             pb.JOB_STATE_INTERRUPTED})
-
 _STAGE_STYLES = {"production": "bold green", "staging": "yellow", "archived": "dim", "none": ""}
 _STATE_STYLES = {"queued": "cyan", "running": "blue", "succeeded": "green", "failed": "bold red",
                  "cancelled": "yellow", "interrupted": "magenta"}
@@ -59,12 +57,6 @@ _SHORT_HEALTH = {
     pb.MODEL_HEALTH_NO_PRODUCTION: ("no prod", "yellow"),
     pb.MODEL_HEALTH_DEGRADED: ("DEGRADED", "bold red"),
 }
-_MISSING = "—"
-# Metrics that count things print without decimals.
-_COUNT_SUFFIXES = ("epochs", "samples", "stations", "rows", "hours", "size", "count", "rounds")
-# Metrics that measure (errors, scores, times): their whole values keep the decimals of their kind.
-_MEASURE_WORDS = ("rmse", "mae", "mse", "r2", "accuracy", "skill", "loss", "latency", "seconds", "throughput",
-                  "memory", "ratio", "rate", "margin", "value")
 
 
 # ---- plain values ----
@@ -74,21 +66,6 @@ def escape(text: str) -> str:
     from rich.markup import escape as rich_escape
 
     return rich_escape(text)
-
-
-def job_state_value(state: str | None) -> int:
-    """The proto enum number of a job state given by name ("running"); 0 for none."""
-    if not state:
-        return pb.JOB_STATE_UNSPECIFIED
-    try:
-        return JOB_STATES[state.strip().lower()]
-    except KeyError:
-        raise InvalidArgumentError(f"unknown job state {state!r}; use one of {', '.join(JOB_STATES)}",
-                                   field="state") from None
-
-
-def job_state_name(value: int) -> str:
-    return {v: k for k, v in JOB_STATES.items()}.get(value, "unspecified")
 
 
 def parse_versions(text: str | None) -> list[int]:
@@ -144,27 +121,6 @@ def absolute_time(ts: Timestamp, now: datetime | None = None) -> str:
     return f"{to_datetime(ts):%Y-%m-%d %H:%M:%S} UTC ({human_time(ts, now)})"
 
 
-def fmt_metric(name: str, value: float | None) -> str:
-    """A metric value for a table cell: accuracy as a percentage, r2 with 3 decimals, errors with 2."""
-    if value is None or math.isnan(value):
-        return _MISSING
-    if math.isinf(value):
-        return "∞" if value > 0 else "-∞"
-    if "accuracy" in name:
-        return f"{value * 100:.1f}%"
-    if name == "r2":
-        return f"{value:.3f}"
-    if value == int(value) and (name.endswith(_COUNT_SUFFIXES) or not any(w in name for w in _MEASURE_WORDS)):
-        return f"{int(value):,}"  # counts, epochs, sizes, flags: 6, not 6.00
-    if abs(value) >= 10_000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.1f}"
-    if abs(value) < 0.01:
-        return f"{value:.3g}"
-    return f"{value:.2f}"
-
-
 def metric_direction(direction: int) -> str:
     if direction == pb.METRIC_DIRECTION_LOWER_IS_BETTER:
         return "lower is better ↓"
@@ -189,21 +145,6 @@ def state_text(state: int) -> Text:
 
 def version_label(version: int) -> str:
     return f"v{version}" if version else _MISSING
-
-
-def promotion_text(decision: pb.PromotionDecision) -> str:
-    """The auto-promotion decision in one line."""
-    if not decision.considered:
-        return "not considered"
-    metric = decision.metric or "rmse"
-    cand = fmt_metric(metric, decision.candidate_value)
-    if decision.production_version:
-        against = f" vs v{decision.production_version} {fmt_metric(metric, decision.production_value)}"
-    else:
-        against = " (no production version)"
-    verdict = "promoted" if decision.promoted else "not promoted"
-    reason = f": {decision.reason}" if decision.reason else ""
-    return f"{verdict} ({metric} {cand}{against}){reason}"
 
 
 def to_dict(message: Message) -> dict[str, Any]:
@@ -263,7 +204,7 @@ def render_text(renderable: RenderableType, width: int = 160) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False,
                       legacy_windows=False)
     console.print(renderable)
-    out = console.file.getvalue()  # type: ignore[attr-defined]
+    out = console.file.getvalue()  # type: ignore[attr-defined]  # Console.file is the StringIO passed above
     return str(out)
 
 
@@ -342,7 +283,7 @@ def models_status_table(models: Sequence[pb.ModelStatus], now: datetime | None =
     table = Table(title=_STATUS_TITLE, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   padding=(0, 1), collapse_padding=True)
     for col, justify in _STATUS_COLUMNS:
-        table.add_column(col, justify=justify, no_wrap=col != "jobs")  # type: ignore[arg-type]
+        table.add_column(col, justify=justify, no_wrap=col != "jobs")  # type: ignore[arg-type]  # rich wants a Literal; the column tables hold its values as str
     for cells, style in _status_rows(models, now):
         table.add_row(escape(cells[0]), Text(cells[1], style=style), *cells[2:6], escape(cells[6]))
     return table
@@ -458,7 +399,7 @@ def workers_view(workers: Sequence[pb.WorkerStatus]) -> RenderableType:
     table = Table(title="Training workers", title_justify="left")
     columns, rows = _workers_rows(workers)
     for name, justify in columns:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]  # rich wants a Literal; the column tables hold its values as str
     for cells in rows:
         health = Text(cells[1], style="green" if cells[1] == "healthy" else "bold red")
         table.add_row(cells[0], health, *cells[2:-1], escape(cells[-1]))
@@ -474,7 +415,7 @@ def models_table(models: Sequence[pb.RegisteredModel], now: datetime | None = No
     table = Table(title="Registered models", title_justify="left")
     for col, justify in (("model", "left"), ("versions", "right"), ("latest", "right"),
                          ("production", "right"), ("staging", "right"), ("updated", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]  # rich wants a Literal; the column tables hold its values as str
     for m in models:
         table.add_row(m.name, str(m.version_count), version_label(m.latest_version),
                       Text(version_label(m.production_version), style="bold green" if m.production_version else ""),
@@ -683,144 +624,6 @@ def requests_table(requests: Sequence[pb.PromotionRequest], now: datetime | None
 
 # ---- retrain progress ----
 
-@dataclass
-class JobProgress:
-    """What the CLI knows about one retrain job from the events seen so far."""
-
-    job_id: str
-    model_type: str = "unspecified"
-    state: int = pb.JOB_STATE_UNSPECIFIED
-    phase: str = "waiting"
-    member: str = ""
-    epoch: int = 0
-    total: int = 0
-    loss: float | None = None
-    validation_rmse: float | None = None
-    elapsed: float | None = None
-    worker: str = ""
-    run_id: str = ""
-    version: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    promotion: str = ""
-    error: str = ""
-    last_sequence: int = 0
-    stopped_early: bool = False
-    best_epoch: int = 0
-
-    @property
-    def done(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-    @property
-    def description(self) -> str:
-        return f"{self.model_type:<9} {self.phase}"
-
-    @property
-    def completed(self) -> int:
-        return self.epoch
-
-
-def apply_event(jobs: dict[str, JobProgress], event: pb.RetrainEvent) -> JobProgress:
-    """Folds one RetrainEvent into the job's progress (creating it on its first event) and returns it."""
-    job = jobs.get(event.job_id)
-    if job is None:
-        job = jobs[event.job_id] = JobProgress(event.job_id)
-    if event.model_type:
-        job.model_type = model_type_name(event.model_type)
-    if event.state:
-        job.state = event.state
-    job.last_sequence = max(job.last_sequence, event.sequence)
-    kind = event.WhichOneof("event")
-    if kind == "queued":
-        q = event.queued
-        job.phase = f"queued #{q.position}" if q.position else "queued"
-        if q.reason and q.reason != "queued":
-            job.phase += f" ({q.reason})"
-    elif kind == "dispatched":
-        job.worker = event.dispatched.worker
-        job.phase = f"dispatched to {job.worker}"
-    elif kind == "progress":
-        _apply_train_event(job, event.progress)
-    elif kind == "succeeded":
-        s = event.succeeded
-        job.version = s.version.version or job.version
-        if s.version.metrics:
-            job.metrics = dict(s.version.metrics)
-        job.promotion = promotion_text(s.promotion)
-        job.phase = f"succeeded → v{job.version}" if job.version else "succeeded"
-        _note_early_stop(job)
-        if not event.state:
-            job.state = pb.JOB_STATE_SUCCEEDED
-    elif kind == "ended":
-        e = event.ended
-        if e.state:
-            job.state = e.state
-        job.error = e.reason or job.error
-        job.phase = job_state_name(job.state) + (f": {e.reason}" if e.reason else "")
-    return job
-
-
-def _apply_train_event(job: JobProgress, ev: Any) -> None:
-    kind = ev.WhichOneof("event")
-    if kind == "started":
-        job.run_id = ev.started.run_id
-        job.total = ev.started.total_steps or job.total
-        job.phase = "started"
-        if ev.started.worker_id and not job.worker:
-            job.worker = ev.started.worker_id
-    elif kind == "data_loaded":
-        d = ev.data_loaded
-        job.phase = f"data loaded: {d.stations} stations, {d.hours} h"
-    elif kind == "epoch":
-        e = ev.epoch
-        if e.member != job.member:
-            job.member = e.member
-        job.epoch = e.epoch
-        job.total = e.total_epochs or job.total
-        job.loss = e.loss
-        job.validation_rmse = e.validation_rmse
-        job.elapsed = e.elapsed_seconds
-        job.phase = f"training {e.member}" if e.member else "training"
-    elif kind == "evaluating":
-        job.phase = "evaluating"  # the bar keeps the epochs that ran: an early stop is not a completion
-    elif kind == "registering":
-        job.phase = "registering"
-    elif kind == "finished":
-        f = ev.finished
-        job.version = f.version
-        job.metrics = dict(f.metrics)
-        job.elapsed = f.training_seconds or job.elapsed
-        job.phase = f"registered v{f.version}"
-        _note_early_stop(job)
-    elif kind == "failed":
-        job.error = ev.failed.reason
-        job.phase = "failed" + (f" ({ev.failed.code})" if ev.failed.code else "")
-    elif kind == "cancelled":
-        job.error = ev.cancelled.reason
-        job.phase = "cancelled"
-
-
-def _note_early_stop(job: JobProgress) -> None:
-    """From the run's convergence metrics: how many epochs ran and whether training stopped early."""
-    ran, best = job.metrics.get("epochs_run"), job.metrics.get("best_epoch")
-    if ran is not None and not math.isnan(ran):
-        job.epoch = int(ran)
-    if best is not None and not math.isnan(best):
-        job.best_epoch = int(best)
-    job.stopped_early = bool(job.metrics.get("early_stopped")) or (job.total > 0 and 0 < job.epoch < job.total
-                                                                   and ran is not None)
-    if job.stopped_early and job.total:
-        job.phase += f" · {job.epoch}/{job.total}, stopped early" + (
-            f", best epoch {job.best_epoch}" if job.best_epoch else "")
-
-
-def eta_seconds(job: JobProgress) -> float | None:
-    """The time left at the rate so far (epochs per elapsed second), once there is a rate."""
-    if job.done or not job.total or job.epoch <= 0 or not job.elapsed or job.epoch >= job.total:
-        return None
-    return (job.total - job.epoch) * job.elapsed / job.epoch
-
-
 def progress_fields(job: JobProgress) -> dict[str, Any]:
     """The text fields of a job's progress bar."""
     eta = eta_seconds(job)
@@ -980,7 +783,7 @@ def history_view(name: str, resp: pb.GetModelHistoryResponse, now: datetime | No
                   title_justify="left")
     for col, justify in (("version", "right"), ("registered", "left"), ("stage", "left"), (metric, "right"),
                          ("in production", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]  # rich wants a Literal; the column tables hold its values as str
     for p in resp.points:
         periods = spans.get(p.version, [])
         when = "; ".join(f"{s:%Y-%m-%d %H:%M:%S} → " + (f"{e:%Y-%m-%d %H:%M:%S}" if e else "now")

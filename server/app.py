@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aqimodels.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from aqimodels.client.errors import BackendUnavailableError
+from aqimodels.process.shutdown import wait_for_stop_signal
 from aqimodels.server import auth, deadlines
 from aqimodels.server.approvals import Approvals
 from aqimodels.server.config import ServerConfig
@@ -32,6 +33,16 @@ from aqimodels.server.service import RegistryService
 from aqimodels.server.servicer import ModelRegistryServicer
 from aqimodels.server.webhook_delivery import DeliverySettings, WebhookDispatcher
 from aqimodels.server.webhooks import WebhookService, WebhookStore
+
+if TYPE_CHECKING:
+    from aqimodels.client.domain import Caller
+    from aqimodels.server.automation import Clock
+    from aqimodels.server.jobs import JobManager
+    from aqimodels.server.workers import WorkerPool
+
+# Builds the job manager and its worker pool (``jobs.jobs_factory``); kept out of the import of this
+# module, which ``aqimodels serve`` pays for before it knows whether retraining is on.
+JobsFactory = Callable[[ServerConfig, RegistryService, Database], "tuple[JobManager, WorkerPool]"]
 
 log = structlog.get_logger(__name__)
 
@@ -48,12 +59,12 @@ class RegistryServer:
     config: ServerConfig
     service: RegistryService
     health: health.HealthServicer
-    jobs: Any = None
-    workers: Any = None
-    monitor: Any = None
+    jobs: JobManager | None = None
+    workers: WorkerPool | None = None
+    monitor: Monitor | None = None
     events: EventLog | None = None
     metrics: Metrics | None = None  # metrics.port: the bound Prometheus port
-    webhooks: Any = None  # the webhook dispatcher (background delivery)
+    webhooks: WebhookDispatcher | None = None  # background delivery
     _stop_probe: threading.Event = field(default_factory=threading.Event)
     _probe: threading.Thread | None = None
     _backend_ok: bool = False
@@ -154,8 +165,8 @@ def _wait_for_databases(config: ServerConfig, store: MlflowModelStore, db: Datab
         time.sleep(min(1.0, left))
 
 
-def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory: Any = None,
-                  clock: Any = None) -> RegistryServer:
+def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory: JobsFactory | None = None,
+                  clock: Clock | None = None) -> RegistryServer:
     """Builds and starts the registry without blocking; returns it with its bound port.
 
     Args:
@@ -173,19 +184,18 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if metrics is not None:
         store.observer = metrics.observe_mlflow
     _wait_for_databases(config, store, db)
-    holder: dict[str, Any] = {}
+    jobs: JobManager | None = None  # set below; the service asks it for running jobs only once serving
+    workers: WorkerPool | None = None
     service = RegistryService(store, db, cache_ttl_seconds=config.cache_ttl_seconds,
                               health_max_age_seconds=max(2.0, 2.5 * config.health_interval_seconds),
                               reconcile_after_seconds=config.reconcile_after_seconds, fault_point=config.fault_point,
                               approvals=Approvals(db, config.approval_models, config.approval_expiry_seconds),
-                              running_jobs=lambda: holder["jobs"].running_by_model() if holder.get("jobs") else {})
+                              running_jobs=lambda: jobs.running_by_model() if jobs is not None else {})
     service.changes.reconcile_at_start()  # half-done promotions are settled before anything is served
-    jobs = workers = None
     if jobs_factory is not None:
         jobs, workers = jobs_factory(config, service, db)
         if metrics is not None:
             jobs.add_event_hook(metrics.on_retrain_event)
-        holder["jobs"] = jobs
     monitor = Monitor(config, service, db, jobs, clock=clock)
     events = EventLog(db, poll_seconds=min(0.5, config.monitor_poll_seconds))
     webhook_service, dispatcher = _webhooks(config, db, events)
@@ -197,13 +207,13 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         db.audit_record(actor=actor, role=role, action=rpc, model_name="", version=0, before={}, after={},
                         outcome="denied", request_id=current_request_id(), message=message)
 
-    def audit_rejection(caller: Any, rpc: str, message: str) -> None:
+    def audit_rejection(caller: Caller | None, rpc: str, message: str) -> None:
         """A change refused at the edge (its bytes are not the request) is on the audit trail."""
         if rpc not in auth.MUTATING_RPCS:
             return
         from aqimodels.server.interceptors import current_request_id
 
-        db.audit_record(actor=getattr(caller, "name", "anonymous"), role=getattr(caller, "role", ""), action=rpc,
+        db.audit_record(actor=caller.name if caller else "anonymous", role=caller.role if caller else "", action=rpc,
                         model_name="", version=0, before={}, after={}, outcome="rejected",
                         request_id=current_request_id(), message=message)
 
@@ -260,22 +270,14 @@ def _model_health(service: RegistryService) -> list[tuple[str, str, int]]:
     return out
 
 
-def serve(config: ServerConfig, jobs_factory: Any = None) -> int:
+def serve(config: ServerConfig, jobs_factory: JobsFactory | None = None) -> int:
     """Runs until SIGTERM or SIGINT, then drains and exits 0."""
     started = time.perf_counter()
     rs = create_server(config, jobs_factory=jobs_factory)
     log.info("registry_started", address=f"{config.host}:{rs.port}", tracking_uri=rs.service.store.tracking_uri,
              startup_ms=round((time.perf_counter() - started) * 1000),
              metrics_port=rs.metrics.port if rs.metrics is not None else None)
-    done = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    done.wait()
+    wait_for_stop_signal()
     rs.stop()
     log.info("registry_stopped")
     # Everything is drained and closed: skip the interpreter's teardown of its modules (0.5-0.8 s

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 import structlog
@@ -28,11 +28,14 @@ from sqlalchemy.exc import IntegrityError
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
-from aqimodels.client.client import model_type_value
+from aqimodels.client.domain import Caller, model_type_value
 from aqimodels.client.errors import AqiModelsError
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database, metadata
-from aqimodels.server.service import Caller, CleanupResult, RegistryService
+from aqimodels.server.service import CleanupResult, RegistryService
+
+if TYPE_CHECKING:
+    from aqimodels.server.jobs import JobManager
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +68,7 @@ class RetrainScheduler:
         clock: returns the current time as an aware datetime (injectable for tests).
     """
 
-    def __init__(self, config: ServerConfig, db: Database, jobs: Any, clock: Clock = utc_now) -> None:
+    def __init__(self, config: ServerConfig, db: Database, jobs: JobManager, clock: Clock = utc_now) -> None:
         self.expression = config.retrain_schedule
         self.config = config
         self.db = db
@@ -128,8 +131,7 @@ class RetrainScheduler:
     def _run(self, due: datetime) -> None:
         stamp = due.strftime("%Y-%m-%dT%H:%MZ")
         caller = Caller("scheduler", "admin", f"schedule-{stamp}")
-        request = pb.RetrainRequest(model_types=[wpb.ModelType.ValueType(model_type_value(m))
-                                                 for m in self.config.retrain_models],
+        request = pb.RetrainRequest(model_types=[model_type_value(m) for m in self.config.retrain_models],
                                     dataset=wpb.DatasetSpec(spec=self.config.retrain_dataset))
         models = ",".join(self.config.retrain_models) or "all"
         # Intent first, as every other change: the record exists before the jobs do.

@@ -333,9 +333,8 @@ class Changes:
                     v = by_number.get(write.version)
                     if v is None or v.aliases:
                         continue  # gone already, or aliased since: kept
-                elif write.current(model, by_number) == write.to:
-                    continue
-                elif write.op == "tag" and write.version not in by_number:
+                elif write.current(model, by_number) == write.to or (
+                        write.op == "tag" and write.version not in by_number):
                     continue
                 write.apply(name, w, write.to)
                 done.append(write.describe(write.to))
@@ -369,12 +368,12 @@ class Changes:
             after = json.loads(row["after"]) if isinstance(row["after"], str) else row["after"]
         except ValueError:
             after = {}
-        raw = after.get("plan") if isinstance(after, dict) else None
+        raw: dict[str, Any] | None = after.get("plan") if isinstance(after, dict) else None
         if mine is None and raw is None:
             self.db.audit_finish(row["id"], outcome="recovered", message="recovered: the change recorded no plan "
                                  "(written by an older registry); its state is as the store shows it")
             return 1
-        plan = mine.plan if mine is not None else Plan.from_json(raw)
+        plan = mine.plan if mine is not None else Plan.from_json(raw or {})  # raw is set when mine is not
         self._recover(row["id"], plan, row["request_id"], undo=mine.undo if mine is not None else None)
         return 1
 
@@ -418,7 +417,7 @@ class Changes:
             while not self._stop.wait(interval):
                 try:
                     self.reconcile(older_than_seconds=self.reconcile_after)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - the next round retries; nothing is lost
                     log.debug("reconcile_failed", error=str(exc)[:200])
 
         self._thread = threading.Thread(target=run, name="change-reconciler", daemon=True)

@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.server.domain import AuditRecord, BackendHealth, ModelVersion, RegisteredModel, Stage
-from aqimodels.server.interceptors import Wire
+from aqimodels.process.interceptors import Wire
 from aqimodels.server.monitoring import Alert, Health, History
 from aqimodels.server import promotion_policy
 from aqimodels.server.service import Comparison, ModelStatusView

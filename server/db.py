@@ -265,7 +265,7 @@ class Database:
             try:
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.close()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a broken session: dropped instead of returned to the pool
                 with contextlib.suppress(Exception):
                     conn.invalidate()
                     conn.close()

@@ -6,7 +6,7 @@ slow statements and lock waits, but a frozen server (SIGSTOP, a stalled host) en
 and its kernel still acknowledges every packet, so TCP timeouts never fire either: psycopg then
 waits for ever. Every wait of a psycopg connection made here is therefore also bounded on the
 client side, by the statement timeout shortened to the current call's budget
-(:mod:`aqimodels.server.deadlines`); a wait that runs out closes the connection (the server
+(:mod:`aqimodels.process.deadlines`); a wait that runs out closes the connection (the server
 drops it too, ``client_connection_check_interval``), and the error is a connection error that
 the callers turn into UNAVAILABLE. Closing, not cancelling: a cancel request needs the server
 to answer, and an open transaction whose COMMIT was not sent is rolled back by the server.
@@ -23,11 +23,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from aqimodels.server import deadlines
+from aqimodels.process import deadlines
 from sqlalchemy.pool import QueuePool
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,11 @@ class DbTimeouts:
     lock: float = 10.0
 
 
-def _bounded_psycopg_connection(timeouts: DbTimeouts) -> type:
+def _bounded_psycopg_connection(timeouts: DbTimeouts) -> type[psycopg.Connection[Any]]:
     import psycopg
     from psycopg import errors as e
 
-    class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg, misc]
+    class BoundedConnection(psycopg.Connection[Any]):
         """A psycopg connection whose every wait ends at the statement bound or the call's budget."""
 
         statement_bound: float = timeouts.statement
@@ -59,7 +62,7 @@ def _bounded_psycopg_connection(timeouts: DbTimeouts) -> type:
             while True:
                 if time.monotonic() >= end:
                     inner.close()
-                    raise e._WaitTimeout("connect timeout")  # noqa: SLF001 - psycopg reports ConnectionTimeout
+                    raise e._WaitTimeout("connect timeout")  # psycopg reports ConnectionTimeout
                 try:
                     value = inner.send((yield value))
                 except StopIteration as stop:
@@ -71,7 +74,7 @@ def _bounded_psycopg_connection(timeouts: DbTimeouts) -> type:
                 bound = timeout if bound is None else min(bound, timeout)
             try:
                 return super().wait(gen, interval=interval, timeout=bound)
-            except e._WaitTimeout:  # noqa: SLF001 - psycopg's own wait-timeout signal
+            except e._WaitTimeout:  # psycopg's own wait-timeout signal
                 if timeout is not None and bound == timeout:
                     raise  # a timeout the caller asked for itself (notifies)
                 self.pgconn.finish()  # the server stopped answering: drop the connection

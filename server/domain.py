@@ -80,14 +80,14 @@ class MetricValues(Mapping[str, float]):
 
     __slots__ = ("_index", "_values")
 
-    def __init__(self, index: dict[str, int], values: array.array) -> None:  # type: ignore[type-arg]
+    def __init__(self, index: dict[str, int], values: array.array[float]) -> None:
         self._index = index
         self._values = values
 
     def __getitem__(self, key: str) -> float:
-        return self._values[self._index[key]]  # type: ignore[no-any-return]
+        return self._values[self._index[key]]
 
-    def get(self, key: str, default: float | None = None) -> float | None:  # type: ignore[override]
+    def get(self, key: str, default: float | None = None) -> float | None:  # type: ignore[override]  # narrower than Mapping.get's overloads: a float or the default
         i = self._index.get(key)
         return default if i is None else self._values[i]
 
@@ -100,8 +100,8 @@ class MetricValues(Mapping[str, float]):
     def __len__(self) -> int:
         return len(self._index)
 
-    def items(self) -> Iterator[tuple[str, float]]:  # type: ignore[override]
-        return zip(self._index, self._values)
+    def items(self) -> Iterator[tuple[str, float]]:  # type: ignore[override]  # an iterator over the two arrays, not a view
+        return zip(self._index, self._values, strict=True)
 
     def __repr__(self) -> str:
         return f"MetricValues({dict(self.items())!r})"
@@ -119,7 +119,7 @@ def metric_values(names: Sequence[str], values: Sequence[float]) -> MetricValues
     if index is None:
         index = {n: i for i, n in enumerate(key)}
         if len(index) != len(key):  # a repeated name: the last value wins, as in a dict
-            merged = dict(zip(key, values))
+            merged = dict(zip(key, values, strict=True))
             return metric_values(list(merged), list(merged.values()))
         if len(_SCHEMAS) < _MAX_SCHEMAS:
             _SCHEMAS[key] = index
@@ -208,6 +208,6 @@ class AuditRecord:
 class Page:
     """One page of a listing and the opaque token of the next (empty on the last page)."""
 
-    items: list  # type: ignore[type-arg]
+    items: list  # type: ignore[type-arg]  # a page of any listing (models, versions, audit records)
     next_page_token: str
     total_size: int

@@ -38,7 +38,7 @@ import structlog
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.server.db import metadata
-from aqimodels.server.service import validate_name
+from aqimodels.client.domain import validate_name
 
 if TYPE_CHECKING:
     from aqimodels.server.db import Database

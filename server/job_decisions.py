@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
+from aqimodels.client.domain import MEMBER_TYPES, TYPE_NAMES, Caller, ModelType, registered_model_name
 from aqimodels.server import promotion_policy
 from aqimodels.server.domain import MODEL_TYPE_TAG, Stage
-from aqimodels.server.service import Caller
 
 if TYPE_CHECKING:
     from aqimodels.server.db import Database
@@ -25,17 +26,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-TYPE_NAMES = {wpb.MODEL_TYPE_XGBOOST: "xgboost", wpb.MODEL_TYPE_LSTM: "lstm", wpb.MODEL_TYPE_GNN: "gnn",
-              wpb.MODEL_TYPE_ENSEMBLE: "ensemble"}
-MEMBER_TYPES = (wpb.MODEL_TYPE_XGBOOST, wpb.MODEL_TYPE_LSTM, wpb.MODEL_TYPE_GNN)
 DECISION_TAG = "aqimodels.promotion_decision"
-
-
-def model_name_for(model_type: int, target: str = "") -> str:
-    """``aqi_predictor_<type>``; another target than PM2.5 as a suffix, ``aqi_predictor_<type>_no2``."""
-    name = f"aqi_predictor_{TYPE_NAMES[model_type]}"
-    target = target.strip().lower()
-    return name if target in ("", "pm25") else f"{name}_{target}"
 
 
 class JobDecisions:
@@ -43,9 +34,10 @@ class JobDecisions:
 
     service: RegistryService
     db: Database
+    _load: Callable[[str], pb.RetrainJob]  # the job manager's read of a stored job
 
     def _resolve_members(self, job: Any = None, target: str = "",
-                         retrained: list[int] | None = None) -> list[wpb.EnsembleMember]:
+                         retrained: list[ModelType] | None = None) -> list[wpb.EnsembleMember]:
         # The members trained in the same Retrain request (the jobs it waited for), else production;
         # before the jobs exist (``retrained``: the request's types), the production members only.
         same_request = {}
@@ -57,7 +49,7 @@ class JobDecisions:
         for t in MEMBER_TYPES:
             if retrained is not None and t in retrained:
                 continue
-            name = model_name_for(t, job.train_request.dataset.target if job is not None else target)
+            name = registered_model_name(t, job.train_request.dataset.target if job is not None else target)
             if t in same_request:
                 name, version = same_request[t]
             else:
@@ -113,7 +105,7 @@ class JobDecisions:
                    "evaluated_on": decision.evaluated_on, **({"promotion_request": requested} if requested else {})}
         try:
             self.service.store.set_tag(name, version, DECISION_TAG, json.dumps(payload))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the decision is still audited below
             log.warning("decision_tag_failed", model=name, version=version)
         self.db.audit_record(actor=caller.name, role=caller.role, action="AutoPromotion", model_name=name,
                              version=version, before={"production": decision.production_version or None},

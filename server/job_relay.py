@@ -67,10 +67,10 @@ class WorkerRelay:
     pool: WorkerPool
     service: RegistryService
 
-    def _emit(self, job: Job, state: int, **payload: Any) -> pb.RetrainEvent:
+    def _emit(self, job: Job, state: pb.JobState.ValueType, **payload: Any) -> pb.RetrainEvent:
         raise NotImplementedError  # JobManager's
 
-    def _end(self, job: Job, state: int, reason: str) -> None:
+    def _end(self, job: Job, state: pb.JobState.ValueType, reason: str) -> None:
         raise NotImplementedError  # JobManager's
 
     def _succeed(self, job: Job, finished: wpb.TrainFinished) -> None:
@@ -86,7 +86,7 @@ class WorkerRelay:
         job.handle, job.worker_generation = handle, handle.generation
         self._emit(job, pb.JOB_STATE_RUNNING, dispatched=pb.JobDispatched(worker=handle.target))
         try:
-            call = handle.stub.Train(job.train_request, metadata=self.pool.metadata(("x-request-id", job.proto.job_id)))
+            call = handle.connected().Train(job.train_request, metadata=self.pool.metadata(("x-request-id", job.proto.job_id)))
             if self._relay(job, call):
                 return False
         except grpc.RpcError as exc:
@@ -133,7 +133,7 @@ class WorkerRelay:
                           job.cancel_reason if job.cancel.is_set() else f"{gone} during the training")
                 return
             try:
-                call = handle.stub.AttachTraining(
+                call = handle.connected().AttachTraining(
                     wpb.AttachTrainingRequest(job_id=job.proto.job_id, after_sequence=job.worker_sequence),
                     metadata=self.pool.metadata(("x-request-id", job.proto.job_id)))
                 if self._relay(job, call):

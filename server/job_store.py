@@ -24,7 +24,7 @@ from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.server import convert
 from aqimodels.server.db import Database, job_events_table, jobs_table
-from aqimodels.server.job_decisions import TYPE_NAMES
+from aqimodels.client.domain import TYPE_NAMES
 
 log = structlog.get_logger(__name__)
 
@@ -168,12 +168,12 @@ class JobStore:
                                 .order_by(jobs_table.c.create_ms, jobs_table.c.job_id)).all()
         return [r[0] for r in rows]
 
-    def active_for_models(self, names: list[str]) -> list[tuple[str, str, int]]:
+    def active_for_models(self, names: list[str]) -> list[tuple[str, str, pb.JobState.ValueType]]:
         t = jobs_table
         with self.db.begin() as conn:
             rows = conn.execute(sa.select(t.c.job_id, t.c.model_name, t.c.state).where(
                 t.c.model_name.in_(names), t.c.state.in_(ACTIVE))).all()
-        return [(r[0], r[1], int(r[2])) for r in rows]
+        return [(r[0], r[1], pb.JobState.ValueType(r[2])) for r in rows]
 
     def page(self, size: int, state: int, model_name: str, last: list[Any] | None) -> list[tuple[bytes, int, str]]:
         t = jobs_table

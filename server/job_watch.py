@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.server.job_relay import Job
 from aqimodels.server.job_store import TERMINAL, JobStore
+from aqimodels.server.subscriptions import follow
 
 POLL_SECONDS = 0.5
 
@@ -72,20 +73,16 @@ class JobWatching:
             for ev in replay:
                 last = ev.sequence
                 yield ev
-            while not stop.is_set():
-                try:
-                    live = q.get(timeout=POLL_SECONDS)
-                except queue.Empty:
+            for live in follow(q, lambda: not stop.is_set(), POLL_SECONDS):
+                if live is None:  # nothing for a poll: still this replica's job?
                     if job.let_go.is_set():
                         break
-                    continue
-                if live is None:
-                    if job.let_go.is_set() and job.proto.state not in TERMINAL:
-                        break
-                    return
-                if live.sequence > last:
+                elif live.sequence > last:
                     last = live.sequence
                     yield live
+            else:  # the job's end here (or a stop): followed elsewhere only when let go of unfinished
+                if not (job.let_go.is_set() and job.proto.state not in TERMINAL):
+                    return
         finally:
             self._unsubscribe(job, q)
         if not stop.is_set():  # let go of: another replica continues the job, follow it there

@@ -36,19 +36,27 @@ from aqimodels.client.errors import (
     InvalidArgumentError,
     JobNotFoundError,
 )
+from aqimodels.client.domain import (
+    MEMBER_TYPES,
+    TYPE_NAMES,
+    Caller,
+    ModelType,
+    registered_model_name,
+    validate_metric,
+)
 from aqimodels.server import convert, promotion_policy
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
-from aqimodels.server.job_decisions import MEMBER_TYPES, TYPE_NAMES, JobDecisions, model_name_for
+from aqimodels.server.job_decisions import JobDecisions
 from aqimodels.server.job_leases import LeaseKeeper
 from aqimodels.server.job_relay import Job, WorkerRelay
 from aqimodels.server.job_store import ACTIVE, PERSIST_INTERVAL, TERMINAL, JobStore, StoredJob, now_ms
 from aqimodels.server.job_watch import JobWatching
 from aqimodels.server.paging import decode_token, encode_token, page_size
-from aqimodels.server.service import Caller, RegistryService, validate_metric
+from aqimodels.server.service import RegistryService
 from aqimodels.server.workers import WorkerHandle, WorkerPool
 
-__all__ = ["ACTIVE", "MEMBER_TYPES", "TERMINAL", "TYPE_NAMES", "JobManager", "jobs_factory", "model_name_for"]
+__all__ = ["ACTIVE", "TERMINAL", "JobManager", "jobs_factory"]
 
 log = structlog.get_logger(__name__)
 
@@ -199,7 +207,7 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
 
     # ---- events ----
 
-    def _emit(self, job: Job, state: int, **payload: Any) -> pb.RetrainEvent:
+    def _emit(self, job: Job, state: pb.JobState.ValueType, **payload: Any) -> pb.RetrainEvent:
         with job.lock:
             if job.let_go.is_set():  # another replica runs the job now: it emits, not this one
                 return pb.RetrainEvent(job_id=job.proto.job_id, sequence=job.proto.last_sequence, state=state)
@@ -222,11 +230,11 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
             for hook in self._event_hooks:
                 try:
                     hook(job.proto, event)
-                except Exception:  # noqa: BLE001 - an observer must never break a job
+                except Exception:  # an observer must never break a job
                     log.exception("event_hook_failed", job_id=job.proto.job_id)
         return event
 
-    def _end(self, job: Job, state: int, reason: str) -> None:
+    def _end(self, job: Job, state: pb.JobState.ValueType, reason: str) -> None:
         with job.lock:
             if job.proto.state in TERMINAL or job.let_go.is_set():
                 return
@@ -238,7 +246,7 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
         log.info("job_ended", job_id=job.proto.job_id, model=job.proto.model_name,
                  state=pb.JobState.Name(state), reason=reason)
 
-    def _audit_end(self, job: Job, state: int, reason: str) -> None:
+    def _audit_end(self, job: Job, state: pb.JobState.ValueType, reason: str) -> None:
         self.db.audit_record(
             actor=job.proto.requested_by or "anonymous", role="", action="RetrainJob",
             model_name=job.proto.model_name, version=job.proto.version, before={"job_id": job.proto.job_id},
@@ -311,8 +319,8 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
         (metrics, for one); the hook must be quick and must not touch the job manager."""
         self._event_hooks.append(hook)
 
-    def _requested_types(self, request: pb.RetrainRequest) -> list[int]:
-        types: list[int] = []
+    def _requested_types(self, request: pb.RetrainRequest) -> list[ModelType]:
+        types: list[ModelType] = []
         for t in request.model_types:
             if t not in TYPE_NAMES:
                 raise InvalidArgumentError(f"model_types holds an unknown model type {t}; use xgboost, lstm, "
@@ -332,9 +340,9 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
         return {"auto_promote": request.auto_promote or self.config.auto_promotion, "metric": metric,
                 "margin": margin, "allow_data_change": request.allow_data_change}
 
-    def _create_jobs(self, types: list[int], request: pb.RetrainRequest, caller: Caller,
+    def _create_jobs(self, types: list[ModelType], request: pb.RetrainRequest, caller: Caller,
                      settings: dict[str, Any]) -> list[Job]:
-        names = sorted(model_name_for(t, request.dataset.target) for t in types)
+        names = sorted(registered_model_name(t, request.dataset.target) for t in types)
         locks = [self.db.model_lock(f"retrain:{n}") for n in names]
         for lock in locks:
             lock.__enter__()
@@ -355,7 +363,7 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
             now = now_ms()
             for t in types:
                 job_id = "job-" + uuid.uuid4().hex[:12]
-                proto = pb.RetrainJob(job_id=job_id, model_type=t, model_name=model_name_for(t, request.dataset.target),
+                proto = pb.RetrainJob(job_id=job_id, model_type=t, model_name=registered_model_name(t, request.dataset.target),
                                       state=pb.JOB_STATE_QUEUED, dataset=request.dataset.spec or "synthetic",
                                       requested_by=caller.name)
                 proto.create_time.CopyFrom(convert.ts_from_ms(now))
@@ -577,7 +585,7 @@ class JobManager(JobDecisions, WorkerRelay, JobWatching):
         for hook in self._success_hooks:
             try:
                 hook(name, finished.version)
-            except Exception:  # noqa: BLE001 - a failing policy must not fail the finished job
+            except Exception:  # a failing policy must not fail the finished job
                 log.exception("success_hook_failed", model=name, version=finished.version)
 
 

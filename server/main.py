@@ -25,7 +25,7 @@ def main(host: str | None = None, port: int | None = None) -> int:
     if port is not None:
         overrides["port"] = port
     try:
-        config = dataclasses.replace(config, **overrides).checked()  # type: ignore[arg-type]
+        config = dataclasses.replace(config, **overrides).checked()  # type: ignore[arg-type]  # the overrides are host (str) and port (int), as the fields
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -34,7 +34,7 @@ def main(host: str | None = None, port: int | None = None) -> int:
     # is installed, as the worker needs it: 67 MB of the registry's resident memory and part of
     # its start-up. Marked absent here, pandas keeps its own string storage. The local worker is
     # its own process and loads pyarrow as usual.
-    sys.modules.setdefault("pyarrow", None)  # type: ignore[assignment]
+    sys.modules.setdefault("pyarrow", None)  # type: ignore[arg-type]  # None marks a module absent, which typeshed does not model
     from aqimodels.server.app import serve
     from aqimodels.server.jobs import jobs_factory
 

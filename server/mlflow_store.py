@@ -18,12 +18,14 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import Engine
 
 from aqimodels.client.errors import (
     AlreadyExistsError,
@@ -71,6 +73,10 @@ def _is_unavailable(exc: BaseException) -> bool:
             return True
         cur = cur.__cause__ or cur.__context__
     return False
+
+
+# Engines (MLflow caches one per store URI, shared by every store on it) already given our timeouts.
+_BOUND_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 class _QuietOutage(logging.Filter):
@@ -121,12 +127,12 @@ def _bounded_engine_first(uri: str, timeouts: DbTimeouts, registry: bool) -> Non
     if registry:
         from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as Store
     else:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as Store  # type: ignore[assignment]
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as Store  # type: ignore[assignment]  # the tracking store when the registry store's module is absent
     with Store._engine_map_lock:  # MLflow's own cache of one engine per URI
         if uri not in Store._engine_map:
             engine = create_sqlalchemy_engine(uri)  # type: ignore[no-untyped-call]  # connects to nothing yet
             bound_engine(engine, timeouts)
-            engine._aqimodels_bound = True
+            _BOUND_ENGINES.add(engine)
             Store._engine_map[uri] = engine
 
 
@@ -166,7 +172,6 @@ class MlflowModelStore:
         # Metrics of finished runs never change: cache them by run id.
         self._run_metrics: dict[str, MetricValues] = {}
         self._metrics_lock = threading.Lock()
-        self.call_count = 0
         # (operation, seconds) of every MLflow call, e.g. Metrics.observe_mlflow; set by create_server.
         self.observer: Callable[[str, float], None] | None = None
 
@@ -194,13 +199,12 @@ class MlflowModelStore:
             for store in (self._client._tracking_client.store, self._registry().store):
                 if isinstance(store, (RegistrySql, TrackingSql)):
                     for engine in (store.engine, getattr(store, "read_engine", None)):
-                        if engine is not None and not getattr(engine, "_aqimodels_bound", False):
+                        if engine is not None and engine not in _BOUND_ENGINES:
                             bound_engine(engine, self._timeouts)
-                            engine._aqimodels_bound = True
+                            _BOUND_ENGINES.add(engine)
             self._bound = True
 
     def _call(self, fn: Callable[[], T], *, name: str = "", version: int = 0) -> T:
-        self.call_count += 1
         if not self._bound:
             self._call_unbound(self._bind_engines)
         return self._call_unbound(fn, name=name, version=version, frame=2)
@@ -246,7 +250,7 @@ class MlflowModelStore:
         except BackendUnavailableError as exc:
             return BackendHealth(False, _redact(self.tracking_uri), exc.message,
                                  (time.perf_counter() - start) * 1000)
-        except Exception as exc:  # an unexpected failure still means "not healthy"
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure still means "not healthy", with its reason
             return BackendHealth(False, _redact(self.tracking_uri), _short(exc),
                                  (time.perf_counter() - start) * 1000)
         return BackendHealth(True, _redact(self.tracking_uri), "", (time.perf_counter() - start) * 1000)
@@ -264,7 +268,7 @@ class MlflowModelStore:
         out: list[RegisteredModel] = []
         token: str | None = None
         while True:
-            page = self._call(lambda: self._client.search_registered_models(
+            page = self._call(functools.partial(self._client.search_registered_models,
                 max_results=1000, order_by=["name ASC"], page_token=token))
             out.extend(_model(m) for m in page)
             token = page.token
@@ -285,7 +289,7 @@ class MlflowModelStore:
         token: str | None = None
         escaped = name.replace("'", "\\'")
         while True:
-            page = self._call(lambda: self._client.search_model_versions(
+            page = self._call(functools.partial(self._client.search_model_versions,
                 filter_string=f"name='{escaped}'", max_results=10000,
                 order_by=["version_number DESC"], page_token=token), name=name)
             raw.extend(page)
@@ -340,7 +344,7 @@ class MlflowModelStore:
         aliases: dict[str, int] = {}
         for alias in ("production", "staging"):
             try:
-                mv = self._call(lambda: self._client.get_model_version_by_alias(name, alias), name=name)
+                mv = self._call(functools.partial(self._client.get_model_version_by_alias, name, alias), name=name)
             except InvalidArgumentError:  # MLflow's answer for an alias that is not set
                 continue
             aliases[alias] = int(mv.version)
@@ -372,7 +376,7 @@ class MlflowModelStore:
         mv = self._call(lambda: self._client.get_model_version(name, str(version)), name=name, version=version)
         metrics = self.run_metrics([mv.run_id] if mv.run_id else [])
         return _version(mv, _aliases_by_version(model.aliases).get(version, ()),
-                        metrics.get(mv.run_id, metric_values((), ())))
+                        metrics.get(mv.run_id or "", metric_values((), ())))
 
     def run_metrics(self, run_ids: Iterable[str], model: str | None = None) -> dict[str, MetricValues]:
         """Latest metric values by run id; finished runs are cached for good.
@@ -398,7 +402,7 @@ class MlflowModelStore:
                 found = self._call(lambda: _sql_latest_metrics(sql, [], registry=registry, model=model),
                                    name=model or "")
             else:
-                found = self._call(lambda: _sql_latest_metrics(sql, chunk))
+                found = self._call(functools.partial(_sql_latest_metrics, sql, chunk))
             # keyed by the caller's run id strings (the versions hold the same ones): not a copy each
             same = {r: r for r in chunk} if chunk is not None else {r: r for r in missing}
             finished = {same.get(r, r): m for r, (status, m) in found.items()
@@ -431,7 +435,7 @@ class MlflowModelStore:
             run = found.get(run_id)
             if run is None:
                 try:
-                    run = self._call(lambda: self._client.get_run(run_id))
+                    run = self._call(functools.partial(self._client.get_run, run_id))
                 except ModelNotFoundError:
                     continue
             items = run.data.metrics.items()
@@ -463,7 +467,7 @@ class MlflowModelStore:
     # writes to models it has read as registered models, and validates names itself.
 
     def _registry(self) -> Any:
-        return self._client._get_registry_client()
+        return self._client._get_registry_client()  # type: ignore[no-untyped-call]  # MLflow's own accessor, unannotated
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         self._call(lambda: self._registry().set_registered_model_alias(name, alias, str(version)),
@@ -555,11 +559,6 @@ def _version(mv: Any, aliases: tuple[str, ...], metrics: MetricValues) -> ModelV
     )
 
 
-@functools.cache
-def mlflow_version() -> str:
-    return str(mlflow.__version__)
-
-
 def _timed(fn: Callable[[], T], observer: Callable[[str, float], None], operation: str) -> Callable[[], T]:
     def timed() -> T:
         start = time.perf_counter()
@@ -638,7 +637,7 @@ def _cut_into_runs(cursor: Any) -> dict[Any, MetricValues]:
             carry, rows = rows[cut:], rows[:cut]
             if not rows:
                 continue
-        group_col, key_col, value_col = zip(*rows)
+        group_col, key_col, value_col = zip(*rows, strict=True)
         start = 0
         for group, rows_of_group in itertools.groupby(group_col):
             end = start + sum(1 for _ in rows_of_group)

@@ -29,14 +29,21 @@ import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
-from aqimodels.client.client import model_type_value
+from aqimodels.client.domain import (
+    Caller,
+    model_type_of,
+    model_type_value,
+    validate_metric,
+    validate_name,
+    validate_version,
+)
 from aqimodels.client.errors import (
     AqiModelsError,
     FailedPreconditionError,
@@ -45,7 +52,7 @@ from aqimodels.client.errors import (
     VersionNotFoundError,
 )
 from aqimodels.server.automation import Clock, RetentionPolicy, RetrainScheduler, utc_now
-from aqimodels.server.config import MODEL_TYPE_NAMES, ServerConfig
+from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database, audit_table, metadata
 from aqimodels.server.domain import (
     PRODUCTION_ALIAS,
@@ -56,14 +63,11 @@ from aqimodels.server.domain import (
     tag_time,
     tag_time_ms,
 )
-from aqimodels.server.service import (
-    Caller,
-    CleanupResult,
-    RegistryService,
-    validate_metric,
-    validate_name,
-    validate_version,
-)
+from aqimodels.server.service import CleanupResult, RegistryService
+from aqimodels.server.subscriptions import follow
+
+if TYPE_CHECKING:
+    from aqimodels.server.jobs import JobManager
 
 log = structlog.get_logger(__name__)
 
@@ -207,7 +211,7 @@ class Monitor:
         clock: the time of the schedule and the retention policy (injectable for tests).
     """
 
-    def __init__(self, config: ServerConfig, service: RegistryService, db: Database, jobs: Any = None,
+    def __init__(self, config: ServerConfig, service: RegistryService, db: Database, jobs: JobManager | None = None,
                  clock: Clock | None = None) -> None:
         clock = clock or utc_now
         self.config = config
@@ -459,17 +463,17 @@ class Monitor:
 
     def _retrain(self, name: str, alert: Alert) -> None:
         """The degradation policy: retrain the model (in the background: submitting asks a worker)."""
-        type_name = next((t for t in MODEL_TYPE_NAMES if name == f"aqi_predictor_{t}"), None)
-        if type_name is None or self.jobs is None:
+        type_name, jobs = model_type_of(name), self.jobs
+        if type_name is None or jobs is None:
             log.warning("degradation_retrain_impossible", model=name,
                         reason="not a model the workers train" if type_name else "no job manager")
             return
 
         def run() -> None:
-            request = pb.RetrainRequest(model_types=[wpb.ModelType.ValueType(model_type_value(type_name))],
+            request = pb.RetrainRequest(model_types=[model_type_value(type_name)],
                                         dataset=wpb.DatasetSpec(spec=self.config.retrain_dataset))
             try:
-                job_ids = self.jobs.submit(request, Caller("degradation-policy", "admin", alert.id))
+                job_ids = jobs.submit(request, Caller("degradation-policy", "admin", alert.id))
                 log.info("degradation_retrain_started", model=name, job_ids=job_ids, alert_id=alert.id)
             except AqiModelsError as exc:
                 log.warning("degradation_retrain_not_started", model=name, reason=exc.message)
@@ -526,14 +530,9 @@ class Monitor:
         with self._subs_lock:
             self._subscribers.append(entry)
         try:
-            while context.is_active() and not self._stop.is_set():
-                try:
-                    alert = q.get(timeout=1.0)
-                except queue.Empty:
-                    continue
-                if alert is None:
-                    return
-                yield alert
+            for alert in follow(q, lambda: context.is_active() and not self._stop.is_set(), 1.0):
+                if alert is not None:
+                    yield alert
         finally:
             with self._subs_lock:
                 self._subscribers.remove(entry)

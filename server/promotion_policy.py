@@ -1,11 +1,11 @@
 """Like-for-like decisions: which versions were evaluated on the same data, and when a version may
 replace production. Domain code only (versions in, verdicts out); jobs and service call it.
 
-Every version trained since issue 12 carries its evaluation context as tags (written by the
+Every version trained by this worker carries its evaluation context as tags (written by the
 worker, ``aqimodels.training.runner.evaluation_context``): ``eval.dataset``,
 ``eval.data_fingerprint``, ``eval.stations``, ``eval.target``, ``eval.test_start``/``_end`` and
 ``eval.test_key``, the SHA-256 of exactly the rows it was scored on. Two versions are comparable
-when their test keys are equal. Versions registered before have no key; they are comparable
+when their test keys are equal. Versions registered by older workers have no key; they are comparable
 among themselves only (what the registry did before, for registries that hold nothing else).
 """
 

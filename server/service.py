@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import math
-import re
 import threading
 import time
 import zlib
@@ -37,10 +36,17 @@ from aqimodels.client.errors import (
     StaleVersionError,
     VersionNotFoundError,
 )
+from aqimodels.client.domain import (
+    MAX_NAME_LENGTH,
+    METRIC_NAME_RE,
+    Caller,
+    validate_metric,
+    validate_name,
+    validate_version,
+)
 from aqimodels.server.approvals import Approvals, PromotionRequest, on_committed
 from aqimodels.server.changes import Changes, Outcome, Plan, Write
 from aqimodels.server.db import Database
-from aqimodels.server.deadlines import NO_DEADLINE, Deadline
 from aqimodels.server.domain import (
     ARCHIVED_TAG,
     ARCHIVED_TIME_TAG,
@@ -62,10 +68,6 @@ from aqimodels.server.paging import MAX_PAGE_SIZE, SortedIndex, decode_token, en
 
 log = structlog.get_logger(__name__)
 
-MAX_NAME_LENGTH = 256
-_METRIC_RE = re.compile(r"^[A-Za-z0-9_.\-/ ]{1,250}$")
-
-
 class ModelStore(Protocol):
     """What the service needs of MLflow (implemented by ``MlflowModelStore``)."""
 
@@ -85,16 +87,6 @@ class ModelStore(Protocol):
     def delete_tag(self, name: str, version: int, key: str) -> None: ...
     def delete_version(self, name: str, version: int) -> None: ...
     def terminate_run(self, run_id: str, status: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: the token's name and role ("anonymous" without authentication)."""
-
-    name: str = "anonymous"
-    role: str = "admin"
-    request_id: str = ""
-    deadline: Deadline = NO_DEADLINE  # the call's budget: a change whose caller left writes nothing
 
 
 @dataclass(frozen=True)
@@ -226,36 +218,10 @@ class _Writes:
                         tags.pop(key, None)
                     else:
                         tags[key] = value
-                v = replace(v, aliases=new_aliases, tags=tags)
-            versions.append(v)
+                versions.append(replace(v, aliases=new_aliases, tags=tags))
+            else:
+                versions.append(v)
         return replace(snap, model=replace(snap.model, aliases=aliases), versions=versions, orders={}, numbers={})
-
-
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
-
-
-def validate_name(name: str, field_name: str = "name") -> str:
-    if not name or not name.strip():
-        raise InvalidArgumentError(f"{field_name} is required", field=field_name)
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidArgumentError(f"{field_name} is longer than {MAX_NAME_LENGTH} characters",
-                                   field=field_name)
-    if _CONTROL_CHARACTERS.search(name):
-        raise InvalidArgumentError(f"{field_name} contains control characters", field=field_name)
-    return name
-
-
-def validate_version(version: int, field_name: str = "version") -> int:
-    if version <= 0:
-        raise InvalidArgumentError(f"{field_name} must be a positive integer, got {version}", field=field_name)
-    return version
-
-
-def validate_metric(metric: str, field_name: str = "metric") -> str:
-    metric = metric or "rmse"
-    if not _METRIC_RE.match(metric):
-        raise InvalidArgumentError(f"{field_name} {metric[:50]!r} is not a valid metric name", field=field_name)
-    return metric
 
 
 def _now_ms() -> int:
@@ -287,7 +253,7 @@ class RegistryService:
         self.health_max_age = health_max_age_seconds
         self._cache = _Cache()
         self._cache_lock = threading.Lock()
-        self._running_jobs = running_jobs or (lambda: {})
+        self._running_jobs = running_jobs or dict
         self._degraded: set[str] = set()
         self._health: tuple[float, BackendHealth] | None = None
         self._load_cost: dict[str, float] = {}  # seconds of the last full load, per model ("" = model list)
@@ -1038,7 +1004,7 @@ def _parse_order_by(order_by: str) -> tuple[str, bool | None]:
         raise InvalidArgumentError(f"order_by {order_by[:60]!r} must be '<field> [asc|desc]'", field="order_by")
     field_name = parts[0]
     if field_name not in ("version", "create_time") and not (
-            field_name.startswith("metric.") and _METRIC_RE.match(field_name[len("metric."):] or "-")):
+            field_name.startswith("metric.") and METRIC_NAME_RE.match(field_name[len("metric."):] or "-")):
         raise InvalidArgumentError(
             f"order_by field {field_name[:60]!r} is unknown; use version, create_time or metric.<name>",
             field="order_by")
@@ -1052,8 +1018,8 @@ def _version_sort_key(field_name: str, descending: bool | None) -> Callable[[Mod
         return lambda v: ((-v.version if desc else v.version),)
     if field_name == "create_time":
         desc = True if descending is None else descending
-        sign = -1 if desc else 1
-        return lambda v: (sign * v.create_time_ms, sign * v.version)
+        order = -1 if desc else 1
+        return lambda v: (order * v.create_time_ms, order * v.version)
     metric = field_name[len("metric."):]
     desc = higher_is_better(metric) if descending is None else descending
     sign = -1.0 if desc else 1.0

@@ -5,30 +5,39 @@ Errors are raised as domain errors and mapped to status codes by the interceptor
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.registry.v1 import registry_pb2_grpc
+from aqimodels.client.domain import Caller
 from aqimodels.client.errors import InvalidArgumentError, UnimplementedError
 from aqimodels.server import convert
 from aqimodels.server import approvals, deadlines, events
 from aqimodels.server.domain import Stage
 from aqimodels.server.interceptors import Wire, current_caller, current_request_id
-from aqimodels.server.service import Caller, PromotionResult, RegistryService
+from aqimodels.server.service import PromotionResult, RegistryService
 from aqimodels.server.webhook_convert import delivery_to_proto, event_types_from_proto, webhook_to_proto
 
-SERVER_VERSION = "0.1.0"
+if TYPE_CHECKING:
+    from aqimodels.server.events import EventLog
+    from aqimodels.server.jobs import JobManager
+    from aqimodels.server.monitoring import Monitor
+    from aqimodels.server.webhooks import WebhookService
+    from aqimodels.server.workers import WorkerPool
+
+SERVER_VERSION = importlib.metadata.version("aqimodels")  # the installed distribution's
 
 
 def _caller(request_id: str = "") -> Caller:
     """Who calls, with the call's deadline; the request's own idempotency key wins over x-request-id."""
     rid = request_id[:200] or current_request_id()
     caller = current_caller()
-    if isinstance(caller, Caller):
+    if caller is not None:
         return Caller(caller.name, caller.role, rid, deadlines.current())
     return Caller(request_id=rid, deadline=deadlines.current())
 
@@ -53,8 +62,9 @@ def _stage_filter(value: int, field: str) -> Stage | None:
 class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     """The ModelRegistry RPCs over a RegistryService (and, once wired, a job manager)."""
 
-    def __init__(self, service: RegistryService, jobs: Any = None, workers: Any = None, monitor: Any = None,
-                 events: Any = None, webhooks: Any = None) -> None:
+    def __init__(self, service: RegistryService, jobs: JobManager | None = None, workers: WorkerPool | None = None,
+                 monitor: Monitor | None = None, events: EventLog | None = None,
+                 webhooks: WebhookService | None = None) -> None:
         self._service = service
         self._events = events
         self._jobs = jobs
@@ -66,7 +76,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     # The hot reads answer in wire format (see interceptors.Wire): the same bytes, sent as they are.
 
-    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> Wire:
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> Wire:  # type: ignore[override]  # answers with the wire bytes kept in the read model
         page, health = self._service.status(request.page_size, request.page_token, list(request.names),
                                             request.name_prefix)
         return convert.status_wire(page.items, health, self._workers.status() if self._workers is not None else [],
@@ -77,7 +87,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         return pb.ListModelsResponse(models=[convert.registered_model_to_proto(m) for m in page.items],
                                      next_page_token=page.next_page_token, total_size=page.total_size)
 
-    def ListModelVersions(self, request: pb.ListModelVersionsRequest,
+    def ListModelVersions(self, request: pb.ListModelVersionsRequest,  # type: ignore[override]  # the wire bytes, as above
                           context: grpc.ServicerContext) -> Wire:
         page = self._service.list_versions(request.name, request.page_size, request.page_token,
                                            _stage_filter(request.stage, "stage"), request.order_by)
@@ -98,7 +108,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         version = self._service.get_version(request.name, request.version)
         return pb.GetModelVersionResponse(version=convert.model_version_to_proto(version))
 
-    def CompareModelVersions(self, request: pb.CompareModelVersionsRequest,
+    def CompareModelVersions(self, request: pb.CompareModelVersionsRequest,  # type: ignore[override]  # the wire bytes, as above
                              context: grpc.ServicerContext) -> Wire:
         comparison = self._service.compare(request.name, list(request.versions), request.metric)
         return convert.comparison_wire(comparison)
@@ -141,7 +151,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     # ---- retrain and jobs ----
 
-    def _job_manager(self) -> Any:
+    def _job_manager(self) -> JobManager:
         if self._jobs is None:
             raise UnimplementedError("retraining is not available on this server: it was started without "
                                      "a job manager")
@@ -169,9 +179,9 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         return pb.CancelRetrainJobResponse(job=self._job_manager().cancel(request.job_id, request.reason,
                                                                           _caller()))
 
-    # ---- monitoring (issue 7) ----
+    # ---- monitoring ----
 
-    def _monitoring(self) -> Any:
+    def _monitoring(self) -> Monitor:
         if self._monitor is None:
             raise UnimplementedError("monitoring is not available on this server: it was started without a monitor")
         return self._monitor
@@ -206,7 +216,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     # ---- webhooks ----
 
-    def _webhook_service(self) -> Any:
+    def _webhook_service(self) -> WebhookService:
         if self._webhooks is None:
             raise UnimplementedError("webhooks are not available on this server: it was started without them")
         return self._webhooks

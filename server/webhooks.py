@@ -42,7 +42,7 @@ from aqimodels.server import paging
 from aqimodels.server.db import Database, audit_table, metadata
 from aqimodels.server.domain import Page
 from aqimodels.server.events import EventType
-from aqimodels.server.service import Caller, validate_name
+from aqimodels.client.domain import Caller, validate_name
 
 MAX_URL_LENGTH = 256  # the edge's cap on a name or identifier field (server/interceptors.py)
 MAX_SECRET_BYTES = 256

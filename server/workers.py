@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import structlog
@@ -38,13 +37,13 @@ log = structlog.get_logger(__name__)
 class WorkerHandle:
     target: str
     channel: grpc.Channel | None = None
-    stub: Any = None
+    stub: worker_pb2_grpc.TrainingWorkerStub | None = None
     capacity: int = 1
     running: int = 0
     healthy: bool = False
     message: str = "not probed yet"
     process: subprocess.Popen[bytes] | None = None
-    info: Any = None
+    info: worker_pb2.GetWorkerInfoResponse | None = None
     job_ids: set[str] = field(default_factory=set)
     dns_name: str = ""
     generation: int = 0  # the local worker: which process this is (1, 2, ... after each restart)
@@ -59,6 +58,12 @@ class WorkerHandle:
         self.channel = (grpc.secure_channel(target, creds, options=options) if creds is not None
                         else grpc.insecure_channel(target, options=options))
         self.stub = worker_pb2_grpc.TrainingWorkerStub(self.channel)
+
+    def connected(self) -> worker_pb2_grpc.TrainingWorkerStub:
+        """The stub of a worker that jobs are dispatched to (only connected handles are)."""
+        if self.stub is None:
+            raise RuntimeError(f"worker {self.target} was dispatched to before it was connected")
+        return self.stub
 
 
 class WorkerPool:
@@ -267,9 +272,9 @@ class WorkerPool:
 
     def validate(self, dataset: worker_pb2.DatasetSpec, window_hours: int) -> worker_pb2.ValidateDatasetResponse | None:
         """Asks a healthy worker to validate a dataset; None when no worker is available to ask."""
-        for handle in [w for w in self.workers if w.healthy and w.stub is not None]:
+        for handle, stub in [(w, w.stub) for w in self.workers if w.healthy and w.stub is not None]:
             try:
-                return handle.stub.ValidateDataset(
+                return stub.ValidateDataset(
                     worker_pb2.ValidateDatasetRequest(dataset=dataset, window_hours=window_hours), timeout=300,
                     metadata=self.metadata())
             except grpc.RpcError as exc:

@@ -12,12 +12,17 @@ import atexit
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from test_faults import ThrowawayPostgres
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -112,6 +117,21 @@ def postgres_or_skip() -> None:
         if _must_not_skip():
             pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required in CI but does not answer: {why}")
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 does not answer: {why}")
+
+
+@pytest.fixture
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    """A private PostgreSQL cluster that a fault test may stop and start (the shared one never)."""
+    from test_faults import PG_BIN, ThrowawayPostgres
+
+    postgres_or_skip()
+    if not (PG_BIN / "initdb").exists() or shutil.which("su") is None:
+        pytest.skip("PostgreSQL server binaries are not installed")
+    pg = ThrowawayPostgres()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
 
 
 @pytest.fixture
@@ -240,7 +260,7 @@ def make_certs(folder: Path) -> Certs:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -308,3 +328,53 @@ def serve_process(env: dict[str, str], cwd: Path | None = None) -> tuple[subproc
             return proc, port
     proc.kill()
     raise AssertionError("serve did not start within 120 s")
+
+
+def start_worker(tracking_uri: str, folder: Path, capacity: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+    port_file = folder / f"worker-{time.monotonic_ns()}.port"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "AQIMODELS_WORKER_CAPACITY": str(capacity),
+           "AQIMODELS_LOG_FORMAT": "json"}
+    proc = subprocess.Popen([sys.executable, "-m", "aqimodels.training.main", "--host", "127.0.0.1", "--port", "0",
+                             "--port-file", str(port_file)], env=env)
+    deadline = time.monotonic() + 120
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not start (exit code {proc.poll()})")
+        time.sleep(0.1)
+    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def wait_for_worker(reg: Registry, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = reg.client.status().workers  # type: ignore[attr-defined]
+        if workers and all(w.healthy for w in workers):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the worker never turned healthy")
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def registry_with_worker(folder: Path, template: Path) -> Iterator[Registry]:
+    """A registry on a copy of the template store, with one real worker process, for a module's
+    fixture to ``yield from``; both are stopped when the fixture ends."""
+    from aqimodels.server.jobs import jobs_factory
+
+    shutil.copy(template, folder / "mlflow.db")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    worker, target = start_worker(uri, folder)
+    reg = start_registry(uri, workers=(target,), jobs_factory=jobs_factory)
+    try:
+        wait_for_worker(reg)
+        yield reg
+    finally:
+        reg.client.close()  # type: ignore[attr-defined]
+        reg.server.stop(2)  # type: ignore[attr-defined]
+        stop_worker(worker)

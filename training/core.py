@@ -10,28 +10,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol
 
 import numpy as np
+
+from aqimodels.client.domain import registered_model_name
 
 HORIZON_HOURS = 24
 """Every model forecasts PM2.5 at hours +1..+24."""
 
-MODEL_TYPES: tuple[str, ...] = ("xgboost", "lstm", "gnn", "ensemble")
-"""The trainable model types, in training order (the ensemble after its members)."""
 
 REPORT_HORIZONS: tuple[int, ...] = (1, 6, 24)
 """Horizons (hours ahead) with their own metrics: ``rmse_h1``, ``rmse_h6``, ``rmse_h24`` ..."""
-
-
-DEFAULT_TARGET = "pm25"
-
-
-def registered_model_name(model_type: str, target: str = DEFAULT_TARGET) -> str:
-    """The registered MLflow model name of a model type, e.g. ``aqi_predictor_lstm``; a model of
-    another target pollutant than PM2.5 gets it as a suffix: ``aqi_predictor_lstm_no2``."""
-    base = f"aqi_predictor_{model_type}"
-    return base if target == DEFAULT_TARGET else f"{base}_{target}"
 
 
 @dataclass(frozen=True)
@@ -131,7 +121,7 @@ class Finished:
     training_seconds: float
 
 
-ProgressEvent = Union[Started, DataLoaded, EpochFinished, Evaluating, Registering, Finished]
+ProgressEvent = Started | DataLoaded | EpochFinished | Evaluating | Registering | Finished
 
 
 class TrainingCancelled(Exception):
@@ -160,7 +150,8 @@ class Split:
     @property
     def mask(self) -> np.ndarray:
         """True where the target was observed; losses and metrics use only these cells."""
-        return ~np.isnan(self.y)
+        observed: np.ndarray = ~np.isnan(self.y)
+        return observed
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

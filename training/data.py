@@ -63,8 +63,6 @@ from aqimodels.client.errors import InvalidArgumentError, quote
 from aqimodels.training.runtime import frame as _frame
 from aqimodels.training.runtime.frame import COLUMNS, POLLUTANTS, VALUE_COLUMNS, WEATHER, Grid  # noqa: F401 - public names
 
-REQUIRED_COLUMNS: tuple[str, ...] = ("station", "time", "pm25")
-"""Required with the default target; another target (``target=no2``) replaces ``pm25``."""
 
 DEFAULT_SYNTHETIC = {"stations": 6, "days": 90, "seed": 7}
 
@@ -121,15 +119,11 @@ class AirQualityData(Grid):
     def n_hours(self) -> int:
         return len(self.frame) // max(len(self.stations), 1)
 
-    def available_columns(self) -> list[str]:
-        """Value columns that have at least one value."""
-        return [c for c in VALUE_COLUMNS if self.frame[c].notna().any()]
-
     def slice(self, start: object = None, end: object = None) -> AirQualityData:
         """Hours in ``[start, end)`` (either may be None)."""
         return from_frame(self.frame.assign(
-            latitude=self.frame["station"].map(dict(zip(self.stations["station"], self.stations["latitude"]))),
-            longitude=self.frame["station"].map(dict(zip(self.stations["station"], self.stations["longitude"]))),
+            latitude=self.frame["station"].map(dict(zip(self.stations["station"], self.stations["latitude"], strict=True))),
+            longitude=self.frame["station"].map(dict(zip(self.stations["station"], self.stations["longitude"], strict=True))),
         ), spec=self.spec, start=start, end=end, target=self.target)
 
     def fingerprint(self) -> str:

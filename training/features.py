@@ -58,8 +58,6 @@ __all__ = ["FeaturePipeline", "build_features", "describe", "min_hours"]  # Feat
 MIN_ORIGINS = 20
 """The fewest forecast origins a dataset must yield (so every split has samples)."""
 COPY_LIMIT_BYTES = 512 * 2**20
-INDICATORS: tuple[str, ...] = ("pm25_missing",)
-"""The indicator of a PM2.5 model (another target's is ``<target>_missing``)."""
 
 
 def _invalid(message: str) -> InvalidArgumentError:

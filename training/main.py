@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from collections.abc import Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
@@ -19,12 +17,13 @@ from grpc_reflection.v1alpha import reflection
 
 from aqimodels.api.training.v1 import worker_pb2, worker_pb2_grpc
 from aqimodels.client import logs
-from aqimodels.server import auth
-from aqimodels.server.config import (
+from aqimodels.process import auth
+from aqimodels.process.health import HealthServicer
+from aqimodels.process.interceptors import ServerInterceptor
+from aqimodels.process.metrics import Metrics, endpoint_host
+from aqimodels.process.settings import (
     DEFAULT_TRACKING_URI,
     ConfigError,
-    _float,
-    _int,
     absolute_sqlite_uri,
     check_artifact_location,
     check_exposure,
@@ -32,11 +31,11 @@ from aqimodels.server.config import (
     check_tracking_uri,
     experiment_from_env,
     metrics_port_from_env,
+    parse_float,
+    parse_int,
     security_from_env,
 )
-from aqimodels.server.health_service import HealthServicer
-from aqimodels.server.interceptors import ServerInterceptor
-from aqimodels.server.metrics import Metrics, endpoint_host
+from aqimodels.process.shutdown import wait_for_stop_signal
 from aqimodels.training.servicer import TrainingWorkerServicer, WorkerConfig
 
 log = structlog.get_logger(__name__)
@@ -50,11 +49,11 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> WorkerConfig:
                                                             or DEFAULT_TRACKING_URI)),
         experiment_name=experiment_from_env(env),
         artifact_location=check_artifact_location(env.get("AQIMODELS_ARTIFACT_LOCATION", "").strip()) or None,
-        capacity=_int(env, "AQIMODELS_WORKER_CAPACITY", 1, 1, 64),
+        capacity=parse_int(env, "AQIMODELS_WORKER_CAPACITY", 1, 1, 64),
         host=check_host(env.get("AQIMODELS_WORKER_HOST", "").strip() or "127.0.0.1", "AQIMODELS_WORKER_HOST"),
-        port=_int(env, "AQIMODELS_WORKER_PORT", 50052, 0, 65535),
+        port=parse_int(env, "AQIMODELS_WORKER_PORT", 50052, 0, 65535),
         metrics_port=metrics_port_from_env(env, "AQIMODELS_WORKER_METRICS_PORT", "AQIMODELS_WORKER_PORT", 50052),
-        retain_seconds=_float(env, "AQIMODELS_WORKER_RETAIN_SECONDS", 1800.0, 1.0),
+        retain_seconds=parse_float(env, "AQIMODELS_WORKER_RETAIN_SECONDS", 1800.0, 1.0),
         registry_token=env.get("AQIMODELS_REGISTRY_TOKEN", "").strip(),
         **security_from_env(env),
     )
@@ -70,7 +69,7 @@ def create_worker(config: WorkerConfig, bind: str | None = None) -> tuple[grpc.S
     """
     metrics = Metrics("worker") if config.metrics_port is not None else None
     servicer = TrainingWorkerServicer(config) if metrics is None else MeteredWorkerServicer(config, metrics)
-    authenticate = auth.authenticator(config.tokens_file, None, "worker", config.registry_token)
+    authenticate = auth.authenticator(config.tokens_file, None, "worker", auth.WORKER_RPC_ROLES, config.registry_token)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="worker-rpc"),
                          interceptors=[ServerInterceptor(authenticate, metrics.observe_rpc if metrics else None)],
                          options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
@@ -134,14 +133,7 @@ def main(host: str | None = None, port: int | None = None, port_file: str | None
     log.info("worker_started", address=f"{config.host}:{bound}", capacity=config.capacity,
              metrics_port=servicer.metrics.port if isinstance(servicer, MeteredWorkerServicer) else None,
              tracking_uri=config.tracking_uri)
-    done = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    done.wait()
+    wait_for_stop_signal()
     servicer.stop_all()
     server.stop(10).wait()
     if isinstance(servicer, MeteredWorkerServicer):

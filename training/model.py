@@ -44,7 +44,7 @@ from aqimodels.training.runtime.model import (
     save_state,
 )
 from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 __all__ = [
     "OUTPUT_COLUMNS", "AqiForecastModel", "EnsembleForecastModel", "combine", "forecast_frame", "input_example",
@@ -63,10 +63,10 @@ def signature(target: str = "pm25") -> ModelSignature:
     """Raw long-format input (station, time, target required; ``time`` of any type, parsed like
     training: datetimes, ISO strings, timezone-aware) -> forecast rows, with the params."""
     optional = [c for c in VALUE_COLUMNS if c != target] + ["latitude", "longitude"]
-    inputs = Schema(
-        [ColSpec("string", "station"), ColSpec(AnyType(), "time"), ColSpec("double", target)]
-        + [ColSpec("double", c, required=False) for c in optional]
-    )
+    any_time = AnyType()  # type: ignore[no-untyped-call]  # mlflow's AnyType() is unannotated
+    columns: list[ColSpec | TensorSpec] = [ColSpec("string", "station"), ColSpec(any_time, "time"),
+                                           ColSpec("double", target)]
+    inputs = Schema(columns + [ColSpec("double", c, required=False) for c in optional])
     outputs = Schema([
         ColSpec("string", "station"), ColSpec("datetime", "origin_time"), ColSpec("datetime", "forecast_time"),
         ColSpec("long", "horizon"), ColSpec("double", target), ColSpec("double", "aqi"),

@@ -28,15 +28,15 @@ import resource
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+from aqimodels.client.domain import MODEL_TYPE_NAMES
 from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.core import (
     HORIZON_HOURS,
-    MODEL_TYPES,
     DataLoaded,
     EpochFinished,
     Evaluating,
@@ -70,7 +70,7 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 def _check_artifact_root(client: MlflowClient, exp_id: str) -> None:
     """Before any training: a local artifact folder that cannot be written would fail only at the end."""
     from aqimodels.client.errors import FailedPreconditionError, quote
-    from aqimodels.server.config import local_folder_problem
+    from aqimodels.process.settings import local_folder_problem
 
     location = client.get_experiment(exp_id).artifact_location or ""
     if location and (location.startswith("file:") or "://" not in location):
@@ -105,9 +105,9 @@ def _check(stop: threading.Event) -> None:
 
 def _prepare(job: TrainJob) -> tuple[AirQualityData, FeatureSet, FeaturePipeline, list[Any]]:
     """Everything that can fail on bad input, before MLflow is touched."""
-    if job.model_type not in MODEL_TYPES:
+    if job.model_type not in MODEL_TYPE_NAMES:
         raise InvalidArgumentError(
-            f"unknown model type {job.model_type!r}; expected one of {', '.join(MODEL_TYPES)}", field="model_types"
+            f"unknown model type {job.model_type!r}; expected one of {', '.join(MODEL_TYPE_NAMES)}", field="model_types"
         )
     members: list[Any] = []
     window = int(job.config.window_hours)
@@ -270,7 +270,7 @@ def run_training(
             "job_id": job.job_id, "target": fs.target, **sizes,
             **{f"extra_{k}": v for k, v in job.config.extra.items()},
         }
-        params.update({f"member_{n}": f"{r.model_name}:{r.version}" for n, r in zip(member_names, job.ensemble_members)})
+        params.update({f"member_{n}": f"{r.model_name}:{r.version}" for n, r in zip(member_names, job.ensemble_members, strict=True)})
         for key in ("max_epochs", "learning_rate", "batch_size", "early_stopping_patience", "hidden_size"):
             v = getattr(job.config, key)
             if v is not None:
@@ -413,13 +413,13 @@ def _params(params: dict[str, Any]) -> list[Any]:
 def _fit_ensemble(
     client: MlflowClient, run_id: str, job: TrainJob, data: AirQualityData, fs: FeatureSet,
     members: list[Any], names: list[str], stop: threading.Event,
-) -> Iterator[EpochFinished]:  # returns (model, test_pred, convergence) via StopIteration
+) -> Generator[EpochFinished, None, tuple[Any, np.ndarray, dict[str, float]]]:
     from aqimodels.training.model import EnsembleForecastModel
     from aqimodels.training.trainers.ensemble import fit_horizon_weights
 
     t0 = time.monotonic()
     val_preds, test_preds = [], []
-    for i, (m, name) in enumerate(zip(members, names), start=1):
+    for i, (m, name) in enumerate(zip(members, names, strict=True), start=1):
         _check(stop)
         pred, times = m.predict_dataset(data)
         order = [m.stations.index(s) for s in fs.stations]

@@ -11,6 +11,7 @@ are answered as INVALID_ARGUMENT; failures after the run started arrive as a ``f
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -26,12 +27,12 @@ import structlog
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.api.training.v1 import worker_pb2_grpc
 from aqimodels.client.errors import AqiModelsError, InvalidArgumentError, JobNotFoundError, ResourceExhaustedError, quote
+from aqimodels.client.domain import TYPE_NAMES
 from aqimodels.training import core
 
 log = structlog.get_logger(__name__)
 
-TYPES = {wpb.MODEL_TYPE_XGBOOST: "xgboost", wpb.MODEL_TYPE_LSTM: "lstm", wpb.MODEL_TYPE_GNN: "gnn",
-         wpb.MODEL_TYPE_ENSEMBLE: "ensemble"}
+TYPES = TYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def event_to_proto(ev: core.ProgressEvent, seq: int) -> wpb.TrainEvent:
     elif isinstance(ev, core.Finished):
         out.finished.CopyFrom(wpb.TrainFinished(
             model_name=ev.model_name, version=ev.version, run_id=ev.run_id, model_uri=ev.model_uri,
-            metrics={k: float(v) for k, v in ev.metrics.items() if v == v}, training_seconds=ev.training_seconds))
+            metrics={k: float(v) for k, v in ev.metrics.items() if not math.isnan(v)}, training_seconds=ev.training_seconds))
     else:  # pragma: no cover - a new event type without a converter is a bug
         raise TypeError(f"unknown progress event {ev!r}")
     return out
@@ -306,7 +307,7 @@ class TrainingWorkerServicer(worker_pb2_grpc.TrainingWorkerServicer):
                 raise
             out = wpb.TrainEvent(sequence=seq + 1, failed=wpb.TrainFailed(reason=exc.message[:2000],
                                                                           code=exc.code.name))
-        except Exception as exc:  # noqa: BLE001 - reported as a failed event with the reason
+        except Exception as exc:  # reported as a failed event with the reason
             log.exception("training_failed", job_id=job.job_id)
             out = wpb.TrainEvent(sequence=seq + 1, failed=wpb.TrainFailed(
                 reason=f"{type(exc).__name__}: {exc}"[:2000], code="INTERNAL"))

@@ -151,7 +151,7 @@ def metric_value(metrics: Any, name: str) -> float | None:
 
 
 def health_name(health: int) -> str:
-    return pb.ModelHealth.Name(health).removeprefix("MODEL_HEALTH_").lower() if health else "unknown"  # type: ignore[arg-type]
+    return pb.ModelHealth.Name(pb.ModelHealth.ValueType(health)).removeprefix("MODEL_HEALTH_").lower() if health else "unknown"
 
 
 def lineage(mv: pb.ModelVersion) -> list[tuple[str, str]]:

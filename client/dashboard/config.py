@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from aqimodels.client.addresses import is_loopback
 from aqimodels.client.client import DEFAULT_TARGET
 
 DEFAULT_PORT = 8080
@@ -66,7 +66,7 @@ class DashboardConfig:
             if env.get(var, "").strip():
                 values[key] = env[var].strip()
         values.update({k: v for k, v in given.items() if v is not None})
-        config = cls(**values)  # type: ignore[arg-type]
+        config = cls(**values)  # type: ignore[arg-type]  # values checked one by one above, typed per field
         return config.checked()
 
     def checked(self) -> DashboardConfig:
@@ -88,11 +88,3 @@ class DashboardConfig:
         return self
 
 
-def is_loopback(host: str) -> bool:
-    """True for loopback names and addresses (the dashboard's default, like the registry's)."""
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

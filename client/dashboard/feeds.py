@@ -40,7 +40,7 @@ _RETRYABLE = (BackendUnavailableError, DeadlineExceededError, CancelledError)
 def state_name(state: int) -> str:
     if state not in pb.JobState.values():
         return "unknown"
-    return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+    return pb.JobState.Name(pb.JobState.ValueType(state)).removeprefix("JOB_STATE_").lower()
 
 
 def num(x: float) -> float | None:

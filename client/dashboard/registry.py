@@ -19,7 +19,8 @@ import grpc.aio
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.api.training.v1 import worker_pb2 as wpb
-from aqimodels.client.client import _channel_credentials, model_type_value, stage_value
+from aqimodels.client.client import _channel_credentials, stage_value
+from aqimodels.client.domain import model_type_value
 from aqimodels.client.errors import error_from_rpc
 
 T = TypeVar("T")
@@ -107,7 +108,7 @@ class AsyncRegistry:
     async def list_versions(self, token: str | None, name: str, *, stage: str | None = None, order_by: str = "",
                             page_size: int = 50, page_token: str = "") -> pb.ListModelVersionsResponse:
         return await self._unary("ListModelVersions", pb.ListModelVersionsRequest(
-            name=name, stage=stage_value(stage),  # type: ignore[arg-type]
+            name=name, stage=stage_value(stage),
             order_by=order_by, page_size=page_size, page_token=page_token), token, pb.ListModelVersionsResponse)
 
     async def compare(self, token: str | None, name: str, versions: Sequence[int],
@@ -140,7 +141,7 @@ class AsyncRegistry:
     async def promote(self, token: str | None, name: str, version: int, stage: str, *,
                       expected_current_version: int | None, reason: str = "") -> pb.PromoteModelVersionResponse:
         request = pb.PromoteModelVersionRequest(name=name, version=version,
-                                                stage=stage_value(stage),  # type: ignore[arg-type]
+                                                stage=stage_value(stage),
                                                 request_id=uuid.uuid4().hex, reason=reason)
         if expected_current_version is not None:
             request.expected_current_version = expected_current_version
@@ -166,7 +167,7 @@ class AsyncRegistry:
     async def start_retrain(self, token: str | None, model_types: Sequence[str], *, dataset: str = "",
                             max_epochs: int = 0, auto_promote: bool = False) -> list[str]:
         """Starts one job per model type and returns their ids (the jobs go on without this stream)."""
-        request = pb.RetrainRequest(model_types=[model_type_value(t) for t in model_types],  # type: ignore[misc]
+        request = pb.RetrainRequest(model_types=[model_type_value(t) for t in model_types],
                                     dataset=wpb.DatasetSpec(spec=dataset), auto_promote=auto_promote,
                                     params=wpb.TrainParams(max_epochs=max_epochs), request_id=uuid.uuid4().hex)
         wanted = len(request.model_types) or len(wpb.ModelType.keys()) - 1

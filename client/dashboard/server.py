@@ -14,7 +14,8 @@ import structlog
 import uvicorn
 from aqimodels.client import logs
 from aqimodels.client.dashboard.app import create_app
-from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError, is_loopback
+from aqimodels.client.addresses import is_loopback
+from aqimodels.client.dashboard.config import DashboardConfig, DashboardConfigError
 from aqimodels.client.dashboard.registry import AsyncRegistry
 from aqimodels.client.errors import AqiModelsError, UnauthenticatedError
 from starlette.applications import Starlette
@@ -76,7 +77,7 @@ def _uvicorn(config: DashboardConfig, **extra: object) -> uvicorn.Server:
     app = create_app(config)
     ssl = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls else {}
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                         timeout_graceful_shutdown=3, **ssl, **extra))  # type: ignore[arg-type]
+                                         timeout_graceful_shutdown=3, **ssl, **extra))  # type: ignore[arg-type]  # uvicorn.Config's keywords, passed through
 
 
 def settle_heap(server: uvicorn.Server) -> None:

@@ -30,7 +30,7 @@ from aqimodels.server.domain import ARCHIVED_TAG, PREVIOUS_PRODUCTION_TAG
 from aqimodels.server.jobs import jobs_factory
 from aqimodels.server.mlflow_store import MlflowModelStore
 from conftest import Registry, realistic_metrics, serve_process, start_registry
-from test_faults import ThrowawayPostgres, throwaway_postgres  # noqa: F401 - the fixture
+from test_faults import ThrowawayPostgres
 
 PROMOTION_WRITES = 5  # previous-production tag, the alias (commit), archived + time of the old, promoted time
 ROLLBACK_WRITES = 5  # the alias (commit), un-archive + promoted time of the previous, archive + time of the old
@@ -92,7 +92,7 @@ def fail_at(action: str, index: int) -> Any:
 def test_a_promotion_failing_before_any_of_its_writes_is_recovered(sqlite_registry: Registry, index: int) -> None:
     reg, client = sqlite_registry, sqlite_registry.client
     name = "aqi_predictor_xgboost"
-    v1, v2, v3 = seed_production(reg.store, client, name)  # type: ignore[arg-type]
+    _v1, v2, v3 = seed_production(reg.store, client, name)  # type: ignore[arg-type]
     reg.server.service.changes.fault = fail_at("PromoteModelVersion", index)  # type: ignore[attr-defined]
     try:
         answer: object = client.promote(name, v3, "production", expected_current_version=v2)  # type: ignore[attr-defined]
@@ -117,7 +117,7 @@ def test_a_promotion_failing_before_any_of_its_writes_is_recovered(sqlite_regist
 def test_a_rollback_failing_before_any_of_its_writes_is_recovered(sqlite_registry: Registry, index: int) -> None:
     reg, client = sqlite_registry, sqlite_registry.client
     name = "aqi_predictor_lstm"
-    v1, v2, v3 = seed_production(reg.store, client, name)  # type: ignore[arg-type]
+    _v1, v2, v3 = seed_production(reg.store, client, name)  # type: ignore[arg-type]
     client.promote(name, v3, "production")  # type: ignore[attr-defined]  # production v3, previous v2
     reg.server.service.changes.fault = fail_at("RollbackModel", index)  # type: ignore[attr-defined]
     try:
@@ -195,7 +195,7 @@ def test_a_registry_killed_between_any_two_writes_leaves_a_change_the_restart_co
             proc, port = serve_process({**env, "AQIMODELS_FAULT_POINT": f"{point[0]}:{point[1]}"} if point else env)
             with RegistryClient(f"127.0.0.1:{port}", timeout=30) as client:
                 if previous is not None:  # the change the last process was killed in
-                    name, (v1, v2, v3) = models[previous]
+                    name, (_v1, v2, v3) = models[previous]
                     took = _wait_settled(client, name)
                     versions = check_consistent(client, name)
                     record = last_record(client, name, previous[0])
@@ -211,7 +211,7 @@ def test_a_registry_killed_between_any_two_writes_leaves_a_change_the_restart_co
                         rollback_works(client, name)
                         check_consistent(client, name, rollback_possible=False)
                     break
-                name, (v1, v2, v3) = models[point]
+                name, (_v1, v2, v3) = models[point]
                 with pytest.raises(BackendUnavailableError):
                     if point[0] == "PromoteModelVersion":
                         client.promote(name, v3, "production", expected_current_version=v2)
@@ -414,7 +414,7 @@ def test_postgres_stopped_mid_promotion_is_rolled_forward_when_it_is_back_and_a_
     client: RegistryClient = reg.client  # type: ignore[assignment]
     try:
         name = "aqi_predictor_xgboost"
-        v1, v2, v3, v4 = reg.seed(name, [realistic_metrics(i) for i in range(4)])
+        _v1, _v2, v3, v4 = reg.seed(name, [realistic_metrics(i) for i in range(4)])
         client.promote(name, v3, "production")
 
         def stop_database(action: str, index: int) -> None:
@@ -460,8 +460,8 @@ def test_a_frozen_postgres_answers_unavailable_within_the_deadline_flips_health_
         client.promote(name, v1, "production")
         assert client.health() == "SERVING"
         calls = {
-            "GetStatus": lambda: impatient.status(),
-            "ListModels": lambda: impatient.list_models(),
+            "GetStatus": impatient.status,
+            "ListModels": impatient.list_models,
             "ListModelVersions": lambda: impatient.list_versions(name),
             "GetModelVersion": lambda: impatient.get_version(name, v1),
             "CompareModelVersions": lambda: impatient.compare(name),
@@ -469,8 +469,8 @@ def test_a_frozen_postgres_answers_unavailable_within_the_deadline_flips_health_
             "PromoteToProduction": lambda: impatient.promote(name, v3, "production", expected_current_version=v1),
             "RollbackModel": lambda: impatient.rollback(name),
             "CleanupModelVersions": lambda: impatient.cleanup(name, keep_last=1),
-            "ListAuditEvents": lambda: impatient.audit_events(),
-            "ListRetrainJobs": lambda: impatient.list_jobs(),
+            "ListAuditEvents": impatient.audit_events,
+            "ListRetrainJobs": impatient.list_jobs,
             "GetRetrainJob": lambda: impatient.get_job("job-000000000000"),
         }
         pids = freeze(pg)
@@ -592,7 +592,7 @@ def test_more_calls_than_pooled_connections_on_a_frozen_postgres_each_answer_una
         pids = []
         thawed = time.monotonic()
         while _timed_code(lambda: callers[4.0].list_versions(name))[0] != "OK" \
-                or _timed_code(lambda: callers[4.0].audit_events())[0] != "OK":
+                or _timed_code(callers[4.0].audit_events)[0] != "OK":
             assert time.monotonic() - thawed < 30, "the registry did not recover within 30 s"
             time.sleep(0.05)
     finally:

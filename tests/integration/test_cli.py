@@ -398,7 +398,7 @@ def test_ctrl_c_at_any_moment_of_the_start_exits_130_quietly() -> None:
         for delay in (0.0, 0.01, 0.03, 0.1, 0.3, 1.2):
             proc = subprocess.Popen([str(AQIMODELS), "--target", target, "--timeout", "30", "list"],
                                     env=_subprocess_env(target), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - Ctrl-C back to default in the child (a background shell ignores it); no other way before exec
             _wait_until_mapped(proc.pid, "cygrpc")
             time.sleep(delay)
             proc.send_signal(signal.SIGINT)
@@ -585,7 +585,7 @@ def test_ctrl_c_while_following_detaches_and_tells_how_to_watch_again(
     # without job control inherits SIGINT ignored, and Python then installs no Ctrl-C handler.
     proc = subprocess.Popen([str(AQIMODELS), "jobs", "watch", "job1-slow"], env=_subprocess_env(reg.target),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - Ctrl-C back to default in the child (a background shell ignores it); no other way before exec
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the first event line: the stream is live
     assert "job1-slow" in line
@@ -609,7 +609,7 @@ def test_detaching_from_several_jobs_offers_one_command_for_all(
         scripted.jobs[slow] = scripted.jobs[source]
     proc = subprocess.Popen([str(AQIMODELS), "jobs", "watch", "job1-slow", "job2-slow"],
                             env=_subprocess_env(reg.target), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - Ctrl-C back to default in the child (a background shell ignores it); no other way before exec
     assert proc.stdout is not None
     seen = {proc.stdout.readline().split(" ", 1)[0] for _ in range(2)}  # both streams are live
     assert seen <= {"job1-slow", "job2-slow"}

@@ -29,11 +29,10 @@ def readme_variables() -> list[str]:
             continue
         previous = ""
         for name in re.findall(r"`([A-Z_][A-Z0-9_]*)`", line.split("|")[1]):
-            if name.startswith("_") and previous:
-                name = previous.rsplit("_", 1)[0] + name
-            if name.startswith(("AQIMODELS_", "MLFLOW_")):
-                found.append(name)
-                previous = name
+            full = previous.rsplit("_", 1)[0] + name if name.startswith("_") and previous else name
+            if full.startswith(("AQIMODELS_", "MLFLOW_")):
+                found.append(full)
+                previous = full
     return found
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from conftest import serve_process
-from test_retrain import SMALL, start_worker, stop_worker
+from conftest import serve_process, start_worker, stop_worker
+from test_retrain import SMALL
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
@@ -364,7 +364,7 @@ def test_a_queued_job_is_taken_over_by_the_replica_that_has_a_worker(sqlite_uri:
         assert job.worker == target and job.version == 1
         events = list(b.client.watch_job(job_id))
         _assert_complete(events)
-        assert [e.queued.reason for e in events if e.WhichOneof("event") == "queued"][0] == "queued"
+        assert next(e.queued.reason for e in events if e.WhichOneof("event") == "queued") == "queued"
     finally:
         for reg in (a, b):
             if reg is not None:

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,7 +27,7 @@ from aqimodels.client import RegistryClient
 from aqimodels.client.errors import AqiModelsError, DeadlineExceededError, NotFoundError
 from aqimodels.server.db import Database
 from aqimodels.server.jobs import jobs_factory
-from conftest import postgres_or_skip, realistic_metrics, serve_process, start_registry
+from conftest import realistic_metrics, serve_process, start_registry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SMALL = "synthetic:stations=4,days=30,seed=3"
@@ -276,18 +275,6 @@ class ThrowawayPostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture
-def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
-    postgres_or_skip()
-    if not (PG_BIN / "initdb").exists() or shutil.which("su") is None:
-        pytest.skip("PostgreSQL server binaries are not installed")
-    pg = ThrowawayPostgres()
-    try:
-        yield pg
-    finally:
-        pg.destroy()
-
-
 def _code(call: object) -> str:
     try:
         call()  # type: ignore[operator]
@@ -307,16 +294,16 @@ def test_an_unreachable_database_answers_unavailable_and_both_recover_without_a_
         assert client.health() == "SERVING"
         client.promote(name, v1, "production")
         calls = {
-            "GetStatus": lambda: client.status(),
-            "ListModels": lambda: client.list_models(),
+            "GetStatus": client.status,
+            "ListModels": client.list_models,
             "ListModelVersions": lambda: client.list_versions(name),
             "GetModelVersion": lambda: client.get_version(name, v1),
             "CompareModelVersions": lambda: client.compare(name),
             "PromoteModelVersion": lambda: client.promote(name, v2, "staging"),
             "RollbackModel": lambda: client.rollback(name),
             "CleanupModelVersions": lambda: client.cleanup(name, keep_last=1, dry_run=True),
-            "ListAuditEvents": lambda: client.audit_events(),
-            "ListRetrainJobs": lambda: client.list_jobs(),
+            "ListAuditEvents": client.audit_events,
+            "ListRetrainJobs": client.list_jobs,
             "GetRetrainJob": lambda: client.get_job("job-000000000000"),
             "Retrain": lambda: next(iter(client.retrain(["xgboost"], dataset=SMALL))),
         }

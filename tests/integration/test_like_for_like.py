@@ -5,18 +5,15 @@ members of their own request (issue 12). A real registry, a real worker process,
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Registry, start_registry
-from test_retrain import start_worker, stop_worker, wait_for_worker
+from conftest import Registry, registry_with_worker
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.client import FailedPreconditionError, InvalidArgumentError
-from aqimodels.server.jobs import jobs_factory
 
 FAST = wpb.TrainParams(max_epochs=3, window_hours=12)
 HOME = "synthetic:stations=4,days=20,seed=3"
@@ -27,18 +24,7 @@ NAME = "aqi_predictor_xgboost"
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory, _sqlite_template: Path) -> Iterator[Registry]:
-    folder = tmp_path_factory.mktemp("like-for-like")
-    shutil.copy(_sqlite_template, folder / "mlflow.db")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    worker, target = start_worker(uri, folder)
-    reg = start_registry(uri, workers=(target,), jobs_factory=jobs_factory)
-    try:
-        wait_for_worker(reg)
-        yield reg
-    finally:
-        reg.client.close()  # type: ignore[attr-defined]
-        reg.server.stop(2)  # type: ignore[attr-defined]
-        stop_worker(worker)
+    yield from registry_with_worker(tmp_path_factory.mktemp("like-for-like"), _sqlite_template)
 
 
 def _retrain(reg: Registry, types: list[str], dataset: str, **kw: object) -> dict[int, pb.RetrainEvent]:
@@ -116,7 +102,7 @@ def test_an_ensemble_combines_the_members_of_its_own_request_and_records_them(sy
 def test_a_retrain_names_its_target_and_refuses_an_unknown_one_before_any_job(system: Registry) -> None:
     c = system.client  # type: ignore[attr-defined]
     before = len(c.list_jobs(page_size=1000).jobs)
-    with pytest.raises(InvalidArgumentError, match="dataset.target 'so4'"):
+    with pytest.raises(InvalidArgumentError, match=r"dataset\.target 'so4'"):
         _retrain(system, ["xgboost"], HOME, target="so4")
     assert len(c.list_jobs(page_size=1000).jobs) == before
     out = _retrain(system, ["xgboost"], HOME, target="no2")[wpb.MODEL_TYPE_XGBOOST].succeeded

@@ -18,7 +18,7 @@ from aqimodels.api.training.v1 import worker_pb2_grpc
 from aqimodels.client import NotFoundError
 from aqimodels.server.config import ConfigError, ServerConfig
 from aqimodels.server.jobs import jobs_factory
-from aqimodels.server.metrics import Metrics
+from aqimodels.process.metrics import Metrics
 from aqimodels.training.main import MeteredWorkerServicer, config_from_env, create_worker
 from aqimodels.training.servicer import WorkerConfig
 

@@ -350,7 +350,8 @@ def test_retention_dry_run_by_age_and_count_with_an_injected_clock(sqlite_uri: s
 
 def test_retention_after_retrains_keeps_aliased_versions_and_the_last_n(
         tmp_path_factory: pytest.TempPathFactory, _sqlite_template: Path) -> None:
-    from test_retrain import FAST, SMALL, start_worker, stop_worker, wait_for_worker
+    from test_retrain import FAST, SMALL
+    from conftest import start_worker, stop_worker, wait_for_worker
 
     folder = tmp_path_factory.mktemp("retention")
     shutil.copy(_sqlite_template, folder / "mlflow.db")

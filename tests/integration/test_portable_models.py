@@ -238,7 +238,7 @@ def _glitched(example: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     that hour missing instead."""
     g = example.copy()
     times = sorted(g["time"].unique())
-    for t, v in zip(times[-4:], (380.0, 420.0, 461.0, 3.0)):
+    for t, v in zip(times[-4:], (380.0, 420.0, 461.0, 3.0), strict=True):
         g.loc[g["time"] == t, "pm25"] = v
     missing = g.copy()
     missing.loc[missing["time"] == times[-1], "pm25"] = np.nan

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from aqimodels.client import RegistryClient
+from aqimodels.client.errors import AqiModelsError
 from conftest import serve_process
 
 AQIMODELS = str(Path(sys.executable).with_name("aqimodels"))
@@ -38,16 +39,15 @@ def test_serve_runs_a_local_worker_and_stops_cleanly_on_sigterm(tmp_path: Path) 
         assert proc.wait(30) == 0
         assert (tmp_path / "mlruns" / "mlflow.db").exists()
         # the local worker went with it
-        with RegistryClient(worker_target) as gone:
-            with pytest.raises(Exception):
-                gone.health(timeout=2)
+        with RegistryClient(worker_target) as gone, pytest.raises(AqiModelsError):
+            gone.health(timeout=2)
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
 def test_a_bad_environment_value_stops_serve_with_a_message(tmp_path: Path) -> None:
-    result = subprocess.run([AQIMODELS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    result = subprocess.run([AQIMODELS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
                             env={**os.environ, "AQIMODELS_PORT": "not-a-port"})
     assert result.returncode != 0
     assert "AQIMODELS_PORT" in result.stderr
@@ -66,9 +66,8 @@ def test_the_readme_token_example_leaves_the_local_worker_working(tmp_path: Path
     (tmp_path / "tokens.toml").write_text(toml_entry("ci-deployer", "admin", token))
     proc, port = _serve(tmp_path, AQIMODELS_TOKENS_FILE="tokens.toml")
     try:
-        with RegistryClient(f"127.0.0.1:{port}") as anonymous:
-            with pytest.raises(UnauthenticatedError):
-                anonymous.status()
+        with RegistryClient(f"127.0.0.1:{port}") as anonymous, pytest.raises(UnauthenticatedError):
+            anonymous.status()
         with RegistryClient(f"127.0.0.1:{port}", token=token) as client:
             deadline = time.monotonic() + 90
             while not (client.status().workers and client.status().workers[0].healthy):

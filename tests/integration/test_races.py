@@ -167,7 +167,7 @@ def test_two_registry_processes_on_one_postgres_database_serialise_promotions(
                 except Exception as exc:  # noqa: BLE001 - reported below, with the target
                     failures.append(f"{target}: {type(exc).__name__}: {exc}")
 
-            waiting = [threading.Thread(target=promote, args=(t, v)) for t, v in zip(targets, idle[:2])]
+            waiting = [threading.Thread(target=promote, args=(t, v)) for t, v in zip(targets, idle[:2], strict=True)]
             for t in waiting:
                 t.start()
             time.sleep(1.5)
@@ -237,7 +237,7 @@ def test_a_repeated_retrain_request_id_streams_the_first_jobs(sqlite_uri: str) -
                     s = c.retrain(["xgboost", "lstm"], dataset="synthetic", request_id=request_id)
                     seen.append({next(s).job_id, next(s).job_id})
                     s.close()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread that joins
                 errors.append(exc)
 
         threads = [threading.Thread(target=retry) for _ in range(6)]

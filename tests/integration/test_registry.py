@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.metadata
 import math
 import shutil
 import threading
@@ -40,7 +41,7 @@ def test_status_of_an_empty_registry_says_nothing_is_registered(registry: Regist
     assert list(status.models) == []
     assert status.backend.healthy
     assert "mlflow.db" in status.backend.tracking_uri or "postgresql" in status.backend.tracking_uri
-    assert status.server_version
+    assert status.server_version == importlib.metadata.version("aqimodels")
 
 
 def test_status_lists_models_with_production_staging_and_latest(registry: Registry) -> None:

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import realistic_metrics, start_registry
-from test_retrain import SMALL, start_worker, stop_worker, wait_for_worker
+from conftest import realistic_metrics, start_registry, start_worker, stop_worker, wait_for_worker
+from test_retrain import SMALL
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb

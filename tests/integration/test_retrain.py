@@ -6,16 +6,12 @@ these tests follow, watch, cancel and auto-promote through the real client.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Registry, start_registry
+from conftest import Registry, registry_with_worker, start_registry
 
 from aqimodels.api.registry.v1 import registry_pb2 as pb
 from aqimodels.api.training.v1 import worker_pb2 as wpb
@@ -26,52 +22,9 @@ SMALL = "synthetic:stations=4,days=30,seed=3"
 FAST = wpb.TrainParams(max_epochs=3)
 
 
-def start_worker(tracking_uri: str, folder: Path, capacity: int = 1) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = folder / f"worker-{time.monotonic_ns()}.port"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "AQIMODELS_WORKER_CAPACITY": str(capacity),
-           "AQIMODELS_LOG_FORMAT": "json"}
-    proc = subprocess.Popen([sys.executable, "-m", "aqimodels.training.main", "--host", "127.0.0.1", "--port", "0",
-                             "--port-file", str(port_file)], env=env)
-    deadline = time.monotonic() + 120
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"worker did not start (exit code {proc.poll()})")
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
-
-
-def wait_for_worker(reg: Registry, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        workers = reg.client.status().workers  # type: ignore[attr-defined]
-        if workers and all(w.healthy for w in workers):
-            return
-        time.sleep(0.2)
-    raise AssertionError("the worker never turned healthy")
-
-
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory, _sqlite_template: Path) -> Iterator[Registry]:
-    folder = tmp_path_factory.mktemp("retrain")
-    shutil.copy(_sqlite_template, folder / "mlflow.db")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    worker, target = start_worker(uri, folder)
-    reg = start_registry(uri, workers=(target,), jobs_factory=jobs_factory)
-    try:
-        wait_for_worker(reg)
-        yield reg
-    finally:
-        reg.client.close()  # type: ignore[attr-defined]
-        reg.server.stop(2)  # type: ignore[attr-defined]
-        stop_worker(worker)
+    yield from registry_with_worker(tmp_path_factory.mktemp("retrain"), _sqlite_template)
 
 
 def _by_job(events: list[pb.RetrainEvent]) -> dict[str, list[pb.RetrainEvent]]:

@@ -197,10 +197,10 @@ def test_refuses_to_listen_beyond_loopback_without_a_token_file(tmp_path: Path) 
     ServerConfig(host="::1").checked()  # loopback is fine
     env = {**os.environ, "AQIMODELS_WORKERS": "none"}
     result = subprocess.run([AQIMODELS, "serve", "--host", "0.0.0.0"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60, env=env)
+                            text=True, timeout=60, env=env, check=False)
     assert result.returncode == 2 and "AQIMODELS_TOKENS_FILE" in result.stderr
     result = subprocess.run([sys.executable, "-m", "aqimodels.training.main", "--host", "0.0.0.0"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60, env=env)
+                            capture_output=True, text=True, timeout=60, env=env, check=False)
     assert result.returncode == 2 and "aqimodels token create" in result.stderr
 
 

@@ -87,7 +87,7 @@ def _glitched(example: pd.DataFrame) -> pd.DataFrame:
     """A polluted episode ending in the one-hour dip of the Beijing glitch (461 -> 3) at the origin."""
     g = example.copy()
     times = sorted(g["time"].unique())
-    for t, v in zip(times[-4:], (380.0, 420.0, 461.0, 3.0)):
+    for t, v in zip(times[-4:], (380.0, 420.0, 461.0, 3.0), strict=True):
         g.loc[g["time"] == t, "pm25"] = v
     return g
 

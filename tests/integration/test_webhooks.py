@@ -38,7 +38,7 @@ def readme_verifier() -> Callable[..., bool]:
     text = (ROOT / "README.md").read_text()
     (code,) = [b for b in re.findall(r"^```python\n(.*?)^```", text, re.DOTALL | re.MULTILINE) if "def verify_aqimodels_signature" in b]
     scope: dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own code is what is tested
+    exec(compile(code, "README.md", "exec"), scope)  # the README's own code is what is tested
     return scope["verify_aqimodels_signature"]  # type: ignore[no-any-return]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import start_registry
-from test_retrain import SMALL, start_worker, stop_worker
+from conftest import start_registry, start_worker, stop_worker
+from test_retrain import SMALL
 
 from aqimodels.api.training.v1 import worker_pb2 as wpb
 from aqimodels.server.jobs import JobManager

@@ -87,7 +87,7 @@ def test_file_missing_columns_named(tmp_path) -> None:
 def test_file_without_any_pm25(tmp_path) -> None:
     path = tmp_path / "d.csv"
     _frame().assign(pm25=np.nan).to_csv(path, index=False)
-    with pytest.raises(InvalidArgumentError, match="no PM2.5"):
+    with pytest.raises(InvalidArgumentError, match=r"no PM2\.5"):
         load_dataset(str(path))
 
 

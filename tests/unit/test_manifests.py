@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from aqimodels.server.config import ServerConfig
-from aqimodels.server.metrics import REGISTRY_METRICS_PORT, WORKER_METRICS_PORT
+from aqimodels.process.metrics import REGISTRY_METRICS_PORT, WORKER_METRICS_PORT
 from aqimodels.training.servicer import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION"}
 def code_env_names() -> set[str]:
     """Every AQIMODELS_* / MLFLOW_* name the processes read (quoted in their configuration code)."""
     names: set[str] = set()
-    for rel in ("server/config.py", "server/main.py", "training/main.py", "client/cli.py"):
+    for rel in ("server/config.py", "process/settings.py", "server/main.py", "training/main.py", "client/cli.py"):
         names |= set(re.findall(r"\"((?:AQIMODELS|MLFLOW)_[A-Z_]+)\"", (ROOT / rel).read_text()))
     return names
 
@@ -291,3 +291,11 @@ def test_dockerfile_is_multi_stage_cpu_torch_non_root_with_healthcheck() -> None
     exposed = {int(p) for line in final if line.upper().startswith("EXPOSE") for p in line.split()[1:]}
     assert {REGISTRY_PORT, WORKER_PORT, REGISTRY_METRICS_PORT, WORKER_METRICS_PORT} <= exposed
     assert "CMD [\"aqimodels\", \"serve\"]" in text
+
+
+def test_the_image_build_context_holds_every_package_folder() -> None:
+    """.dockerignore is an allow-list: a package folder missing from it builds an image that cannot start."""
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    allowed = {line[1:].strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    tops = {folder.split("/")[0] for folder in folders}
+    assert tops <= allowed, f"missing from .dockerignore: {sorted(tops - allowed)}"

@@ -313,7 +313,7 @@ def test_knn_graph_on_a_line() -> None:
     # pairs are 0-1, 1-0, 2-1 and 3-2, i.e. undirected edges {0-1, 1-2, 2-3}.
     coords = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 3.0], [0.0, 10.0]])
     edge_index, edge_weight = knn_graph(coords, k=1)
-    pairs = {(int(a), int(b)): float(w) for a, b, w in zip(*edge_index, edge_weight)}
+    pairs = {(int(a), int(b)): float(w) for a, b, w in zip(*edge_index, edge_weight, strict=True)}
     assert set(pairs) == {(0, 1), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2)}
     assert pairs[(0, 1)] == pytest.approx(1.0)
     assert pairs[(1, 2)] == pytest.approx(0.5)

@@ -41,7 +41,7 @@ AQI_POLLUTANTS: tuple[str, ...] = tuple(BREAKPOINTS)
 """Pollutants that can be a model's target (the AQI needs their breakpoints)."""
 
 PM25_BREAKPOINTS: tuple[tuple[float, float, float, float], ...] = tuple(
-    (lo, hi, i_lo, i_hi) for (lo, hi), (i_lo, i_hi) in zip(BREAKPOINTS["pm25"][2], _INDEX))
+    (lo, hi, i_lo, i_hi) for (lo, hi), (i_lo, i_hi) in zip(BREAKPOINTS["pm25"][2], _INDEX, strict=True))
 
 
 def to_aqi(x: np.ndarray | float, pollutant: str = "pm25") -> np.ndarray | float:
@@ -52,7 +52,7 @@ def to_aqi(x: np.ndarray | float, pollutant: str = "pm25") -> np.ndarray | float
     c = np.clip(np.asarray(x, dtype=np.float64), 0, None) * factor
     c = np.floor(c / step + 1e-9) * step
     out = np.full(c.shape, np.nan)
-    for (c_lo, c_hi), (i_lo, i_hi) in zip(table, _INDEX):
+    for (c_lo, c_hi), (i_lo, i_hi) in zip(table, _INDEX, strict=True):
         # each segment covers [c_lo, next c_lo); the gaps between segments fall to the lower one
         sel = (c >= c_lo - 1e-12) & (c <= c_hi + step * 0.999) & np.isnan(out)
         out[sel] = i_lo + (i_hi - i_lo) / (c_hi - c_lo) * (np.minimum(c[sel], c_hi) - c_lo)

@@ -10,7 +10,7 @@ try:
     from aqimodels.client.errors import InvalidArgumentError as _Base
 except ImportError:  # a portable model loaded without aqimodels
 
-    class _Base(ValueError):  # type: ignore[no-redef]
+    class _Base(ValueError):  # type: ignore[no-redef]  # the stand-in when aqimodels is not installed
         def __init__(self, message: str, field: str = "") -> None:
             super().__init__(message)
             self.message = message

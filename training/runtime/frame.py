@@ -157,9 +157,11 @@ class Grid:
     def times(self) -> np.ndarray:
         """The hours of the grid, datetime64[ns] ``[T]``."""
         s = len(self.stations)
-        return self.frame["time"].to_numpy(dtype="datetime64[ns]")[: len(self.frame) // max(s, 1)]
+        hours: np.ndarray = self.frame["time"].to_numpy(dtype="datetime64[ns]")[: len(self.frame) // max(s, 1)]
+        return hours
 
     def column(self, name: str) -> np.ndarray:
         """One value column as float64 ``[T, S]`` (NaN where missing)."""
         s = len(self.stations)
-        return self.frame[name].to_numpy(dtype=np.float64).reshape(s, -1).T
+        values: np.ndarray = self.frame[name].to_numpy(dtype=np.float64).reshape(s, -1).T
+        return values

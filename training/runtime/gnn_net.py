@@ -62,7 +62,7 @@ class GNNNet(nn.Module):
         edge_index, edge_weight = self.batched_graph(x.shape[0])
         # Models pickled before attention have no conv_kind: they were built with GCNConv.
         edge_attr = edge_weight[:, None] if getattr(self, "conv_kind", "gcn") == "gat" else edge_weight
-        for norm, conv in zip(self.norms, self.convs):
+        for norm, conv in zip(self.norms, self.convs, strict=True):
             h = h + self.dropout(torch.relu(conv(norm(h), edge_index, edge_attr)))
         out: torch.Tensor = self.head(h, x)
         return out

@@ -34,19 +34,15 @@ import os
 import warnings
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 from . import FORMAT
 from .aqi import category_names, to_aqi
 from .errors import InputError
 from .frame import Grid, check_ranges, from_frame, parse_times
 from .pipeline import FeaturePipeline, origin_positions
-
-PARAM_DEFAULTS: dict[str, Any] = {
-    "all_origins": False, "origins": [], "allow_missing_inputs": False, "ignore_unknown_stations": False,
-}
 
 
 def _flag(params: dict[str, Any] | None, key: str) -> bool:
@@ -59,7 +55,8 @@ def _origins(params: dict[str, Any] | None) -> np.ndarray | None:
     if raw is None or (not isinstance(raw, str) and len(raw) == 0):
         return None
     values = [raw] if isinstance(raw, str) else list(raw)
-    return parse_times(pd.Series(values), field="origins").to_numpy(dtype="datetime64[ns]")
+    origins: np.ndarray = parse_times(pd.Series(values), field="origins").to_numpy(dtype="datetime64[ns]")
+    return origins
 
 
 def prepare_input(model: Any, model_input: Any, params: dict[str, Any] | None) -> tuple[Grid, list[str]]:
@@ -128,7 +125,7 @@ def _without_type_hint_notice(message: Any, category: Any, filename: str, lineno
 warnings.showwarning = _without_type_hint_notice
 
 
-class AqiForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class AqiForecastModel(PythonModel):
     """One trained model: the feature pipeline plus the forecaster over scaled windows."""
 
     def __init__(self, pipeline: FeaturePipeline, forecaster: Any, model_type: str,
@@ -174,7 +171,7 @@ class AqiForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         return forecast_frame(self.stations, pred, times, self.target, filled)
 
 
-class EnsembleForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class EnsembleForecastModel(PythonModel):
     """A weighted combination of member models (weights non-negative, summing to 1)."""
 
     def __init__(self, members: list[AqiForecastModel], weights: np.ndarray, names: list[str],
@@ -206,7 +203,7 @@ class EnsembleForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         spaces = [m.target_transform for m in self.members]
         if len(set(spaces)) == 1:
             return spaces[0]
-        return ",".join(f"{n}:{t}" for n, t in zip(self.names, spaces))
+        return ",".join(f"{n}:{t}" for n, t in zip(self.names, spaces, strict=True))
 
     def required_inputs(self) -> list[str]:
         out: list[str] = []
@@ -225,7 +222,7 @@ class EnsembleForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
             for _, t in outs[1:]:
                 common = np.intersect1d(common, t)
         stacked = []
-        for m, (pred, t) in zip(self.members, outs):
+        for m, (pred, t) in zip(self.members, outs, strict=True):
             idx = np.arange(len(t)) if origins is not None else np.searchsorted(t, common)
             order = [m.stations.index(s) for s in self.stations]
             stacked.append(pred[idx][:, order])
@@ -293,7 +290,7 @@ def load_state(folder: str) -> AqiForecastModel | EnsembleForecastModel:
         raise ValueError(f"{folder} is not a portable aqimodels model (format {manifest.get('format')!r})")
     if manifest["kind"] == "ensemble":
         members = [load_state(os.path.join(folder, "members", str(i))) for i in range(len(manifest["names"]))]
-        return EnsembleForecastModel(members, np.asarray(manifest["weights"]), manifest["names"],  # type: ignore[arg-type]
+        return EnsembleForecastModel(members, np.asarray(manifest["weights"]), manifest["names"],  # type: ignore[arg-type]  # load_state gives the members, all single models here
                                      metadata=manifest.get("metadata"))
     with open(os.path.join(folder, "pipeline.json")) as f:
         pipeline = FeaturePipeline.from_dict(json.load(f))
@@ -311,20 +308,20 @@ def load_state(folder: str) -> AqiForecastModel | EnsembleForecastModel:
     return AqiForecastModel(pipeline, forecaster, manifest["model_type"], metadata=manifest.get("metadata"))
 
 
-class PortableForecastModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class PortableForecastModel(PythonModel):
     """What ``mlflow.pyfunc.load_model`` builds (models-from-code): the model read from its
     ``state`` artifact by :func:`load_state`, predicting as documented above."""
 
     def __init__(self) -> None:
         self.model: AqiForecastModel | EnsembleForecastModel | None = None
 
-    def load_context(self, context) -> None:  # type: ignore[no-untyped-def]
+    def load_context(self, context) -> None:  # type: ignore[no-untyped-def]  # no hints: MLflow reads them
         self.model = load_state(context.artifacts["state"])
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # no hints: MLflow reads them
         if self.model is None:
             raise RuntimeError("model state not loaded (load_context was not called)")
-        return self.model.predict(context, model_input, params)
+        return self.model.predict(context, model_input, params)  # type: ignore[no-untyped-call]  # unannotated on purpose (MLflow reads predict's hints)
 
 
 warnings.showwarning = _showwarning  # the classes above are defined

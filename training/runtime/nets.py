@@ -193,7 +193,8 @@ class TorchForecaster:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Forecast from scaled windows ``x`` ``[N, window, S, F]`` to µg/m³ ``[N, S, H]``, >= 0."""
-        return np.clip(self.predict_unbounded(x), 0.0, None)
+        forecast: np.ndarray = np.clip(self.predict_unbounded(x), 0.0, None)
+        return forecast
 
     # ---- portable state: constructor arguments (JSON) plus the state dict (weights only) ----
     def save(self, folder: str) -> None:

@@ -60,7 +60,7 @@ def despike(a: np.ndarray, ratio: float = DESPIKE_RATIO, floor: float = DESPIKE_
     v, p = np.maximum(a, floor), np.maximum(prev, floor)
     with np.errstate(invalid="ignore"):
         jump = np.isfinite(a) & np.isfinite(prev) & ((v > ratio * p) | (v * ratio < p))
-    out = np.zeros_like(jump)
+    out: np.ndarray = np.zeros_like(jump)
     for t in np.flatnonzero(jump.any(axis=1)):  # few hours: loop only over those with a jump
         out[t] = jump[t] & ~out[t - 1] if t > 0 else jump[t]
     return out
@@ -99,7 +99,8 @@ def calendar(times: np.ndarray) -> dict[str, np.ndarray]:
 
 def ffill(a: np.ndarray, limit: int | None) -> np.ndarray:
     """Forward-fill NaN along axis 0 of ``[T, S]``, at most ``limit`` steps (None: unlimited)."""
-    return pd.DataFrame(a).ffill(limit=limit).to_numpy()
+    filled: np.ndarray = pd.DataFrame(a).ffill(limit=limit).to_numpy()
+    return filled
 
 
 def windows(feats: np.ndarray, window: int) -> np.ndarray:

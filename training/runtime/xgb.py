@@ -109,12 +109,14 @@ class XGBoostForecaster:
         delta = np.asarray(delta, dtype=np.float32).reshape(N * S, self.horizon)
         if self.transform == "log1p":
             origin = np.maximum(origin.astype(np.float64), 0.0)
-            return from_log_change(delta, origin, self.log_scale, getattr(self, "target", "pm25")).reshape(
-                N, S, self.horizon)
-        return (origin[:, None] + delta * self.target_std).reshape(N, S, self.horizon)
+            logged: np.ndarray = from_log_change(delta, origin, self.log_scale, getattr(self, "target", "pm25"))
+            return logged.reshape(N, S, self.horizon)
+        forecast: np.ndarray = (origin[:, None] + delta * self.target_std).reshape(N, S, self.horizon)
+        return forecast
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.clip(self.predict_unbounded(x), 0.0, None)
+        bounded: np.ndarray = np.clip(self.predict_unbounded(x), 0.0, None)
+        return bounded
 
     # ---- portable state: the booster in XGBoost's own format plus a JSON header ----
     def save(self, folder: str) -> None:

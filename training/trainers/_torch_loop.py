@@ -246,7 +246,7 @@ def _train(
                 continue
             loss = masked_mse(module(_as_input(train_x[idx])), train_y[idx], mask)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's backward() is unannotated
             if settings.grad_clip > 0:
                 nn.utils.clip_grad_norm_(module.parameters(), settings.grad_clip)
             optimizer.step()

@@ -142,7 +142,8 @@ def fit_horizon_weights(member_preds: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _column_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Each member's (column's) mean squared error against ``b``."""
-    return np.mean((a - b[:, None]) ** 2, axis=0)
+    mse: np.ndarray = np.mean((a - b[:, None]) ** 2, axis=0)
+    return mse
 
 
 def _best_member(member_preds: np.ndarray, y: np.ndarray) -> int:
@@ -172,5 +173,6 @@ def combine(member_preds: np.ndarray, weights: np.ndarray) -> np.ndarray:
     if w.shape == (preds.shape[0],):
         return np.tensordot(w, preds, axes=1).astype(out_type)
     if w.shape == (preds.shape[0], preds.shape[-1]):
-        return np.einsum("mh,mnsh->nsh", w, preds).astype(out_type)
+        per_horizon: np.ndarray = np.einsum("mh,mnsh->nsh", w, preds)
+        return per_horizon.astype(out_type)
     raise ValueError(f"weights {w.shape} do not match {preds.shape[0]} members and {preds.shape[-1]} horizons")

@@ -60,7 +60,7 @@ METRIC = "val_rmse_ugm3"
 
 
 class _Progress(xgb.callback.TrainingCallback):
-    def __init__(self, q: queue.Queue[Any], stop: threading.Event, total: int, std: float, t0: float) -> None:
+    def __init__(self, q: queue.Queue[Any], stop: _Either, total: int, std: float, t0: float) -> None:
         super().__init__()
         self.q, self.stop, self.total, self.std, self.t0 = q, stop, total, std, t0
 
