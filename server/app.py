@@ -19,14 +19,17 @@ from grpc_reflection.v1alpha import reflection
 from aqimodels.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from aqimodels.client.errors import BackendUnavailableError
 from aqimodels.process.shutdown import wait_for_stop_signal
-from aqimodels.server import auth, deadlines
+from aqimodels.process import deadlines
+from aqimodels.process.auth import bind as bind_port
+from aqimodels.process.auth import server_credentials
+from aqimodels.server import auth
 from aqimodels.server.approvals import Approvals
 from aqimodels.server.config import ServerConfig
 from aqimodels.server.db import Database
 from aqimodels.server.events import EventLog
-from aqimodels.server.health_service import HealthServicer
-from aqimodels.server.interceptors import ServerInterceptor
-from aqimodels.server.metrics import Metrics, endpoint_host
+from aqimodels.process.health import HealthServicer
+from aqimodels.process.interceptors import ServerInterceptor
+from aqimodels.process.metrics import Metrics, endpoint_host
 from aqimodels.server.mlflow_store import MlflowModelStore
 from aqimodels.server.monitoring import Monitor
 from aqimodels.server.service import RegistryService
@@ -202,7 +205,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     if metrics is not None:
         metrics.watch_models(lambda: _model_health(service), monitor.alert_counts)
     def audit_denial(actor: str, role: str, rpc: str, message: str) -> None:
-        from aqimodels.server.interceptors import current_request_id
+        from aqimodels.process.interceptors import current_request_id
 
         db.audit_record(actor=actor, role=role, action=rpc, model_name="", version=0, before={}, after={},
                         outcome="denied", request_id=current_request_id(), message=message)
@@ -211,7 +214,7 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
         """A change refused at the edge (its bytes are not the request) is on the audit trail."""
         if rpc not in auth.MUTATING_RPCS:
             return
-        from aqimodels.server.interceptors import current_request_id
+        from aqimodels.process.interceptors import current_request_id
 
         db.audit_record(actor=caller.name if caller else "anonymous", role=caller.role if caller else "", action=rpc,
                         model_name="", version=0, before={}, after={}, outcome="rejected",
@@ -232,8 +235,8 @@ def create_server(config: ServerConfig, bind: str | None = None, *, jobs_factory
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = auth.bind(server, bind or config.bind,
-                     auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    port = bind_port(server, bind or config.bind,
+                     server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
     if metrics is not None and config.metrics_port is not None:
         metrics.serve(config.metrics_port, endpoint_host(config.host))
     server.start()

@@ -30,7 +30,7 @@ from aqimodels.client.errors import (
     PermissionDeniedError,
     StaleVersionError,
 )
-from aqimodels.server import deadlines
+from aqimodels.process import deadlines
 from aqimodels.server.db import Database, idempotency_table, metadata
 from aqimodels.server.domain import Page
 from aqimodels.server.paging import decode_token, encode_token, page_size

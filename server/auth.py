@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from aqimodels.process.auth import WORKER_RPC_ROLES, Authenticator, AuditSink
 from aqimodels.process.auth import authenticator as process_authenticator
-from aqimodels.process.auth import bind as bind  # app.py binds through this module
-from aqimodels.process.auth import server_credentials as server_credentials
 
-__all__ = ["MUTATING_RPCS", "RPC_ROLES", "authenticator", "bind", "server_credentials"]
+__all__ = ["MUTATING_RPCS", "RPC_ROLES", "authenticator"]
 
 _REGISTRY = "/aqimodels.api.registry.v1.ModelRegistry/"
 

@@ -38,7 +38,7 @@ from aqimodels.client.errors import (
     DeadlineExceededError,
     ModelNotFoundError,
 )
-from aqimodels.server import deadlines
+from aqimodels.process import deadlines
 from aqimodels.server.db import Database
 from aqimodels.server.domain import ModelVersion, RegisteredModel
 

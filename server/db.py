@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 
 from aqimodels.client.errors import BackendUnavailableError
-from aqimodels.server import deadlines
+from aqimodels.process import deadlines
 from aqimodels.server.config import sqlite_path
 from aqimodels.server.dbtimeouts import DbTimeouts, bound_engine
 from aqimodels.server.domain import AuditRecord

@@ -17,9 +17,10 @@ from aqimodels.api.registry.v1 import registry_pb2_grpc
 from aqimodels.client.domain import Caller
 from aqimodels.client.errors import InvalidArgumentError, UnimplementedError
 from aqimodels.server import convert
-from aqimodels.server import approvals, deadlines, events
+from aqimodels.process import deadlines
+from aqimodels.server import approvals, events
 from aqimodels.server.domain import Stage
-from aqimodels.server.interceptors import Wire, current_caller, current_request_id
+from aqimodels.process.interceptors import Wire, current_caller, current_request_id
 from aqimodels.server.service import PromotionResult, RegistryService
 from aqimodels.server.webhook_convert import delivery_to_proto, event_types_from_proto, webhook_to_proto
 

@@ -33,7 +33,7 @@ import httpx
 import structlog
 from aqimodels.server.changes import PROCESS_ID
 from aqimodels.server.config import ServerConfig
-from aqimodels.server.deadlines import Deadline
+from aqimodels.process.deadlines import Deadline
 from aqimodels.server.webhooks import (
     DELIVERED,
     DELIVERY_HEADER,
