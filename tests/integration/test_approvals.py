@@ -31,10 +31,9 @@ from aqimodels.client.errors import (
 from aqimodels.client.tokens import new_token, toml_entry
 from aqimodels.server.jobs import jobs_factory
 from aqimodels.server.mlflow_store import MlflowModelStore
-from conftest import Registry, realistic_metrics, serve_process, start_registry
+from conftest import Registry, realistic_metrics, serve_process, start_registry, start_worker, stop_worker
 from google.protobuf.json_format import MessageToDict
 from test_changes import PROMOTION_WRITES, check_consistent, fail_at
-from test_retrain import start_worker, stop_worker
 from typer.testing import CliRunner
 
 NAME = "aqi_predictor_lstm"

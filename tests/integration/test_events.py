@@ -30,10 +30,10 @@ from aqimodels.client.cli import app
 from aqimodels.client.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from aqimodels.server.events import EventLog, events_table
 from aqimodels.server.jobs import jobs_factory
-from conftest import Registry, realistic_metrics, start_registry
+from conftest import Registry, realistic_metrics, start_registry, start_worker, stop_worker, wait_for_worker
 from test_readme import README_TARGET
 from test_readme import blocks as readme_blocks
-from test_retrain import SMALL, start_worker, stop_worker, wait_for_worker
+from test_retrain import SMALL
 from typer.testing import CliRunner
 
 M = "events_model"
