@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -29,8 +28,7 @@ from aqimodels.client import RegistryClient
 from aqimodels.client.cli import app
 from aqimodels.client.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from aqimodels.server.events import EventLog, events_table
-from aqimodels.server.jobs import jobs_factory
-from conftest import Registry, realistic_metrics, start_registry, start_worker, stop_worker, wait_for_worker
+from conftest import Registry, realistic_metrics, registry_with_worker, start_registry
 from test_readme import README_TARGET
 from test_readme import blocks as readme_blocks
 from test_retrain import SMALL
@@ -95,17 +93,7 @@ class Watcher:
 
 @pytest.fixture(scope="module")
 def with_worker(tmp_path_factory: pytest.TempPathFactory, _sqlite_template: Path) -> Iterator[Registry]:
-    folder = tmp_path_factory.mktemp("events")
-    shutil.copy(_sqlite_template, folder / "mlflow.db")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    worker, target = start_worker(uri, folder)
-    reg = start_registry(uri, workers=(target,), jobs_factory=jobs_factory)
-    try:
-        wait_for_worker(reg)
-        yield reg
-    finally:
-        _stop(reg)
-        stop_worker(worker)
+    yield from registry_with_worker(tmp_path_factory.mktemp("events"), _sqlite_template)
 
 
 def test_changes_give_their_typed_events_in_order(with_worker: Registry) -> None:

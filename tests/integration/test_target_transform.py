@@ -27,19 +27,11 @@ from aqimodels.training.model import load_forecast_model, raw_forecast
 from aqimodels.training.runner import run_training
 from mlflow import MlflowClient
 from mlflow.models import Model
+from test_portable_models import ASSERT_BLOCKED
 
 DATA = "synthetic:stations=3,days=12,seed=3"
 TYPES = ("xgboost", "lstm", "gnn", "ensemble")
 LOG = {"target_transform": "log1p"}
-ASSERT_BLOCKED = (
-    "import sys\n"
-    "try:\n"
-    "    import aqimodels  # noqa: F401\n"
-    "except ImportError:\n"
-    "    pass\n"
-    "else:\n"
-    "    sys.exit('aqimodels is importable: the portability check would prove nothing')\n"
-)
 
 
 def _job(model_type: str, extra: dict[str, str], members: tuple[EnsembleMemberRef, ...] = (),
