@@ -454,8 +454,11 @@ def show(
                                         "without a zone: UTC).")] = "",
     as_json: JsonOpt = False,
 ) -> None:
-    """One version: stage, aliases, run, URI, times, every metric and tag; with --stage and --at,
-    the version that held that stage at that time, and since when and until when."""
+    """One version: stage, aliases, run, URI, times, metrics, tags (--stage --at T: the one then).
+
+    With --stage and --at: the version that held that stage at that time, and since when
+    and until when it held it.
+    """
     if stage or at:
         with _registry(ctx) as client:
             held = client.version_at(model, stage, render.parse_time(at, "at") if at else None, version=version)
