@@ -4,7 +4,7 @@ Three ``aqimodels serve`` processes, each on its own copy of one built SQLite re
 versions): one without a webhook, one with a webhook to a healthy receiver (answers 200 at once),
 one with a webhook to a hanging receiver (holds every request 30 s; the registry's send timeout
 is 5 s, so its delivery thread is always inside an attempt or a backoff). The receivers are HTTP
-servers in this process. Runs alternate between the three (and which goes first), ``calls``
+servers in processes of their own. Runs alternate between the three (and which goes first), ``calls``
 promotions to production each (two versions in turn), so that the machine's load falls on all
 three alike: promotion p50/p99 per registry, side by side (target: the hanging receiver adds no
 p99). Delivery latency: for every event the healthy receiver gets, its arrival time minus the
@@ -14,10 +14,12 @@ event's ``time_ms`` (set in the transaction that commits the change): commit -> 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -27,44 +29,61 @@ SECRET = "bench-secret-" + "0" * 32
 CONFIGS = ("none", "healthy", "hanging")
 
 
+def _serve(hang_seconds: float, conn: Connection) -> None:
+    """The receiver process: serves until told to stop, then sends back what it recorded."""
+    arrivals: list[tuple[float, int]] = []  # (arrival unix ms, event time_ms)
+    requests = [0]
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            arrived = time.time() * 1000
+            requests[0] += 1
+            if hang_seconds:
+                release.wait(hang_seconds)
+            event = json.loads(body)
+            if "time_ms" in event and "sequence" in event:
+                arrivals.append((arrived, int(event["time_ms"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    conn.send(server.server_port)
+    conn.recv()  # stop
+    release.set()
+    server.shutdown()
+    conn.send((arrivals, requests[0]))
+
+
 class _Receiver:
-    """An HTTP server that records when each event arrived (hanging: holds each request first)."""
+    """An HTTP server in a process of its own that records when each event arrived (hanging: holds
+    each request first); its own process, so that its work does not share the interpreter lock of
+    the client that times the promotions."""
 
     def __init__(self, hang_seconds: float = 0.0) -> None:
-        self.arrivals: list[tuple[float, int]] = []  # (arrival unix ms, event time_ms)
+        self.arrivals: list[tuple[float, int]] = []
         self.requests = 0
-        self.release = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                arrived = time.time() * 1000
-                receiver.requests += 1
-                if hang_seconds:
-                    receiver.release.wait(hang_seconds)
-                event = json.loads(body)
-                if "time_ms" in event and "sequence" in event:
-                    receiver.arrivals.append((arrived, int(event["time_ms"])))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._conn, child = multiprocessing.get_context("spawn").Pipe()
+        self._proc = multiprocessing.get_context("spawn").Process(target=_serve, args=(hang_seconds, child),
+                                                                 daemon=True)
+        self._proc.start()
+        self.port = int(self._conn.recv())
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/hook"
+        return f"http://127.0.0.1:{self.port}/hook"
 
     def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self._conn.send("stop")
+        self.arrivals, self.requests = self._conn.recv()
+        self._proc.join(10)
 
 
 def run(folder: Path, runs: int = 3, calls: int = 30) -> dict[str, Any]:

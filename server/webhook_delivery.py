@@ -145,7 +145,7 @@ class _Worker:
                     self.quit.wait(max(1.0, self.d.settings.poll_seconds))
 
     def _batch(self, client: httpx.Client) -> int | None:
-        """Delivers the events after the cursor; the cursor when there were none, else None."""
+        """Delivers the events after the cursor; the sequence to wait after when it is up to date, else None."""
         found = self.d.store.get(self.id)
         if found is None:
             self.quit.set()
@@ -162,8 +162,13 @@ class _Worker:
                 log.warning("webhook_lease_lost", webhook_id=hook.id, sequence=event.sequence)
                 self.quit.set()
                 return None
+        if len(events) == BATCH:
+            return None  # maybe more: read on at once
         if events:
-            return None
+            # Up to date: wait for a commit after the last one delivered instead of reading the
+            # webhook and the log again at once (that second round of reads competed with the
+            # next change's writes on SQLite for every event).
+            return events[-1].sequence
         if latest > hook.cursor:  # none of the events up to latest is for this webhook
             self.d.store.advance(hook.id, self.d.owner, latest)
         return latest
