@@ -769,8 +769,10 @@ def events(
     with _registry(ctx) as client:
         if follow and not as_json:
             _err(f"Following registry events from {_settings(ctx).target} (Ctrl-C stops)...")
+        shown = 0
         try:
             for event in client.watch_events(after, model_names=model or (), types=type_ or (), follow=follow):
+                shown += 1
                 if as_json:
                     sys.stdout.write(render.to_json(event, indent=None) + "\n")
                     sys.stdout.flush()
@@ -778,6 +780,8 @@ def events(
                     _print(render.registry_event_line(event))
         except KeyboardInterrupt:
             pass
+        if not shown and not follow and not as_json:
+            _print(f"No registry events{' after ' + str(after) if after else ''} match.")
 
 
 # ---- retrain and jobs ----
@@ -1096,6 +1100,8 @@ def webhooks_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         hooks = client.list_webhooks()
     if as_json:
         _print_json({"webhooks": [render.to_dict(h) for h in hooks]})
+    elif not hooks:
+        _print("No webhooks. Add one with `aqimodels webhooks create URL --secret-file F`.")
     else:
         _print(_webhook_table(hooks))
 

@@ -412,6 +412,10 @@ def test_the_cli_manages_webhooks(sqlite_uri: str, receiver: Receiver, tmp_path:
     monkeypatch.setenv("AQIMODELS_TARGET", reg.target)
     monkeypatch.delenv("AQIMODELS_WEBHOOK_SECRET", raising=False)
     try:
+        empty = runner.invoke(app, ["webhooks", "list"])
+        assert empty.exit_code == 0 and "No webhooks." in empty.stdout, empty.output
+        quiet = runner.invoke(app, ["events", "--after", "5"])
+        assert quiet.exit_code == 0 and "No registry events after 5 match." in quiet.stdout, quiet.output
         secret_file = tmp_path / "webhook.secret"
         secret_file.write_text(SECRET + "\n")
         done = runner.invoke(app, ["webhooks", "create", receiver.url, "--events", "stage_changed,rollback",
