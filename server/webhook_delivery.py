@@ -62,13 +62,15 @@ USER_AGENT = "aqimodels-webhooks/0.1"
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    retry_seconds: float = 3600.0
-    backoff_seconds: float = 1.0
-    backoff_max_seconds: float = 60.0
-    timeout_seconds: float = 10.0
-    lease_seconds: float = 30.0
-    poll_seconds: float = 0.5
-    log_retention_days: float = 7.0
+    """The delivery part of ServerConfig (its defaults and checks are there: ``webhooks_from_env``)."""
+
+    retry_seconds: float
+    backoff_seconds: float
+    backoff_max_seconds: float
+    timeout_seconds: float
+    lease_seconds: float
+    poll_seconds: float
+    log_retention_days: float
 
     @classmethod
     def of(cls, config: ServerConfig) -> DeliverySettings:

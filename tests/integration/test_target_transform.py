@@ -25,9 +25,8 @@ from aqimodels.client.errors import InvalidArgumentError
 from aqimodels.training.core import EnsembleMemberRef, Finished, TrainConfig, TrainJob
 from aqimodels.training.model import load_forecast_model, raw_forecast
 from aqimodels.training.runner import run_training
-from mlflow import MlflowClient
 from mlflow.models import Model
-from test_portable_models import ASSERT_BLOCKED
+from test_portable_models import ASSERT_BLOCKED, Store
 
 DATA = "synthetic:stations=3,days=12,seed=3"
 TYPES = ("xgboost", "lstm", "gnn", "ensemble")
@@ -45,22 +44,6 @@ def _run(uri: str, job: TrainJob) -> Finished:
     events = list(run_training(job, threading.Event(), tracking_uri=uri))
     assert isinstance(events[-1], Finished)
     return events[-1]
-
-
-class Store:
-    def __init__(self, root: Path) -> None:
-        self.uri = f"sqlite:///{root}/mlflow.db"
-        self.finished: dict[str, Finished] = {}
-        self.client = MlflowClient(self.uri, registry_uri=self.uri)
-
-    def local(self, model_type: str) -> str:
-        fin = self.finished[model_type]
-        src = self.client.get_model_version_download_uri(fin.model_name, str(fin.version))
-        return str(mlflow.artifacts.download_artifacts(artifact_uri=src, tracking_uri=self.uri))
-
-    def example(self, model_type: str) -> pd.DataFrame:
-        local = self.local(model_type)
-        return Model.load(local).load_input_example(local)
 
 
 @pytest.fixture(scope="module")
